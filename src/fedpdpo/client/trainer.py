@@ -1,0 +1,235 @@
+"""Local training and evaluation of one client: the algorithm core that every engine calls unchanged.
+
+``fit`` and ``evaluate`` are plain functions of (model, client data, client state, shared tensors, config); they
+know nothing about Flower, Ray or the run directory. All randomness in a round is derived from
+``(seed, round, client_id)``, so the result does not depend on which engine runs the client, in which order, or
+after a restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from fedpdpo.client.state import ClientState
+from fedpdpo.config import RunConfig
+from fedpdpo.data.tokenize import PairBatch, TokenizedPair, collate, length_bucketed_batches
+from fedpdpo.losses import dpo_loss, fedpdpo_objective, pairwise_accuracy
+from fedpdpo.model.policy import FedPDPOModel
+
+
+@dataclass
+class ClientTask:
+    """One client's tokenized data, ready for training and evaluation."""
+
+    client_id: int
+    train: list[TokenizedPair]
+    test: list[TokenizedPair]
+    pad_id: int
+
+
+@dataclass
+class FitResult:
+    shared: dict[str, torch.Tensor]  # updated shared tensors: the only thing sent to the server
+    num_examples: int
+    metrics: dict[str, float]
+    state: ClientState = field(repr=False)  # stays on the client
+
+
+def derive_seed(*parts: int) -> int:
+    """A stable 63-bit seed from integers (no Python ``hash`` randomisation)."""
+    value = 0x9E3779B97F4A7C15
+    for p in parts:
+        value = (value * 6364136223846793005 + int(p) + 1442695040888963407) % (1 << 63)
+    return value
+
+
+def device_of(cfg: RunConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (fp16 where bf16 is unsupported); fp32 on CPU, the fast path there."""
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def _batches(pairs: list[TokenizedPair], batch_size: int, pad_id: int, device: torch.device):
+    for chunk in length_bucketed_batches(pairs, batch_size):
+        yield collate(chunk, pad_id).to(device)
+
+
+@torch.no_grad()
+def reference_logps(
+    model: FedPDPOModel, pairs: list[TokenizedPair], cfg: RunConfig, pad_id: int
+) -> torch.Tensor:
+    """``[n, 2]`` reference log-probs (chosen, rejected) of every pair, computed once per client data set."""
+    device = device_of(cfg)
+    out = torch.zeros(len(pairs), 2, dtype=torch.float32)
+    with autocast(device):
+        for batch in _batches(pairs, cfg.eval_batch_size, pad_id, device):
+            ref = model.reference_logps(batch).float().cpu()
+            b = batch.num_pairs
+            out[batch.index.cpu(), 0] = ref[:b]
+            out[batch.index.cpu(), 1] = ref[b:]
+    return out
+
+
+def ensure_reference(model: FedPDPOModel, task: ClientTask, state: ClientState, cfg: RunConfig) -> None:
+    for split, pairs in (("train", task.train), ("test", task.test)):
+        if split not in state.reference or state.reference[split].shape[0] != len(pairs):
+            state.reference[split] = reference_logps(model, pairs, cfg, task.pad_id)
+
+
+def _ref_for(batch: PairBatch, table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    rows = table[batch.index.cpu()]
+    return torch.cat([rows[:, 0], rows[:, 1]]).to(device)
+
+
+def load_client(model: FedPDPOModel, shared: dict[str, torch.Tensor], state: ClientState, initial) -> None:
+    """Put the global shared tensors and this client's local tensors (or the initial ones) into ``model``."""
+    local_names = [n for n in model.trainable() if n not in shared]
+    model.set_tensors({n: state.local.get(n, initial[n]) for n in local_names})
+    model.set_tensors(shared)
+
+
+def fit(
+    model: FedPDPOModel,
+    task: ClientTask,
+    state: ClientState,
+    shared: dict[str, torch.Tensor],
+    initial: dict[str, torch.Tensor],
+    cfg: RunConfig,
+    server_round: int,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> FitResult:
+    """Train the client for ``cfg.local_steps`` steps starting from the global ``shared`` tensors."""
+    device = device_of(cfg)
+    model.to(device)
+    load_client(model, shared, state, initial)
+    ensure_reference(model, task, state, cfg)
+
+    seed = derive_seed(cfg.seed, server_round, task.client_id)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+
+    params = model.trainable()
+    shared_params = [p for n, p in params.items() if n in shared]
+    local_params = [p for n, p in params.items() if n not in shared]
+    groups = [{"params": shared_params, "lr": cfg.lr}]
+    if local_params:
+        groups.append({"params": local_params, "lr": cfg.lr * cfg.method.local_lr_scale})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if state.optimizer is not None:
+        optimizer.load_state_dict(state.optimizer)
+    anchor = [p.detach().clone() for p in shared_params] if cfg.method.proximal_mu > 0 else None
+
+    model.train()
+    n = len(task.train)
+    order: list[int] = []
+    sums: dict[str, float] = {}
+    ref_table = state.reference["train"]
+    for step in range(cfg.local_steps):
+        while len(order) < cfg.batch_size:
+            order.extend(torch.randperm(n, generator=gen).tolist())
+        idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
+        # de-duplicate when the client has fewer pairs than the batch size
+        batch = collate([task.train[i] for i in dict.fromkeys(idx)], task.pad_id).to(device)
+        with autocast(device):
+            out = model(batch)
+            result = fedpdpo_objective(
+                out.logps.float(),
+                _ref_for(batch, ref_table, device),
+                None if out.rewards is None else out.rewards.float(),
+                cfg.beta,
+                cfg.method.reward_weight,
+                cfg.method.loss_type,
+                cfg.method.label_smoothing,
+            )
+        loss = result.loss
+        if anchor is not None:
+            prox = sum(((p - a) ** 2).sum() for p, a in zip(shared_params, anchor, strict=True))
+            loss = loss + 0.5 * cfg.method.proximal_mu * prox
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+        result.metrics["grad_norm"] = float(grad_norm)
+        if not math.isfinite(loss.item()) or not math.isfinite(float(grad_norm)):
+            raise FloatingPointError(f"client {task.client_id}: non-finite loss or gradient at step {step}")
+        optimizer.step()
+        for k, v in result.metrics.items():
+            sums[k] = sums.get(k, 0.0) + v
+        if on_step is not None:
+            on_step(step, result.metrics)
+    model.eval()
+
+    state.local = model.get_tensors([n for n in params if n not in shared])
+    state.optimizer = optimizer.state_dict()
+    state.rounds_trained += 1
+    metrics = {k: v / cfg.local_steps for k, v in sums.items()}
+    return FitResult(model.get_tensors(list(shared)), n, metrics, state)
+
+
+@torch.no_grad()
+def evaluate(
+    model: FedPDPOModel,
+    task: ClientTask,
+    state: ClientState,
+    shared: dict[str, torch.Tensor],
+    initial: dict[str, torch.Tensor],
+    cfg: RunConfig,
+) -> dict[str, float]:
+    """Held-out preference accuracy of the client's personalized model, by implicit, explicit and combined score.
+
+    * implicit: ``beta * h`` (DPO's reward margin); explicit: ``r(x, y_w) - r(x, y_l)``;
+      combined: ``beta * h + alpha * (r(x, y_w) - r(x, y_l))``; ``logp``: length-normalised policy log-prob margin.
+    * ``accuracy`` is the score chosen by ``method.eval_score``. Ties count half.
+    """
+    device = device_of(cfg)
+    model.to(device)
+    load_client(model, shared, state, initial)
+    ensure_reference(model, task, state, cfg)
+    model.eval()
+    ref_table = state.reference["test"]
+    implicit, explicit, logp_margin, losses = [], [], [], []
+    chosen_rewards, rejected_rewards = [], []
+    for batch in _batches(task.test, cfg.eval_batch_size, task.pad_id, device):
+        with autocast(device):
+            out = model(batch)
+        b = batch.num_pairs
+        logps = out.logps.float()
+        ref = _ref_for(batch, ref_table, device)
+        loss, r_c, r_r = dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], cfg.beta, cfg.method.loss_type)
+        losses.append(loss.cpu())
+        chosen_rewards.append(r_c.cpu())
+        rejected_rewards.append(r_r.cpu())
+        implicit.append((r_c - r_r).cpu())
+        per_tok = logps / out.n_tokens.clamp_min(1).float()
+        logp_margin.append((per_tok[:b] - per_tok[b:]).cpu())
+        if out.rewards is not None:
+            explicit.append((out.rewards[:b] - out.rewards[b:]).float().cpu())
+    imp = torch.cat(implicit)
+    metrics = {
+        "accuracy_implicit": pairwise_accuracy(imp).item(),
+        "accuracy_logp": pairwise_accuracy(torch.cat(logp_margin)).item(),
+        "reward_margin": imp.mean().item(),
+        "rewards/chosen": torch.cat(chosen_rewards).mean().item(),
+        "rewards/rejected": torch.cat(rejected_rewards).mean().item(),
+        "eval_loss": torch.cat(losses).mean().item(),
+    }
+    if explicit:
+        exp = torch.cat(explicit)
+        combined = imp + cfg.method.eval_reward_weight * exp
+        metrics["accuracy_explicit"] = pairwise_accuracy(exp).item()
+        metrics["accuracy_combined"] = pairwise_accuracy(combined).item()
+        metrics["explicit_margin"] = exp.mean().item()
+    metrics["accuracy"] = metrics[f"accuracy_{cfg.method.eval_score}"]
+    return metrics

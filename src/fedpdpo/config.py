@@ -1,0 +1,264 @@
+"""Run configuration: dataclasses loaded from TOML, overridable with ``--set key=value``.
+
+The TOML file mirrors the dataclasses: top-level keys are :class:`RunConfig` fields and the tables ``[lora]``,
+``[method]``, ``[data]`` and ``[partition]`` map to the nested dataclasses. Unknown keys and wrongly typed values
+are errors that name the dotted key, because a silently ignored typo (``lr`` vs ``lr_``) wastes an hour of training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+
+from fedpdpo.errors import ConfigError
+
+
+@dataclass
+class LoraSettings:
+    """The globally shared LoRA adapter (mirrors ``peft.LoraConfig``)."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # Apply LoRA only to the last N transformer layers (0 = all layers). Frozen layers below the lowest LoRA layer
+    # need no backward pass, so this is the main knob for CPU training speed.
+    last_n_layers: int = 0
+
+
+@dataclass
+class MethodConfig:
+    """The FedPDPO objective and the per-client (local) modules.
+
+    Baselines and ablations are the same objective with some modules switched off; see docs/method.md.
+    """
+
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    label_smoothing: float = 0.0
+    # lambda: weight of the explicit-reward Bradley-Terry loss.
+    reward_weight: float = 1.0
+    # alpha: weight of the explicit reward margin in the combined evaluation score.
+    eval_reward_weight: float = 1.0
+    personal_head: bool = True
+    reward_head: bool = True
+    adapter: bool = True
+    adapter_dim: int = 64
+    reward_pooling: Literal["mean", "last"] = "mean"
+    # Which score ranks chosen vs rejected for the headline accuracy.
+    eval_score: Literal["implicit", "explicit", "combined"] = "combined"
+    # Learning rate multiplier for the local modules (the head is large; it needs a smaller step than LoRA).
+    local_lr_scale: float = 0.1
+    # FedProx proximal term weight on the shared parameters (0 = off). Set by strategies that use it.
+    proximal_mu: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    # More files whose records are appended (e.g. a second domain for the cross-domain setting).
+    extra_paths: list[str] = field(default_factory=list)
+    # Optional separate test file; otherwise the records' ``split`` field ("test") or a random test_fraction.
+    test_path: str = ""
+    test_fraction: float = 0.2
+    max_train_per_client: int = 0  # 0 = no cap
+    max_test_per_client: int = 0
+    on_bad_record: Literal["error", "skip"] = "error"
+    max_prompt_length: int = 32
+
+
+@dataclass
+class PartitionConfig:
+    method: Literal["iid", "dirichlet", "by_domain"] = "iid"
+    alpha: float = 0.5
+    label: str = "domain"
+    # by_domain: explicit domain groups, one list per client; empty = one domain (sorted) per client.
+    domains: list[list[str]] = field(default_factory=list)
+    # Fraction of clients whose preferences are swapped (they prefer the rejected side).
+    conflict_fraction: float = 0.0
+
+
+@dataclass
+class RunConfig:
+    algorithm: str = "fedpdpo"
+    model: str = "smollm2"
+    seed: int = 0
+    device: str = "auto"
+    num_clients: int = 3
+    rounds: int = 3
+    local_steps: int = 8
+    batch_size: int = 4
+    eval_batch_size: int = 16
+    max_length: int = 128
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    beta: float = 0.1
+    client_fraction: float = 1.0
+    threads: int = 0  # 0 = torch default
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+
+    def validate(self) -> None:
+        """Check value ranges; raise :class:`ConfigError` naming the key."""
+        positive = {
+            "num_clients": self.num_clients,
+            "rounds": self.rounds,
+            "local_steps": self.local_steps,
+            "batch_size": self.batch_size,
+            "eval_batch_size": self.eval_batch_size,
+            "max_length": self.max_length,
+            "lora.r": self.lora.r,
+            "method.adapter_dim": self.method.adapter_dim,
+            "data.max_prompt_length": self.data.max_prompt_length,
+        }
+        for key, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"config key '{key}' must be > 0, got {value}")
+        if self.data.max_prompt_length >= self.max_length:
+            raise ConfigError(
+                f"config key 'data.max_prompt_length' ({self.data.max_prompt_length}) must be smaller than "
+                f"'max_length' ({self.max_length}) so that responses keep at least one token"
+            )
+        if not 0.0 < self.client_fraction <= 1.0:
+            raise ConfigError(f"config key 'client_fraction' must be in (0, 1], got {self.client_fraction}")
+        if not 0.0 <= self.partition.conflict_fraction <= 1.0:
+            raise ConfigError(
+                f"config key 'partition.conflict_fraction' must be in [0, 1], got {self.partition.conflict_fraction}"
+            )
+        if not 0.0 < self.data.test_fraction < 1.0:
+            raise ConfigError(
+                f"config key 'data.test_fraction' must be in (0, 1), got {self.data.test_fraction}"
+            )
+        for key, value in {"lr": self.lr, "beta": self.beta, "partition.alpha": self.partition.alpha}.items():
+            if value <= 0:
+                raise ConfigError(f"config key '{key}' must be > 0, got {value}")
+        if not self.data.path:
+            raise ConfigError(
+                "config key 'data.path' is empty: point it at a JSONL, parquet or HF dataset directory"
+            )
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ConfigError(f"config key 'device' must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.method.eval_score in ("explicit", "combined") and not self.method.reward_head:
+            raise ConfigError(
+                f"config key 'method.eval_score' is {self.method.eval_score!r} but 'method.reward_head' is false; "
+                'use eval_score = "implicit"'
+            )
+
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    """Coerce ``value`` to annotation ``tp`` or raise a ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' must be one of {list(allowed)}, got {value!r}")
+        return value
+    if origin in (list,):
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {type(value).__name__} {value!r}")
+        return [_check_type(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if origin in (types.UnionType, typing.Union):
+        raise ConfigError(f"internal: unsupported union annotation for '{key}'")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool)):
+        raise ConfigError(f"config key '{key}' must be {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"unknown config key '{dotted}' (known keys here: {known})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{dotted}' must be a table [{dotted}]")
+            kwargs[key] = _build(tp, value, prefix=f"{dotted}.")
+        else:
+            kwargs[key] = _check_type(dotted, value, tp)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``key.sub=value``; the value is read as a TOML literal, else taken as a bare string."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
+    merged = _deep_copy(data)
+    for text in overrides or []:
+        path, value = parse_override(text)
+        node = merged
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text!r}: '{part}' is not a table")
+        node[path[-1]] = value
+    cfg = _build(RunConfig, merged)
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load a TOML config file; relative ``data.*`` paths are resolved against the file's directory."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    base = path.resolve().parent
+    data_section = data.get("data")
+    if isinstance(data_section, dict):
+        for attr in ("path", "test_path"):
+            value = data_section.get(attr)
+            if isinstance(value, str) and value and not Path(value).is_absolute():
+                data_section[attr] = str((base / value).resolve())
+        extra = data_section.get("extra_paths")
+        if isinstance(extra, list):
+            data_section["extra_paths"] = [
+                str((base / v).resolve()) if isinstance(v, str) and not Path(v).is_absolute() else v
+                for v in extra
+            ]
+    return config_from_dict(data, overrides)
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(tomli_w.dumps(config_to_dict(cfg)), encoding="utf-8")
+
+
+def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}

@@ -1,0 +1,178 @@
+"""Load and validate preference pairs from JSONL, parquet or a local Hugging Face ``datasets`` directory.
+
+Every record is checked before any training starts. A bad record raises :class:`DataError` naming the file and
+the line (JSONL) or row (parquet / datasets), unless ``on_bad_record="skip"``, in which case bad records are
+counted and the first few problems are kept for the log.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fedpdpo.errors import DataError
+
+REQUIRED = ("prompt", "chosen", "rejected")
+
+
+@dataclass(frozen=True)
+class PreferenceRecord:
+    """One preference pair. ``extras`` keeps any other fields (provenance, labels) unchanged."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    domain: str = ""
+    split: str = ""
+    extras: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    source: str = field(default="", compare=False, hash=False)  # "file:line", for messages
+
+    def swapped(self) -> PreferenceRecord:
+        """The same pair seen by a client with the opposite taste (it prefers the rejected side)."""
+        return PreferenceRecord(
+            self.prompt, self.rejected, self.chosen, self.domain, self.split, self.extras, self.source
+        )
+
+
+@dataclass
+class LoadReport:
+    """What loading found: how many records were read, kept and skipped, and the first problems."""
+
+    path: str
+    n_read: int = 0
+    n_skipped: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+def validate_record(obj: Any) -> str | None:
+    """Return a description of what is wrong with ``obj`` as a preference record, or None if it is valid."""
+    if not isinstance(obj, dict):
+        return f"expected a JSON object, got {type(obj).__name__}"
+    for key in REQUIRED:
+        if key not in obj:
+            return f"missing field '{key}'"
+        value = obj[key]
+        if not isinstance(value, str):
+            return f"field '{key}' must be a string, got {type(value).__name__}"
+        if not value.strip():
+            return f"field '{key}' is empty"
+    for key in ("domain", "split"):
+        if key in obj and obj[key] is not None and not isinstance(obj[key], str):
+            return f"field '{key}' must be a string, got {type(obj[key]).__name__}"
+    if obj["chosen"].strip() == obj["rejected"].strip():
+        return "fields 'chosen' and 'rejected' are identical (no preference to learn)"
+    return None
+
+
+def _to_record(obj: dict[str, Any], source: str) -> PreferenceRecord:
+    extras = {k: v for k, v in obj.items() if k not in (*REQUIRED, "domain", "split")}
+    return PreferenceRecord(
+        prompt=obj["prompt"],
+        chosen=obj["chosen"],
+        rejected=obj["rejected"],
+        domain=obj.get("domain") or "",
+        split=obj.get("split") or "",
+        extras=extras,
+        source=source,
+    )
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    """Yield (location, parsed object or an exception) for each non-blank line."""
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield (
+                    where,
+                    DataError(f"{where}: not valid UTF-8 (byte {exc.start}); re-encode the file as UTF-8"),
+                )
+                continue
+            if not text.strip():
+                continue
+            try:
+                yield where, json.loads(text)
+            except json.JSONDecodeError as exc:
+                yield where, DataError(f"{where}: malformed JSON at column {exc.colno}: {exc.msg}")
+
+
+def _iter_table(path: Path) -> Iterator[tuple[str, Any]]:
+    """Rows of a parquet file or a ``datasets.save_to_disk`` directory, with 1-based row numbers."""
+    if path.is_dir():
+        import datasets
+
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as exc:
+            raise DataError(f"{path}: not a Hugging Face datasets directory ({exc})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            rows: Iterable[tuple[str, dict[str, Any]]] = (
+                (f"{path}[{split}] row {i + 1}", {**row, "split": row.get("split") or split})
+                for split in ds
+                for i, row in enumerate(ds[split])
+            )
+        else:
+            rows = ((f"{path} row {i + 1}", row) for i, row in enumerate(ds))
+        yield from rows
+        return
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:
+        raise DataError(f"{path}: cannot read parquet file ({exc})") from None
+    for i, row in enumerate(table.to_pylist()):
+        yield f"{path} row {i + 1}", row
+
+
+def load_records(
+    path: str | Path, on_bad_record: Literal["error", "skip"] = "error", max_problems: int = 5
+) -> tuple[list[PreferenceRecord], LoadReport]:
+    """Load all valid records from ``path`` (``.jsonl``/``.json`` lines, ``.parquet``, or a datasets directory)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file {path} does not exist")
+    report = LoadReport(path=str(path))
+    rows = _iter_jsonl(path) if path.is_file() and path.suffix != ".parquet" else _iter_table(path)
+    records: list[PreferenceRecord] = []
+    for where, obj in rows:
+        report.n_read += 1
+        if isinstance(obj, DataError):
+            problem = str(obj)
+        else:
+            reason = validate_record(obj)
+            problem = f"{where}: {reason}" if reason else ""
+        if problem:
+            if on_bad_record == "error":
+                raise DataError(problem + " (use --on-bad-record skip to drop bad records)")
+            report.n_skipped += 1
+            if len(report.problems) < max_problems:
+                report.problems.append(problem)
+            continue
+        records.append(_to_record(obj, where))
+    if not records:
+        raise DataError(f"{path}: no valid preference records found ({report.n_skipped} skipped)")
+    return records, report
+
+
+def check_file(path: str | Path) -> list[str]:
+    """Every problem in a data file as ``FILE:LINE: problem`` lines (empty when the file is clean)."""
+    path = Path(path)
+    if not path.exists():
+        return [f"{path}: does not exist"]
+    rows = _iter_jsonl(path) if path.is_file() and path.suffix != ".parquet" else _iter_table(path)
+    problems = []
+    try:
+        for where, obj in rows:
+            if isinstance(obj, DataError):
+                problems.append(str(obj))
+            elif reason := validate_record(obj):
+                problems.append(f"{where}: {reason}")
+    except DataError as exc:
+        problems.append(str(exc))
+    return problems

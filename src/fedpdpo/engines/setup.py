@@ -1,0 +1,65 @@
+"""Everything an engine needs before round 1, built the same way by every engine (same seed, same tensors)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from fedpdpo.client.trainer import ClientTask
+from fedpdpo.config import RunConfig
+from fedpdpo.data import ClientData, PairTokenizer, build_clients
+from fedpdpo.model import FedPDPOModel, load_backbone
+from fedpdpo.strategies import Strategy, get_strategy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSetup:
+    cfg: RunConfig  # as configured by the strategy
+    strategy: Strategy
+    model: FedPDPOModel
+    tokenizer: object
+    clients: list[ClientData]
+    tasks: list[ClientTask]
+    initial: dict[str, torch.Tensor]  # round-0 values of every trainable tensor
+    shared_names: list[str]
+
+    def initial_global(self) -> dict[str, torch.Tensor]:
+        return {n: self.initial[n].clone() for n in self.shared_names}
+
+    def uplink_bytes(self) -> int:
+        return sum(self.initial[n].numel() * self.initial[n].element_size() for n in self.shared_names)
+
+
+def build_model(cfg: RunConfig) -> tuple[FedPDPOModel, object]:
+    """Backbone + LoRA + local modules, initialised from ``cfg.seed`` (identical in every process)."""
+    backbone, tokenizer = load_backbone(cfg.model)
+    torch.manual_seed(cfg.seed)
+    return FedPDPOModel(backbone, cfg.lora, cfg.method), tokenizer
+
+
+def tokenize_clients(clients: list[ClientData], tokenizer, cfg: RunConfig) -> list[ClientTask]:
+    pair_tok = PairTokenizer(tokenizer, cfg.max_length, cfg.data.max_prompt_length)
+    return [
+        ClientTask(c.client_id, pair_tok.encode_all(c.train), pair_tok.encode_all(c.test), pair_tok.pad_id)
+        for c in clients
+    ]
+
+
+def build_setup(cfg: RunConfig) -> RunSetup:
+    strategy = get_strategy(cfg.algorithm)
+    cfg = strategy.configure(cfg)
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    clients, _ = build_clients(cfg)
+    model, tokenizer = build_model(cfg)
+    tasks = tokenize_clients(clients, tokenizer, cfg)
+    initial = model.initial_tensors()
+    shared = strategy.shared_names(list(initial))
+    if not shared and strategy.name != "local":
+        log.warning("strategy %s shares no tensors", strategy.name)
+    return RunSetup(cfg, strategy, model, tokenizer, clients, tasks, initial, shared)

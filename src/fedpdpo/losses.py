@@ -1,0 +1,93 @@
+"""DPO, the explicit-reward Bradley-Terry loss, and the FedPDPO objective (formulas in docs/method.md).
+
+Notation for one pair (x, y_w, y_l): ``h = [log pi(y_w) - log pi_ref(y_w)] - [log pi(y_l) - log pi_ref(y_l)]``.
+
+* DPO (sigmoid, Rafailov et al. 2023) with label smoothing eps (cDPO):
+  ``L = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)``
+* IPO (Azar et al. 2023): ``L = (h - 1 / (2 beta))^2``
+* explicit reward (Bradley-Terry): ``L_r = -log sigmoid(r(x, y_w) - r(x, y_l))``
+* FedPDPO: ``L = L_DPO + lambda * L_r``
+
+Metric names follow TRL's DPOTrainer: ``rewards/chosen`` is ``beta * (log pi - log pi_ref)`` of the chosen side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # scalar, what is back-propagated
+    metrics: dict[str, float]
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair DPO losses and the implicit rewards ``beta * log(pi / pi_ref)`` of both sides."""
+    chosen_logratio = policy_chosen - ref_chosen
+    rejected_logratio = policy_rejected - ref_rejected
+    h = chosen_logratio - rejected_logratio
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r} (use 'sigmoid' or 'ipo')")
+    return losses, beta * chosen_logratio.detach(), beta * rejected_logratio.detach()
+
+
+def reward_bt_loss(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor) -> torch.Tensor:
+    """Per-pair Bradley-Terry loss of the explicit reward head."""
+    return -F.logsigmoid(reward_chosen - reward_rejected)
+
+
+def pairwise_accuracy(margin: torch.Tensor) -> torch.Tensor:
+    """Fraction of pairs ranked correctly; a tie (margin exactly 0) counts as half, like a coin flip."""
+    return ((margin > 0).float() + 0.5 * (margin == 0).float()).mean()
+
+
+def fedpdpo_objective(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    rewards: torch.Tensor | None,
+    beta: float,
+    reward_weight: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> LossOutput:
+    """The FedPDPO loss for a batch laid out as [chosen..., rejected...] (see ``PairBatch``)."""
+    b = policy_logps.shape[0] // 2
+    losses, r_chosen, r_rejected = dpo_loss(
+        policy_logps[:b], policy_logps[b:], ref_logps[:b], ref_logps[b:], beta, loss_type, label_smoothing
+    )
+    loss = losses.mean()
+    margins = r_chosen - r_rejected
+    metrics = {
+        "loss/dpo": loss.item(),
+        "rewards/chosen": r_chosen.mean().item(),
+        "rewards/rejected": r_rejected.mean().item(),
+        "rewards/margins": margins.mean().item(),
+        "rewards/accuracies": pairwise_accuracy(margins).item(),
+        "logps/chosen": policy_logps[:b].detach().mean().item(),
+        "logps/rejected": policy_logps[b:].detach().mean().item(),
+    }
+    if rewards is not None and reward_weight > 0:
+        rm_loss = reward_bt_loss(rewards[:b], rewards[b:]).mean()
+        loss = loss + reward_weight * rm_loss
+        explicit_margin = (rewards[:b] - rewards[b:]).detach()
+        metrics["loss/reward"] = rm_loss.item()
+        metrics["explicit/margins"] = explicit_margin.mean().item()
+        metrics["explicit/accuracies"] = pairwise_accuracy(explicit_margin).item()
+    metrics["loss"] = loss.item()
+    return LossOutput(loss, metrics)

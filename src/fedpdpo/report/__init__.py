@@ -1,0 +1,1 @@
+"""Run outputs and terminal progress."""

@@ -1,0 +1,95 @@
+"""Run outputs: resolved ``config.toml``, ``metrics.jsonl`` (a line per client per round) and ``summary.json``."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from fedpdpo.client.state import atomic_write
+from fedpdpo.config import RunConfig, save_config
+from fedpdpo.errors import FedPDPOError
+
+RUN_FILES = ("metrics.jsonl", "summary.json", "config.toml")
+
+
+def prepare_out_dir(out: Path, overwrite: bool = False) -> None:
+    """Refuse to mix two runs in one directory: an existing run is kept unless ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise FedPDPOError(f"--out {out} exists and is not a directory")
+    existing = [f for f in RUN_FILES if (out / f).exists()]
+    if existing and not overwrite:
+        raise FedPDPOError(
+            f"--out {out} already holds a run ({', '.join(existing)}); choose a new directory, "
+            "or pass --resume to continue it or --overwrite to replace it"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for f in RUN_FILES:
+            (out / f).unlink(missing_ok=True)
+
+
+def write_config(out: Path, cfg: RunConfig) -> None:
+    atomic_write(out / "config.toml", lambda p: save_config(cfg, p))
+
+
+def append_metrics(out: Path, rows: list[dict[str, Any]]) -> None:
+    with (out / "metrics.jsonl").open("a", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def read_metrics(out: Path) -> list[dict[str, Any]]:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def mean_accuracy_by_round(rows: list[dict[str, Any]]) -> dict[int, float]:
+    by_round: dict[int, list[float]] = {}
+    for r in rows:
+        if "accuracy" in r:
+            by_round.setdefault(r["round"], []).append(r["accuracy"])
+    return {k: statistics.fmean(v) for k, v in sorted(by_round.items())}
+
+
+def build_summary(
+    rows: list[dict[str, Any]],
+    meta: dict[str, Any],
+    clients: list[dict[str, Any]],
+    communication: dict[str, Any],
+) -> dict[str, Any]:
+    """The run's summary: the last round's accuracy per client and the history of the mean."""
+    last_round = max(r["round"] for r in rows)
+    last = {r["client"]: r for r in rows if r["round"] == last_round and "accuracy" in r}
+    per_client = []
+    for c in clients:
+        row = last[c["id"]]
+        entry = dict(c)
+        for key in (
+            "accuracy",
+            "accuracy_implicit",
+            "accuracy_explicit",
+            "accuracy_combined",
+            "accuracy_logp",
+            "reward_margin",
+            "explicit_margin",
+        ):
+            if key in row:
+                entry[key] = row[key]
+        per_client.append(entry)
+    history = mean_accuracy_by_round(rows)
+    return {
+        **meta,
+        "mean_accuracy": statistics.fmean(c["accuracy"] for c in per_client),
+        "mean_accuracy_round0": history.get(0),
+        "mean_accuracy_by_round": {str(k): v for k, v in history.items()},
+        "clients": per_client,
+        "communication": communication,
+    }
+
+
+def write_summary(out: Path, summary: dict[str, Any]) -> None:
+    atomic_write(out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2) + "\n"))
