@@ -135,16 +135,12 @@ class RunConfig:
                 f"config key 'partition.conflict_fraction' must be in [0, 1], got {self.partition.conflict_fraction}"
             )
         if not 0.0 < self.data.test_fraction < 1.0:
-            raise ConfigError(
-                f"config key 'data.test_fraction' must be in (0, 1), got {self.data.test_fraction}"
-            )
+            raise ConfigError(f"config key 'data.test_fraction' must be in (0, 1), got {self.data.test_fraction}")
         for key, value in {"lr": self.lr, "beta": self.beta, "partition.alpha": self.partition.alpha}.items():
             if value <= 0:
                 raise ConfigError(f"config key '{key}' must be > 0, got {value}")
         if not self.data.path:
-            raise ConfigError(
-                "config key 'data.path' is empty: point it at a JSONL, parquet or HF dataset directory"
-            )
+            raise ConfigError("config key 'data.path' is empty: point it at a JSONL, parquet or HF dataset directory")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ConfigError(f"config key 'device' must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.method.eval_score in ("explicit", "combined") and not self.method.reward_head:
@@ -246,8 +242,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         extra = data_section.get("extra_paths")
         if isinstance(extra, list):
             data_section["extra_paths"] = [
-                str((base / v).resolve()) if isinstance(v, str) and not Path(v).is_absolute() else v
-                for v in extra
+                str((base / v).resolve()) if isinstance(v, str) and not Path(v).is_absolute() else v for v in extra
             ]
     return config_from_dict(data, overrides)
 

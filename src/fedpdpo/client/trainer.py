@@ -68,9 +68,7 @@ def _batches(pairs: list[TokenizedPair], batch_size: int, pad_id: int, device: t
 
 
 @torch.no_grad()
-def reference_logps(
-    model: FedPDPOModel, pairs: list[TokenizedPair], cfg: RunConfig, pad_id: int
-) -> torch.Tensor:
+def reference_logps(model: FedPDPOModel, pairs: list[TokenizedPair], cfg: RunConfig, pad_id: int) -> torch.Tensor:
     """``[n, 2]`` reference log-probs (chosen, rejected) of every pair, computed once per client data set."""
     device = device_of(cfg)
     out = torch.zeros(len(pairs), 2, dtype=torch.float32)

@@ -98,7 +98,8 @@ def domain_groups(all_domains: list[str], num_clients: int, groups: list[list[st
     if groups:
         if len(groups) != num_clients:
             raise DataError(
-                f"partition.domains has {len(groups)} groups but num_clients is {num_clients}; give one group per client"
+                f"partition.domains has {len(groups)} groups but num_clients is {num_clients}; "
+                "give one group per client"
             )
         resolved = []
         for c, group in enumerate(groups):

@@ -43,9 +43,7 @@ class PairBatch:
         return int(self.index.shape[0])
 
     def to(self, device: torch.device | str) -> PairBatch:
-        return PairBatch(
-            *(t.to(device) for t in (self.index, self.input_ids, self.attention_mask, self.response_mask))
-        )
+        return PairBatch(*(t.to(device) for t in (self.index, self.input_ids, self.attention_mask, self.response_mask)))
 
 
 class PairTokenizer:

@@ -30,9 +30,6 @@ class RunSetup:
     def initial_global(self) -> dict[str, torch.Tensor]:
         return {n: self.initial[n].clone() for n in self.shared_names}
 
-    def uplink_bytes(self) -> int:
-        return sum(self.initial[n].numel() * self.initial[n].element_size() for n in self.shared_names)
-
 
 def build_model(cfg: RunConfig) -> tuple[FedPDPOModel, object]:
     """Backbone + LoRA + local modules, initialised from ``cfg.seed`` (identical in every process)."""

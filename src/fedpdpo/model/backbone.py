@@ -101,9 +101,7 @@ def _load_gguf(gguf: Path):
     """Dequantise a GGUF file once and cache the dense model; later loads read the cache."""
     dense = _dense_cache_path(gguf)
     if (dense / "config.json").is_file():
-        return AutoModelForCausalLM.from_pretrained(
-            dense, dtype=torch.float32
-        ), AutoTokenizer.from_pretrained(dense)
+        return AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32), AutoTokenizer.from_pretrained(dense)
     log.info("dequantising %s (first use; cached at %s)", gguf.name, dense)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)

@@ -51,9 +51,7 @@ def add_lora(model: nn.Module, cfg: LoraSettings):
     return get_peft_model(model, lora)
 
 
-def response_logps(
-    hidden: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor, weight: torch.Tensor
-):
+def response_logps(hidden: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor, weight: torch.Tensor):
     """Sum of log p(y_t | y_<t) over response tokens, per sequence.
 
     ``hidden`` [N, L, H]; the token at position t is predicted from the hidden state at t-1, so response positions
@@ -129,9 +127,7 @@ class FedPDPOModel(nn.Module):
             hidden = self.local["adapter"](hidden)
         head = self.local["head"].weight if "head" in self.local else self.ref_head_weight
         logps, n_tokens = response_logps(hidden, batch.input_ids, batch.response_mask, head)
-        rewards = (
-            self.local["reward_head"](hidden, batch.response_mask) if "reward_head" in self.local else None
-        )
+        rewards = self.local["reward_head"](hidden, batch.response_mask) if "reward_head" in self.local else None
         return PolicyOutput(logps, rewards, n_tokens)
 
     @torch.no_grad()

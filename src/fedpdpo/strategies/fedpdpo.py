@@ -12,6 +12,4 @@ from fedpdpo.strategies.base import Strategy
 
 class FedPDPO(Strategy):
     name = "fedpdpo"
-    reference = (
-        "FedPDPO: federated personalized direct preference optimization (this package, docs/method.md)"
-    )
+    reference = "FedPDPO: federated personalized direct preference optimization (this package, docs/method.md)"
