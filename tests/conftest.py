@@ -1,0 +1,29 @@
+"""Shared fixtures. Every test runs offline and with Flower's background behaviour switched off."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIG = ROOT / "configs" / "tiny.toml"
+TINY_DATA = ROOT / "data" / "tiny_pairs.jsonl"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _offline_env(tmp_path_factory: pytest.TempPathFactory) -> None:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+    os.environ["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    os.environ.setdefault("FLWR_HOME", str(tmp_path_factory.mktemp("flwr_home")))
+
+
+@pytest.fixture
+def tiny_cfg():
+    """The tiny config (random 2-layer model, fixture data); tests may modify the returned object."""
+    from fedpdpo.config import load_config
+
+    return load_config(TINY_CONFIG)
