@@ -15,13 +15,18 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from safetensors.torch import save_file
 
+from fedpdpo.client.state import atomic_write
 from fedpdpo.config import RunConfig
 from fedpdpo.report.progress import RunProgress
 from fedpdpo.report.writer import append_metrics, build_summary, read_metrics, write_summary
 from fedpdpo.strategies import ClientUpdate, Strategy
 
 log = logging.getLogger(__name__)
+
+#: File in the run directory holding the final global shared tensors.
+GLOBAL_FILE = "global.safetensors"
 
 
 @dataclass
@@ -140,6 +145,10 @@ def run_server(spec: ServerSpec, transport: ClientTransport, out: Path, quiet: b
         "downlink_bytes_per_client_round": spec.uplink_bytes(),
     }
     clients = [client_info[c] for c in all_clients]
+    # The final global shared tensors (the LoRA), by model parameter name: what `fedpdpo export` and
+    # `fedpdpo generate` combine with a client's local.safetensors to rebuild its personalized model.
+    final_shared = {k: v.detach().cpu().contiguous() for k, v in global_.items()}
+    atomic_write(out / GLOBAL_FILE, lambda p: save_file(final_shared, p))
     summary = build_summary(read_metrics(out), meta, clients, communication)
     write_summary(out, summary)
     return summary
