@@ -55,8 +55,13 @@ class MethodConfig:
     eval_score: Literal["implicit", "explicit", "combined"] = "combined"
     # Learning rate multiplier for the local modules (the head is large; it needs a smaller step than LoRA).
     local_lr_scale: float = 0.1
+    # Learning rate multiplier for the explicit reward head (a linear probe: it needs a larger step).
+    reward_lr_scale: float = 10.0
     # FedProx proximal term weight on the shared parameters (0 = off). Set by strategies that use it.
     proximal_mu: float = 0.0
+    # FedRep: the first head_steps local steps of a round train only the local modules, the rest only the shared
+    # tensors (0 = train everything together). Set by the fedrep strategy.
+    head_steps: int = 0
 
 
 @dataclass
@@ -85,6 +90,19 @@ class PartitionConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Central differential privacy on the shared update (Flower engines; see docs/deployment.md).
+
+    Each client's update of the shared tensors is clipped to L2 norm ``clipping_norm`` on its node (Flower's
+    ``fixedclipping_mod``) and the server adds Gaussian noise of std ``noise_multiplier * clipping_norm / n_sampled``
+    to the aggregate. 0 switches each part off.
+    """
+
+    clipping_norm: float = 0.0
+    noise_multiplier: float = 0.0
+
+
+@dataclass
 class RunConfig:
     algorithm: str = "fedpdpo"
     model: str = "smollm2"
@@ -106,6 +124,7 @@ class RunConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def validate(self) -> None:
         """Check value ranges; raise :class:`ConfigError` naming the key."""
@@ -139,6 +158,10 @@ class RunConfig:
         for key, value in {"lr": self.lr, "beta": self.beta, "partition.alpha": self.partition.alpha}.items():
             if value <= 0:
                 raise ConfigError(f"config key '{key}' must be > 0, got {value}")
+        if self.privacy.clipping_norm < 0 or self.privacy.noise_multiplier < 0:
+            raise ConfigError("config keys 'privacy.clipping_norm' and 'privacy.noise_multiplier' must be >= 0")
+        if self.privacy.noise_multiplier > 0 and self.privacy.clipping_norm <= 0:
+            raise ConfigError("config key 'privacy.noise_multiplier' > 0 needs 'privacy.clipping_norm' > 0")
         if not self.data.path:
             raise ConfigError("config key 'data.path' is empty: point it at a JSONL, parquet or HF dataset directory")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):

@@ -122,9 +122,16 @@ def fit(
     params = model.trainable()
     shared_params = [p for n, p in params.items() if n in shared]
     local_params = [p for n, p in params.items() if n not in shared]
-    groups = [{"params": shared_params, "lr": cfg.lr}]
-    if local_params:
-        groups.append({"params": local_params, "lr": cfg.lr * cfg.method.local_lr_scale})
+    # LoRA trains at ``lr`` whether it is shared or kept local (local, fedsa-lora, lg-fedavg); only the local
+    # modules ("local.*": head, reward head, adapter) take the smaller step.
+    # The reward head is a linear probe and needs a larger step than the 28M-parameter personalized head.
+    module_params = [p for n, p in params.items() if n.startswith("local.") and not n.startswith("local.reward_head")]
+    reward_params = [p for n, p in params.items() if n.startswith("local.reward_head")]
+    groups = [{"params": [p for n, p in params.items() if not n.startswith("local.")], "lr": cfg.lr}]
+    if module_params:
+        groups.append({"params": module_params, "lr": cfg.lr * cfg.method.local_lr_scale})
+    if reward_params:
+        groups.append({"params": reward_params, "lr": cfg.lr * cfg.method.reward_lr_scale})
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if state.optimizer is not None:
         optimizer.load_state_dict(state.optimizer)
@@ -158,6 +165,9 @@ def fit(
             loss = loss + 0.5 * cfg.method.proximal_mu * prox
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.method.head_steps:  # FedRep: local tensors first (shared frozen), then the shared ones
+            for p in shared_params if step < cfg.method.head_steps else local_params:
+                p.grad = None
         grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
         result.metrics["grad_norm"] = float(grad_norm)
         if not math.isfinite(loss.item()) or not math.isfinite(float(grad_norm)):

@@ -52,7 +52,7 @@ def build_setup(cfg: RunConfig) -> RunSetup:
     cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    clients, _ = build_clients(cfg)
+    clients = strategy.prepare_clients(build_clients(cfg)[0])
     model, tokenizer = build_model(cfg)
     tasks = tokenize_clients(clients, tokenizer, cfg)
     initial = model.initial_tensors()

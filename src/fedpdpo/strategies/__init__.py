@@ -3,11 +3,39 @@
 from __future__ import annotations
 
 from fedpdpo.errors import ConfigError
+from fedpdpo.strategies.ablations import FedPDPOImplicitEval, FedPDPONoAdapter, FedPDPONoHead, FedPDPONoReward
 from fedpdpo.strategies.base import ClientUpdate, Strategy, weighted_average
+from fedpdpo.strategies.centralized import Centralized
 from fedpdpo.strategies.fedavg import FedAvg
+from fedpdpo.strategies.fedopt import FedAdam, FedYogi
 from fedpdpo.strategies.fedpdpo import FedPDPO
+from fedpdpo.strategies.fedper import FedPer
+from fedpdpo.strategies.fedprox import FedProx
+from fedpdpo.strategies.fedrep import FedRep
+from fedpdpo.strategies.fedsa_lora import FedSALoRA
+from fedpdpo.strategies.lg_fedavg import LGFedAvg
+from fedpdpo.strategies.local import LocalOnly
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedPDPO, FedAvg)}
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls
+    for cls in (
+        FedPDPO,
+        FedAvg,
+        LocalOnly,
+        Centralized,
+        FedProx,
+        FedAdam,
+        FedYogi,
+        FedPer,
+        FedRep,
+        FedSALoRA,
+        LGFedAvg,
+        FedPDPONoHead,
+        FedPDPONoReward,
+        FedPDPONoAdapter,
+        FedPDPOImplicitEval,
+    )
+}
 
 
 def get_strategy(name: str) -> Strategy:

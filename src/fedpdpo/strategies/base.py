@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from fedpdpo.config import RunConfig
+from fedpdpo.data.partition import ClientData
 
 
 @dataclass
@@ -46,6 +47,10 @@ class Strategy:
     def configure(self, cfg: RunConfig) -> RunConfig:
         """Return the run config with this algorithm's modules and loss terms set (the input is not modified)."""
         return copy.deepcopy(cfg)
+
+    def prepare_clients(self, clients: list[ClientData]) -> list[ClientData]:
+        """The clients' data as this algorithm sees it (identity; ``centralized`` pools the training sets)."""
+        return clients
 
     def is_shared(self, name: str) -> bool:
         """Whether the trainable tensor ``name`` travels to the server."""
