@@ -1,33 +1,71 @@
 """A client's private state on disk: local modules, optimizer state, cached reference log-probs.
 
-One directory per client. Files are written to a temporary name and renamed into place, so a crash at any moment
-leaves either the previous or the new version, never half of one. Only the engine that runs the client (the
-in-process loop or the Flower ClientApp on the client's node) reads or writes this directory; nothing in it is
-sent to the server.
+One directory per client. Training state is *versioned by server round*: ``rounds/round_<r>/`` holds the local
+tensors and the optimizer state as they were at the end of round ``r``, written to a temporary directory and
+renamed into place, so a version is either complete or absent and its two files always belong to the same round.
+
+Why versions rather than one file per kind: a run may be killed after a client has saved round ``r`` but before
+the server has checkpointed round ``r``. Resuming then re-runs round ``r`` and needs the client's state as of
+round ``r - 1``, which is still there. A client therefore loads "its state as of round ``r - 1``" when it trains in
+round ``r`` (:meth:`ClientStore.load` with ``as_of_round``), and keeps at most the version it started the round
+from plus the new one. Because all randomness is derived from (seed, round, client), re-running a round from the
+same inputs gives the same bits, so a resumed run is identical to an uninterrupted one.
+
+The reference log-probs never change (frozen backbone), so they live unversioned in ``reference.safetensors``.
+Only the engine that runs the client (the in-process loop or the Flower ClientApp on the client's node) reads or
+writes this directory; nothing in it is sent to the server.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+LOCAL_FILE = "local.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+REFERENCE_FILE = "reference.safetensors"
+VERSIONS_DIR = "rounds"
+VERSION_PREFIX = "round_"
 
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` and rename the result to ``path`` (same directory, so the rename is atomic)."""
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[str], object]) -> None:
+    """Call ``write(tmp_path)`` and rename the result to ``path`` (same directory, so the rename is atomic).
+
+    The data is flushed to disk before the rename: after a crash the file holds either the old or the new
+    content, never a prefix of the new one.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
 
 
 @dataclass
@@ -49,26 +87,96 @@ class ClientStore:
     def path(self, client_id: int) -> Path:
         return self.root / f"client_{client_id}"
 
-    def load(self, client_id: int) -> ClientState:
-        d = self.path(client_id)
+    def version_dir(self, client_id: int, server_round: int) -> Path:
+        return self.path(client_id) / VERSIONS_DIR / f"{VERSION_PREFIX}{server_round:05d}"
+
+    def versions(self, client_id: int) -> list[int]:
+        """Rounds for which a complete training state is stored, ascending."""
+        d = self.path(client_id) / VERSIONS_DIR
+        if not d.is_dir():
+            return []
+        rounds = []
+        for child in d.iterdir():
+            suffix = child.name.removeprefix(VERSION_PREFIX)
+            if child.is_dir() and child.name.startswith(VERSION_PREFIX) and suffix.isdigit():
+                rounds.append(int(suffix))
+        return sorted(rounds)
+
+    def latest_version(self, client_id: int, as_of_round: int | None = None) -> int | None:
+        """The newest stored round ``<= as_of_round`` (any round when None), or None before the first training."""
+        eligible = [r for r in self.versions(client_id) if as_of_round is None or r <= as_of_round]
+        return eligible[-1] if eligible else None
+
+    def local_file(self, client_id: int, as_of_round: int | None = None) -> Path | None:
+        """Path of the client's local tensors (personalized modules) as of a round; None if it never trained."""
+        version = self.latest_version(client_id, as_of_round)
+        if version is None:
+            return None
+        path = self.version_dir(client_id, version) / LOCAL_FILE
+        return path if path.is_file() else None
+
+    def load(self, client_id: int, as_of_round: int | None = None) -> ClientState:
+        """The client's state at the end of round ``as_of_round`` (default: its newest state).
+
+        A client that trains in round ``r`` loads ``as_of_round=r - 1``; evaluation after round ``r`` loads ``r``.
+        """
         state = ClientState()
-        if (d / "local.safetensors").is_file():
-            state.local = load_file(d / "local.safetensors")
-        if (d / "reference.safetensors").is_file():
-            state.reference = load_file(d / "reference.safetensors")
-        if (d / "optimizer.pt").is_file():
-            blob = torch.load(d / "optimizer.pt", weights_only=True)
+        ref = self.path(client_id) / REFERENCE_FILE
+        if ref.is_file():
+            state.reference = load_file(ref)
+        version = self.latest_version(client_id, as_of_round)
+        if version is None:
+            return state
+        d = self.version_dir(client_id, version)
+        if (d / LOCAL_FILE).is_file():
+            state.local = load_file(d / LOCAL_FILE)
+        if (d / OPTIMIZER_FILE).is_file():
+            blob = torch.load(d / OPTIMIZER_FILE, weights_only=True)
             state.optimizer = blob["optimizer"]
             state.rounds_trained = int(blob["rounds_trained"])
         return state
 
-    def save(self, client_id: int, state: ClientState) -> None:
-        d = self.path(client_id)
-        if state.reference:
-            atomic_write(d / "reference.safetensors", lambda p: save_file(state.reference, p))
-        if state.local:
-            local = {k: v.contiguous() for k, v in state.local.items()}
-            atomic_write(d / "local.safetensors", lambda p: save_file(local, p))
-        if state.optimizer is not None:
-            blob = {"optimizer": state.optimizer, "rounds_trained": state.rounds_trained}
-            atomic_write(d / "optimizer.pt", lambda p: torch.save(blob, p))
+    def save_reference(self, client_id: int, reference: dict[str, torch.Tensor]) -> None:
+        """Cache the reference log-probs (deterministic, so written once and never versioned)."""
+        ref = {k: v.contiguous() for k, v in reference.items()}
+        atomic_write(self.path(client_id) / REFERENCE_FILE, lambda p: save_file(ref, p))
+
+    def save(self, client_id: int, state: ClientState, server_round: int) -> None:
+        """Store the state reached by training in ``server_round`` as one atomic version.
+
+        Versions older than the one this round started from are deleted: no checkpoint can need them any more,
+        because the server has checkpointed round ``server_round - 1`` before this round began.
+        """
+        if state.reference and not (self.path(client_id) / REFERENCE_FILE).is_file():
+            self.save_reference(client_id, state.reference)
+        parent = self.path(client_id) / VERSIONS_DIR
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp_", dir=parent))
+        try:
+            if state.local:
+                local = {k: v.contiguous() for k, v in state.local.items()}
+                save_file(local, tmp / LOCAL_FILE)
+            if state.optimizer is not None:
+                blob = {"optimizer": state.optimizer, "rounds_trained": state.rounds_trained}
+                torch.save(blob, tmp / OPTIMIZER_FILE)
+            for f in tmp.iterdir():
+                with f.open("rb") as fh:
+                    os.fsync(fh.fileno())
+            target = self.version_dir(client_id, server_round)
+            if target.exists():  # left by a run killed before the server checkpointed this round
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        fsync_dir(parent)
+        self._prune(client_id, server_round)
+
+    def _prune(self, client_id: int, server_round: int) -> None:
+        start = self.latest_version(client_id, server_round - 1)
+        parent = self.path(client_id) / VERSIONS_DIR
+        for r in self.versions(client_id):
+            if start is not None and r < start:
+                shutil.rmtree(self.version_dir(client_id, r), ignore_errors=True)
+        for stale in parent.glob(".tmp_*"):  # a version being written when a run was killed
+            shutil.rmtree(stale, ignore_errors=True)

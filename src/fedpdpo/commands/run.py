@@ -6,27 +6,61 @@ import argparse
 import json
 import os
 
+from fedpdpo.errors import FedPDPOError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     run = sub.add_parser("run", help="run a federated training job")
-    run.add_argument("--config", required=True, help="TOML config file (see configs/)")
+    run.add_argument("--config", help="TOML config file (see configs/); not with --resume")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-    run.add_argument("--out", required=True, help="output directory for config.toml, metrics.jsonl, summary.json")
+    run.add_argument("--out", help="output directory for config.toml, metrics.jsonl, summary.json")
+    run.add_argument(
+        "--resume", metavar="DIR", help="continue the run in DIR after its last checkpoint (uses DIR/config.toml)"
+    )
     run.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     run.add_argument("--on-bad-record", choices=["error", "skip"], help="what to do with invalid data records")
     run.add_argument("--quiet", action="store_true", help="no progress bar or tables")
     run.set_defaults(func=cmd_run)
 
 
+def resume_config(args: argparse.Namespace):
+    """The saved config of the run in ``--resume DIR``: a resumed run must use exactly the settings it started with."""
+    from fedpdpo.config import load_config
+
+    conflicting = [
+        flag
+        for flag, value in (
+            ("--config", args.config),
+            ("--set", args.set),
+            ("--overwrite", args.overwrite),
+            ("--on-bad-record", args.on_bad_record),
+        )
+        if value
+    ]
+    if conflicting:
+        raise FedPDPOError(f"--resume uses the run's own config.toml; drop {', '.join(conflicting)}")
+    if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
+        raise FedPDPOError("--resume DIR writes to DIR; drop --out or give the same directory")
+    saved = os.path.join(args.resume, "config.toml")
+    if not os.path.isfile(saved):
+        raise FedPDPOError(f"--resume {args.resume}: no run to resume there (no config.toml); start it with --config")
+    return load_config(saved), args.resume
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from fedpdpo.config import load_config
     from fedpdpo.engines.inprocess import run_inprocess
 
-    overrides = list(args.set or [])
-    if args.on_bad_record:
-        overrides.append(f'data.on_bad_record="{args.on_bad_record}"')
-    cfg = load_config(args.config, overrides)
-    summary = run_inprocess(cfg, args.out, quiet=args.quiet, overwrite=args.overwrite)
+    if args.resume:
+        cfg, args.out = resume_config(args)
+    else:
+        if not args.config or not args.out:
+            raise FedPDPOError("fedpdpo run needs --config FILE and --out DIR (or --resume DIR)")
+        overrides = list(args.set or [])
+        if args.on_bad_record:
+            overrides.append(f'data.on_bad_record="{args.on_bad_record}"')
+        cfg = load_config(args.config, overrides)
+    summary = run_inprocess(cfg, args.out, quiet=args.quiet, overwrite=args.overwrite, resume=bool(args.resume))
     result = {
         "out": os.path.abspath(args.out),
         "algorithm": summary["algorithm"],

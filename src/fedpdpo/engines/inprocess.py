@@ -17,8 +17,10 @@ import torch
 from fedpdpo.client.state import ClientStore
 from fedpdpo.client.trainer import evaluate, fit
 from fedpdpo.config import RunConfig
+from fedpdpo.engines.checkpoint import CLIENTS_DIR, clear_run_state
 from fedpdpo.engines.server import EvalReply, FitReply, ServerSpec, run_server
 from fedpdpo.engines.setup import RunSetup, build_setup
+from fedpdpo.errors import FedPDPOError
 from fedpdpo.model.backbone import resolve_model
 from fedpdpo.report.writer import prepare_out_dir, write_config
 
@@ -42,7 +44,7 @@ class InProcessTransport:
         s = self.setup
         replies = []
         for cid in client_ids:
-            state = self.store.load(cid)
+            state = self.store.load(cid, as_of_round=server_round - 1)
             try:
                 result = fit(
                     s.model,
@@ -54,10 +56,10 @@ class InProcessTransport:
                     server_round,
                     on_step=lambda _step, m: on_step(m["loss"]),
                 )
-            except FloatingPointError as exc:
+            except FloatingPointError as exc:  # rejected for this round; the client keeps its previous state
                 replies.append(FitReply(cid, len(s.tasks[cid].train), None, error=str(exc)))
                 continue
-            self.store.save(cid, result.state)
+            self.store.save(cid, result.state, server_round)
             replies.append(FitReply(cid, result.num_examples, result.shared, result.metrics))
         return replies
 
@@ -65,21 +67,37 @@ class InProcessTransport:
         s = self.setup
         replies = []
         for cid in client_ids:
-            state = self.store.load(cid)
+            state = self.store.load(cid, as_of_round=server_round)
             had_reference = bool(state.reference)
             metrics = evaluate(s.model, s.tasks[cid], state, shared, s.initial, s.cfg)
             if not had_reference:
-                self.store.save(cid, state)  # reference log-probs are computed once, then cached
+                self.store.save_reference(cid, state.reference)  # computed once, then cached
             info = s.clients[cid].describe()
             replies.append(EvalReply(cid, {k: info[k] for k in ("n_train", "n_test", "conflict", "domains")} | metrics))
         return replies
 
 
-def run_inprocess(cfg: RunConfig, out: str | Path, quiet: bool = False, overwrite: bool = False) -> dict[str, Any]:
-    """Run a whole federated job and write config.toml, metrics.jsonl and summary.json to ``out``."""
+def run_inprocess(
+    cfg: RunConfig, out: str | Path, quiet: bool = False, overwrite: bool = False, resume: bool = False
+) -> dict[str, Any]:
+    """Run a whole federated job and write config.toml, metrics.jsonl and summary.json to ``out``.
+
+    Config, data and model are checked (``build_setup``) before anything is written, so a bad input leaves no
+    partial run behind and ``--overwrite`` deletes the old run only once the new one can start. With ``resume``,
+    ``cfg`` is the run's own ``config.toml`` and the run continues after its last checkpoint.
+    """
     out = Path(out).resolve()
-    prepare_out_dir(out, overwrite=overwrite)
     setup = build_setup(cfg)
-    write_config(out, setup.cfg)
+    if resume:
+        if setup.cfg != cfg:
+            raise FedPDPOError(
+                f"cannot resume {out}: algorithm '{cfg.algorithm}' changes its saved config.toml when applied again, "
+                "so the resumed run would differ; start it again in a new --out directory"
+            )
+    else:
+        prepare_out_dir(out, overwrite=overwrite)
+        clear_run_state(out)
+        write_config(out, setup.cfg)
     spec = ServerSpec(setup.cfg, setup.strategy, setup.initial_global(), resolve_model(cfg.model), "inprocess")
-    return run_server(spec, InProcessTransport(setup, ClientStore(out / "clients")), out, quiet=quiet)
+    store = ClientStore(out / CLIENTS_DIR)
+    return run_server(spec, InProcessTransport(setup, store), out, quiet=quiet, resume=resume)

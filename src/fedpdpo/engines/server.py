@@ -19,6 +19,17 @@ from safetensors.torch import save_file
 
 from fedpdpo.client.state import atomic_write
 from fedpdpo.config import RunConfig
+from fedpdpo.engines.checkpoint import (
+    CHECKPOINT_FILE,
+    ServerCheckpoint,
+    capture_rng,
+    load_checkpoint,
+    restore_rng,
+    rewind_metrics,
+    save_checkpoint,
+    strategy_state,
+)
+from fedpdpo.errors import FedPDPOError
 from fedpdpo.report.progress import RunProgress
 from fedpdpo.report.writer import append_metrics, build_summary, read_metrics, write_summary
 from fedpdpo.strategies import ClientUpdate, Strategy
@@ -71,6 +82,8 @@ class ServerSpec:
     initial_shared: dict[str, torch.Tensor]
     model_name: str
     engine: str
+    # Fewer accepted updates than this in a round (clients crashed, timed out, were rejected): keep the old global.
+    min_fit_replies: int = 1
 
     def uplink_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.initial_shared.values())
@@ -95,39 +108,109 @@ def train_metrics(reply: FitReply) -> dict[str, float]:
     return {"train_loss": reply.metrics["loss"]} | {f"train/{k}": v for k, v in reply.metrics.items()}
 
 
-def run_server(spec: ServerSpec, transport: ClientTransport, out: Path, quiet: bool = False) -> dict[str, Any]:
-    """Round 0 evaluation, then ``rounds`` rounds of fit -> aggregate -> evaluate; writes metrics and summary."""
+def rejection_reason(reply: FitReply) -> str:
+    """Why the server must not aggregate this reply ("" when it may): a failed client or a non-finite tensor."""
+    if reply.tensors is None:
+        return reply.error or "client returned no update"
+    bad = sorted(name for name, t in reply.tensors.items() if not torch.isfinite(t).all())
+    if bad:
+        return f"non-finite values in {len(bad)} shared tensor(s), e.g. {bad[0]}"
+    return ""
+
+
+def run_server(
+    spec: ServerSpec, transport: ClientTransport, out: Path, quiet: bool = False, resume: bool = False
+) -> dict[str, Any]:
+    """Round 0 evaluation, then ``rounds`` rounds of fit -> aggregate -> evaluate; writes metrics and summary.
+
+    A checkpoint is written after round 0 and after every round (:mod:`fedpdpo.engines.checkpoint`); with
+    ``resume`` the loop continues after the last checkpoint in ``out`` and ends with the same results as an
+    uninterrupted run. Updates that failed or hold a non-finite value are rejected for their round (logged, and
+    marked ``train/failed`` in the metrics); the others are aggregated as usual.
+    """
     start = time.perf_counter()
     cfg, strategy = spec.cfg, spec.strategy
     all_clients = list(range(cfg.num_clients))
     global_ = {k: v.clone() for k, v in spec.initial_shared.items()}
     n_sampled = max(1, round(cfg.client_fraction * cfg.num_clients))
     client_info: dict[int, dict[str, Any]] = {}
+    rejected: list[dict[str, Any]] = []
+    metrics_lines, elapsed_before, first_round = 0, 0.0, 0
+    ckpt = load_checkpoint(out) if resume else None
+    if resume:
+        rewind_metrics(out, ckpt.metrics_lines if ckpt else 0)
+    if ckpt is not None:
+        if sorted(ckpt.global_shared) != sorted(global_):
+            raise FedPDPOError(f"{out / CHECKPOINT_FILE} holds other shared tensors than this run's configuration")
+        global_ = ckpt.global_shared
+        vars(strategy).update(ckpt.strategy_state)
+        client_info, rejected = ckpt.client_info, ckpt.rejected
+        metrics_lines, elapsed_before, first_round = ckpt.metrics_lines, ckpt.elapsed_s, ckpt.server_round + 1
+        restore_rng(ckpt.rng)
+        log.info("resuming %s after round %d of %d", out, ckpt.server_round, cfg.rounds)
 
     def evaluate_all(server_round: int, train: dict[int, dict[str, float]]) -> None:
+        nonlocal metrics_lines
         replies = transport.evaluate(server_round, all_clients, global_)
         for r in replies:
             client_info[r.client_id] = {"id": r.client_id} | {k: r.metrics[k] for k in CLIENT_FIELDS if k in r.metrics}
         rows = eval_to_rows(server_round, replies, train)
+        answered = {r.client_id for r in replies}
+        # a client whose node is unreachable gets a row saying so (remote engines); it rejoins when it is back
+        rows += [
+            {"round": server_round, "client": c, "eval/failed": 1.0} | train.get(c, {})
+            for c in all_clients
+            if c not in answered
+        ]
         append_metrics(out, rows)
-        progress.round_table(server_round, rows)
+        metrics_lines += len(rows)
+        progress.round_table(server_round, [r for r in rows if "accuracy" in r])
 
-    with RunProgress(cfg.rounds * n_sampled * cfg.local_steps, quiet=quiet) as progress:
-        progress.describe("round 0 eval")
-        evaluate_all(0, {})
-        for server_round in range(1, cfg.rounds + 1):
+    def checkpoint(server_round: int) -> None:
+        ckpt = ServerCheckpoint(
+            server_round=server_round,
+            global_shared=global_,
+            strategy_state=strategy_state(strategy),
+            client_info=client_info,
+            metrics_lines=metrics_lines,
+            elapsed_s=elapsed_before + time.perf_counter() - start,
+            rejected=rejected,
+            rng=capture_rng(),
+        )
+        save_checkpoint(out, ckpt)
+
+    remaining = cfg.rounds - max(first_round - 1, 0)
+    with RunProgress(remaining * n_sampled * cfg.local_steps, quiet=quiet) as progress:
+        if first_round == 0:
+            progress.describe("round 0 eval")
+            evaluate_all(0, {})
+            checkpoint(0)
+        for server_round in range(max(first_round, 1), cfg.rounds + 1):
             sampled = strategy.sample_clients(server_round, cfg.num_clients, cfg.client_fraction, cfg.seed)
             progress.describe(f"round {server_round}/{cfg.rounds} fit")
             replies = transport.fit(server_round, sampled, global_, progress.step)
-            updates = []
+            updates, train = [], {}
             for reply in replies:
-                if reply.tensors is None:
-                    log.warning("round %d: no update from client %d: %s", server_round, reply.client_id, reply.error)
+                reason = rejection_reason(reply)
+                if reason:
+                    log.warning("round %d: update of client %d rejected: %s", server_round, reply.client_id, reason)
+                    rejected.append({"round": server_round, "client": reply.client_id, "reason": reason})
+                    train[reply.client_id] = {"train/failed": 1.0}
                     continue
                 updates.append(ClientUpdate(reply.client_id, reply.num_examples, reply.tensors))
-            global_ = strategy.aggregate(server_round, global_, updates)
+                train[reply.client_id] = train_metrics(reply)
+            if len(updates) >= spec.min_fit_replies:
+                global_ = strategy.aggregate(server_round, global_, updates)
+            else:
+                log.warning(
+                    "round %d: %d accepted update(s), fewer than min_fit_replies=%d: global unchanged",
+                    server_round,
+                    len(updates),
+                    spec.min_fit_replies,
+                )
             progress.describe(f"round {server_round}/{cfg.rounds} eval")
-            evaluate_all(server_round, {r.client_id: train_metrics(r) for r in replies})
+            evaluate_all(server_round, train)
+            checkpoint(server_round)
 
     meta = {
         "algorithm": strategy.name,
@@ -137,14 +220,16 @@ def run_server(spec: ServerSpec, transport: ClientTransport, out: Path, quiet: b
         "seed": cfg.seed,
         "num_clients": cfg.num_clients,
         "eval_score": cfg.method.eval_score,
-        "time_s": round(time.perf_counter() - start, 2),
+        "time_s": round(elapsed_before + time.perf_counter() - start, 2),
+        "rejected_updates": rejected,
     }
     communication = {
         "shared_parameters": sorted(spec.initial_shared),
         "uplink_bytes_per_client_round": spec.uplink_bytes(),
         "downlink_bytes_per_client_round": spec.uplink_bytes(),
     }
-    clients = [client_info[c] for c in all_clients]
+    last_round = [r for r in read_metrics(out) if r["round"] == cfg.rounds and "accuracy" in r]
+    clients = [client_info[c] for c in all_clients if c in {r["client"] for r in last_round}]
     # The final global shared tensors (the LoRA), by model parameter name: what `fedpdpo export` and
     # `fedpdpo generate` combine with a client's local.safetensors to rebuild its personalized model.
     final_shared = {k: v.detach().cpu().contiguous() for k, v in global_.items()}
