@@ -1,0 +1,231 @@
+"""Take a client's personalized model out of a run: a standard PEFT adapter plus the client's local modules.
+
+A finished run directory holds the resolved ``config.toml``, the final global shared tensors
+(``global.safetensors``, the LoRA) and each client's private tensors (``clients/client_<id>/``, read with
+:class:`~fedpdpo.client.state.ClientStore`).
+:func:`export_client` turns one client's view of that into a directory that the Hugging Face ecosystem understands::
+
+    ADIR/adapter_config.json, adapter_model.safetensors   the shared LoRA, written by PEFT's own save_pretrained,
+                                                          so ``PeftModel.from_pretrained(base, ADIR)`` loads it
+    ADIR/local_modules.safetensors                         personalized head, reward head, adapter (FedPDPO only)
+    ADIR/fedpdpo_client.json                               what is needed to rebuild the model around them
+    ADIR/tokenizer files                                   the backbone's tokenizer
+    ADIR/base/                                             the backbone (always for ``tiny``; ``save_base=True``)
+    ADIR/merged/                                           optional plain causal LM (see :func:`save_merged`)
+
+PEFT alone reproduces the *global* policy (backbone + shared LoRA + original head). The client's personalized
+policy also needs the local modules, which :func:`load_personalized` puts back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedpdpo.client.state import ClientStore
+from fedpdpo.config import LoraSettings, MethodConfig, RunConfig, load_config
+from fedpdpo.errors import FedPDPOError
+from fedpdpo.model.backbone import load_backbone
+from fedpdpo.model.policy import FedPDPOModel
+
+log = logging.getLogger(__name__)
+
+GLOBAL_FILE = "global.safetensors"  # written by engines.server.run_server
+EXPORT_INFO = "fedpdpo_client.json"
+LOCAL_FILE = "local_modules.safetensors"
+FORMAT = "fedpdpo-personalized"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ClientModel:
+    """A client's personalized model, ready for scoring and sampling."""
+
+    model: FedPDPOModel
+    tokenizer: Any
+    client_id: int
+    beta: float  # DPO beta of the run: implicit reward = beta * (log pi - log pi_ref)
+    max_length: int  # the run's tokenization limits, so that scores are computed as in training
+    max_prompt_length: int
+    source: str  # run directory or export directory it came from
+
+
+def _run_config(run_dir: Path) -> RunConfig:
+    if not (run_dir / "config.toml").is_file():
+        raise FedPDPOError(f"--run {run_dir}: no config.toml here; point --run at the --out directory of a run")
+    return load_config(run_dir / "config.toml")
+
+
+def load_from_run(run_dir: str | Path, client_id: int) -> ClientModel:
+    """Rebuild client ``client_id``'s personalized model from a finished run directory."""
+    from fedpdpo.engines.setup import build_model
+
+    run_dir = Path(run_dir)
+    cfg = _run_config(run_dir)
+    if not 0 <= client_id < cfg.num_clients:
+        raise FedPDPOError(f"--client {client_id}: the run has clients 0..{cfg.num_clients - 1}")
+    global_path = run_dir / GLOBAL_FILE
+    if not global_path.is_file():
+        raise FedPDPOError(
+            f"--run {run_dir}: no {GLOBAL_FILE} (the final global LoRA); the run did not finish, or was made by an "
+            "older fedpdpo; run it again"
+        )
+    model, tokenizer = build_model(cfg)  # same seed as training, so untrained local tensors match round 0
+    model.set_tensors(load_file(global_path))
+    local = ClientStore(run_dir / "clients").load(client_id).local
+    if local:
+        model.set_tensors(local)
+    elif len(model.local):
+        log.warning("client %d never trained in %s; its local modules are at their initial values", client_id, run_dir)
+    model.eval()
+    return ClientModel(model, tokenizer, client_id, cfg.beta, cfg.max_length, cfg.data.max_prompt_length, str(run_dir))
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    files: list[str]
+    merged: str  # "" (not written), "personalized" or "global": what the merged model computes
+
+
+def export_client(
+    run_dir: str | Path,
+    client_id: int,
+    out: str | Path,
+    merged: bool = False,
+    save_base: bool = False,
+    overwrite: bool = False,
+) -> ExportResult:
+    """Write client ``client_id`` of ``run_dir`` as a PEFT adapter directory plus its local modules (see module doc)."""
+    run_dir, out = Path(run_dir).resolve(), Path(out).resolve()
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FedPDPOError(f"--out {out} is not empty; choose a new directory or pass --overwrite")
+        shutil.rmtree(out)
+    cfg = _run_config(run_dir)
+    cm = load_from_run(run_dir, client_id)
+    out.mkdir(parents=True)
+
+    base_dir = ""
+    if save_base or cfg.model == "tiny":
+        # The tiny backbone exists only inside fedpdpo; saving it lets plain PEFT/transformers load the adapter.
+        backbone, tokenizer = load_backbone(cfg.model)
+        backbone.save_pretrained(out / "base")
+        tokenizer.save_pretrained(out / "base")
+        base_dir = "base"
+    peft_cfg = cm.model.peft.peft_config["default"]
+    peft_cfg.base_model_name_or_path = (
+        str(out / base_dir) if base_dir else (cm.model.peft.get_base_model().config.name_or_path or cfg.model)
+    )
+    cm.model.peft.save_pretrained(out)
+    cm.tokenizer.save_pretrained(out)
+    local = {k: v.detach().cpu().contiguous() for k, v in cm.model.local.state_dict().items()}
+    if local:
+        save_file(local, out / LOCAL_FILE)
+    info = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "client": client_id,
+        "run": str(run_dir),
+        "algorithm": cfg.algorithm,
+        "model": cfg.model,
+        "base_dir": base_dir,
+        "beta": cfg.beta,
+        "max_length": cfg.max_length,
+        "max_prompt_length": cfg.data.max_prompt_length,
+        "lora": dataclasses.asdict(cfg.lora),
+        "method": dataclasses.asdict(cfg.method),
+        "local_modules": sorted(cm.model.local.keys()),
+    }
+    base_spec = str(out / base_dir) if base_dir else cfg.model
+    merged_kind = save_merged(out, cm, base_spec, out / "merged") if merged else ""
+    info["merged"] = merged_kind
+    (out / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    return ExportResult(out, files, merged_kind)
+
+
+def _read_info(adir: Path) -> dict[str, Any]:
+    path = adir / EXPORT_INFO
+    if not path.is_file():
+        raise FedPDPOError(f"{adir}: no {EXPORT_INFO}; it is not a directory written by `fedpdpo export`")
+    info = json.loads(path.read_text(encoding="utf-8"))
+    if info.get("format") != FORMAT or info.get("format_version") != FORMAT_VERSION:
+        raise FedPDPOError(f"{path}: unsupported export format {info.get('format')!r} v{info.get('format_version')}")
+    return info
+
+
+def _base_spec(adir: Path, info: dict[str, Any]) -> str:
+    return str(adir / info["base_dir"]) if info.get("base_dir") else info["model"]
+
+
+def load_personalized(adir: str | Path) -> ClientModel:
+    """Rebuild a client's full personalized model (backbone + shared LoRA + local modules) from an export directory."""
+    from peft.utils import set_peft_model_state_dict
+
+    adir = Path(adir).resolve()
+    info = _read_info(adir)
+    backbone, tokenizer = load_backbone(_base_spec(adir, info))
+    model = FedPDPOModel(backbone, LoraSettings(**info["lora"]), MethodConfig(**info["method"]))
+    result = set_peft_model_state_dict(model.peft, load_file(adir / "adapter_model.safetensors"))
+    missing = [k for k in result.missing_keys if ".lora_" in k]
+    if missing or result.unexpected_keys:
+        raise FedPDPOError(
+            f"{adir}: adapter does not fit the model (missing {missing[:3]}, unexpected "
+            f"{list(result.unexpected_keys)[:3]})"
+        )
+    if len(model.local):
+        model.local.load_state_dict(load_file(adir / LOCAL_FILE), strict=True)
+    model.eval()
+    return ClientModel(
+        model,
+        tokenizer,
+        int(info["client"]),
+        float(info["beta"]),
+        int(info["max_length"]),
+        int(info["max_prompt_length"]),
+        str(adir),
+    )
+
+
+@torch.no_grad()
+def save_merged(adir: Path, cm: ClientModel, base_spec: str, target: Path) -> str:
+    """Save a plain causal LM (``from_pretrained``-loadable) to ``target`` and return what it computes.
+
+    The shared LoRA is merged into the backbone with PEFT's ``merge_and_unload`` (loading the adapter just written
+    to ``adir``, which also proves that PEFT reads it). A personalized head is a plain output projection, so it
+    replaces ``lm_head`` (untied from the embeddings): without a bottleneck adapter the merged model *is* the
+    client's personalized policy ("personalized"). The gated bottleneck adapter sits between the last hidden state
+    and the head and has no place in a standard causal LM, so with an adapter the merged model is the global policy
+    (backbone + shared LoRA + original head; "global"); use :func:`load_personalized` for the full client model.
+    The explicit reward head is a scorer, not part of any causal LM, and is never merged.
+    """
+    from peft import PeftModel
+
+    backbone, tokenizer = load_backbone(base_spec)
+    merged = PeftModel.from_pretrained(backbone, adir).merge_and_unload()
+    local = cm.model.local
+    if "adapter" in local:
+        log.warning(
+            "client %d has a bottleneck adapter, which a plain causal LM cannot hold: the merged model is the "
+            "global policy (backbone + shared LoRA); load the full client model with fedpdpo.load_personalized",
+            cm.client_id,
+        )
+        kind = "global"
+    else:
+        if "head" in local:
+            merged.config.tie_word_embeddings = False
+            head = local["head"].weight.detach().cpu().clone()
+            merged.get_output_embeddings().weight = torch.nn.Parameter(head, requires_grad=False)
+        kind = "personalized"
+    merged.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return kind

@@ -1,0 +1,115 @@
+"""Sample from and score with a client's personalized model.
+
+Generation runs the same path as training, token by token with a KV cache:
+``decoder (+ shared LoRA) -> bottleneck adapter -> personalized head``. Two comparison policies use the same loop:
+``global`` (decoder + shared LoRA, original head: what every client shares) and ``base`` (the frozen backbone,
+LoRA off: the reference policy). Prompts are rendered with the tokenizer's chat template, as in training.
+
+Scoring gives both rewards FedPDPO learns: the *implicit* DPO reward ``beta * (log pi(y|x) - log pi_ref(y|x))`` and
+the *explicit* reward head's ``r(x, y)``, computed exactly as in training (same tokenization and truncation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from fedpdpo.data.tokenize import PairBatch, PairTokenizer, TokenizedPair, collate
+from fedpdpo.export import ClientModel
+
+Variant = Literal["personalized", "global", "base"]
+VARIANTS: tuple[Variant, ...] = ("personalized", "global", "base")
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.7  # 0 = greedy
+    top_p: float = 0.9
+    seed: int = 0
+
+
+def sample_token(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
+    """One token id from ``logits`` [V]: greedy at temperature 0, else nucleus (top-p) sampling."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        keep = sorted_probs.cumsum(0) - sorted_probs < top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs.cpu(), 1, generator=gen))
+
+
+def _device(cm: ClientModel) -> torch.device:
+    return next(cm.model.parameters()).device
+
+
+@torch.no_grad()
+def generate(cm: ClientModel, prompt: str, variant: Variant = "personalized", sampling: SamplingConfig | None = None):
+    """Sample a response to ``prompt`` from the client's ``variant`` policy; returns the decoded text."""
+    sampling = sampling or SamplingConfig()
+    model, tokenizer = cm.model, cm.tokenizer
+    prompt_ids = PairTokenizer(tokenizer, 1 << 30, 1 << 30).prompt_ids(prompt)
+    device = _device(cm)
+    gen = torch.Generator().manual_seed(sampling.seed)
+    personal = variant == "personalized"
+    head = model.local["head"].weight if personal and "head" in model.local else model.ref_head_weight
+    adapter = model.local["adapter"] if personal and "adapter" in model.local else None
+    stop = {tokenizer.eos_token_id} - {None}
+    new_ids: list[int] = []
+    ids = torch.tensor([prompt_ids], device=device)
+    cache = None
+    ctx = model.peft.disable_adapter() if variant == "base" else contextlib.nullcontext()
+    with ctx:
+        for _ in range(sampling.max_new_tokens):
+            out = model.decoder(input_ids=ids, cache=cache, use_cache=True)
+            cache = out.cache
+            hidden = out.last_hidden_state[:, -1]
+            if adapter is not None:
+                hidden = adapter(hidden)
+            token = sample_token((hidden @ head.T)[0], sampling.temperature, sampling.top_p, gen)
+            if token in stop:
+                break
+            new_ids.append(token)
+            ids = torch.tensor([[token]], device=device)
+    return tokenizer.decode(new_ids, skip_special_tokens=True)
+
+
+@dataclass
+class ResponseScore:
+    response: str
+    logp: float  # summed log-prob of the response under the personalized policy
+    ref_logp: float  # ... under the reference policy (frozen backbone)
+    implicit: float  # beta * (logp - ref_logp): DPO's implicit reward
+    explicit: float | None  # the client's reward head; None when the method has no reward head
+    n_tokens: int  # response tokens scored (after truncation to the run's max_length)
+
+
+@torch.no_grad()
+def score(cm: ClientModel, prompt: str, responses: list[str]) -> list[ResponseScore]:
+    """Implicit and explicit rewards of each response to ``prompt`` under the client's model."""
+    pair_tok = PairTokenizer(cm.tokenizer, cm.max_length, cm.max_prompt_length)
+    prompt_ids = tuple(pair_tok.prompt_ids(prompt))
+    budget = cm.max_length - len(prompt_ids)
+    pairs = []
+    for i, text in enumerate(responses):
+        ids = tuple(pair_tok.response_ids(text, budget))
+        pairs.append(TokenizedPair(i, prompt_ids, ids, ids))
+    full = collate(pairs, pair_tok.pad_id)
+    n = len(responses)
+    # collate lays out [chosen..., rejected...]; both halves are the same responses here, so score one half
+    batch = PairBatch(full.index, full.input_ids[:n], full.attention_mask[:n], full.response_mask[:n])
+    batch = batch.to(_device(cm))
+    out = cm.model(batch)
+    ref = cm.model.reference_logps(batch)
+    rows = []
+    for i, text in enumerate(responses):
+        logp, ref_logp = float(out.logps[i]), float(ref[i])
+        explicit = None if out.rewards is None else float(out.rewards[i])
+        rows.append(ResponseScore(text, logp, ref_logp, cm.beta * (logp - ref_logp), explicit, int(out.n_tokens[i])))
+    return rows

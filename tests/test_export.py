@@ -1,0 +1,190 @@
+"""Export to PEFT and back: the exported adapter and local modules reproduce the trained client's log-probs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import TINY_CONFIG, TINY_DATA
+from fedpdpo.config import load_config
+from fedpdpo.data import PairTokenizer, collate, load_records
+from fedpdpo.errors import FedPDPOError
+from fedpdpo.export import export_client, load_from_run, load_personalized
+from fedpdpo.model.backbone import load_backbone
+from fedpdpo.model.policy import response_logps
+
+
+def _train(tmp_path_factory, name: str, overrides: list[str]):
+    from fedpdpo.engines.inprocess import run_inprocess
+
+    cfg = load_config(TINY_CONFIG, ["rounds=1", "local_steps=3", *overrides])
+    out = tmp_path_factory.mktemp(name)
+    run_inprocess(cfg, out, quiet=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return _train(tmp_path_factory, "run", [])
+
+
+@pytest.fixture(scope="module")
+def run_no_adapter(tmp_path_factory):
+    return _train(tmp_path_factory, "run_noadapter", ["method.adapter=false"])
+
+
+@pytest.fixture(scope="module")
+def batch():
+    records, _ = load_records(TINY_DATA)
+    tok = PairTokenizer(load_backbone("tiny")[1], max_length=64, max_prompt_length=16)
+    return collate([tok(i, r) for i, r in enumerate(records[:4])], tok.pad_id)
+
+
+def hf_logps(causal_lm, batch) -> torch.Tensor:
+    """Summed response log-probs from a plain Hugging Face causal LM's full logits (independent of fedpdpo)."""
+    with torch.no_grad():
+        logits = causal_lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+    token_logps = torch.log_softmax(logits[:, :-1], -1).gather(2, batch.input_ids[:, 1:, None]).squeeze(2)
+    return (token_logps * batch.response_mask[:, 1:]).sum(1)
+
+
+def global_logps(cm, batch) -> torch.Tensor:
+    """The global policy inside FedPDPOModel: backbone + shared LoRA + original head, no local modules."""
+    with torch.no_grad():
+        hidden = cm.model._hidden(batch)
+        return response_logps(hidden, batch.input_ids, batch.response_mask, cm.model.ref_head_weight)[0]
+
+
+def test_run_dir_holds_the_final_global_lora(run_dir):
+    from safetensors.torch import load_file
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    tensors = load_file(run_dir / "global.safetensors")
+    assert sorted(tensors) == summary["communication"]["shared_parameters"]
+    assert any(".lora_B." in n and t.abs().sum() > 0 for n, t in tensors.items()), "LoRA B never moved from zero"
+
+
+def test_peft_from_pretrained_reproduces_global_policy(run_dir, batch, tmp_path):
+    from peft import PeftModel
+
+    adir = tmp_path / "adapter"
+    export_client(run_dir, 1, adir)
+    assert (adir / "adapter_config.json").is_file() and (adir / "adapter_model.safetensors").is_file()
+    config = json.loads((adir / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+
+    base = load_backbone("tiny")[0]
+    base_logps = hf_logps(base, batch)
+    peft_model = PeftModel.from_pretrained(base, adir)
+    peft_logps = hf_logps(peft_model, batch)
+    ours = global_logps(load_from_run(run_dir, 1), batch)
+    torch.testing.assert_close(peft_logps, ours, atol=1e-4, rtol=1e-5)
+    assert (peft_logps - base_logps).abs().max() > 1e-3, "the adapter changed nothing; the test would prove nothing"
+
+
+def test_adapter_loads_on_saved_base_dir(run_dir, batch, tmp_path):
+    """A tiny export carries its base model, so plain transformers + PEFT load it without fedpdpo."""
+    from peft import AutoPeftModelForCausalLM
+
+    adir = tmp_path / "adapter"
+    export_client(run_dir, 0, adir)
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(adir)
+    torch.testing.assert_close(
+        hf_logps(peft_model, batch), global_logps(load_from_run(run_dir, 0), batch), atol=1e-4, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("client", [0, 1])
+def test_round_trip_export_load_identical_logps(run_dir, batch, tmp_path, client):
+    from fedpdpo.engines.setup import build_model
+
+    adir = tmp_path / "adapter"
+    export_client(run_dir, client, adir)
+    trained = load_from_run(run_dir, client)
+    loaded = load_personalized(adir)
+    assert loaded.client_id == client and loaded.beta == trained.beta
+    with torch.no_grad():
+        want, got = trained.model(batch), loaded.model(batch)
+        untrained = build_model(load_config(run_dir / "config.toml"))[0](batch)
+    assert torch.equal(got.logps, want.logps)
+    assert torch.equal(got.rewards, want.rewards)
+    assert not torch.allclose(untrained.logps, want.logps), "training changed nothing; the test would prove nothing"
+
+
+def test_clients_export_their_own_local_modules(run_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    for c in (0, 1):
+        export_client(run_dir, c, tmp_path / f"c{c}")
+    a, b = (load_file(tmp_path / f"c{c}" / "local_modules.safetensors") for c in (0, 1))
+    assert sorted(a) == [
+        "adapter.down.bias",
+        "adapter.down.weight",
+        "adapter.gate",
+        "adapter.up.bias",
+        "adapter.up.weight",
+        "head.weight",
+        "reward_head.score.bias",
+        "reward_head.score.weight",
+    ]
+    assert not torch.equal(a["reward_head.score.weight"], b["reward_head.score.weight"])
+    # the shared LoRA is the same global one for both clients
+    assert (
+        load_file(tmp_path / "c0" / "adapter_model.safetensors").keys()
+        == load_file(tmp_path / "c1" / "adapter_model.safetensors").keys()
+    )
+
+
+def test_merged_with_adapter_is_the_global_policy(run_dir, batch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    result = export_client(run_dir, 0, tmp_path / "a", merged=True)
+    assert result.merged == "global"
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "merged")
+    torch.testing.assert_close(
+        hf_logps(merged, batch), global_logps(load_from_run(run_dir, 0), batch), atol=1e-4, rtol=1e-5
+    )
+
+
+def test_merged_without_adapter_is_the_personalized_policy(run_no_adapter, batch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    result = export_client(run_no_adapter, 1, tmp_path / "a", merged=True)
+    assert result.merged == "personalized"
+    assert json.loads((tmp_path / "a" / "fedpdpo_client.json").read_text())["merged"] == "personalized"
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "merged")
+    with torch.no_grad():
+        personalized = load_from_run(run_no_adapter, 1).model(batch).logps
+    torch.testing.assert_close(hf_logps(merged, batch), personalized, atol=1e-4, rtol=1e-5)
+    # the personalized head is its own tensor, no longer tied to the input embeddings
+    assert not torch.equal(merged.get_output_embeddings().weight, merged.get_input_embeddings().weight)
+
+
+def test_export_errors_are_one_line_user_errors(run_dir, tmp_path):
+    with pytest.raises(FedPDPOError, match=r"clients 0\.\.1"):
+        export_client(run_dir, 5, tmp_path / "x")
+    with pytest.raises(FedPDPOError, match=r"no config\.toml"):
+        export_client(tmp_path, 0, tmp_path / "y")
+    export_client(run_dir, 0, tmp_path / "z")
+    with pytest.raises(FedPDPOError, match="not empty"):
+        export_client(run_dir, 0, tmp_path / "z")
+    with pytest.raises(FedPDPOError, match="fedpdpo export"):
+        load_personalized(tmp_path)
+
+
+def test_export_cli(run_dir, tmp_path, capsys):
+    from fedpdpo.cli import main
+
+    assert main(["export", "--run", str(run_dir), "--client", "1", "--out", str(tmp_path / "a")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert "adapter_model.safetensors" in printed["files"] and printed["merged"] is None
+    assert main(["export", "--run", str(run_dir), "--client", "9", "--out", str(tmp_path / "b")]) == 2
+
+
+def test_load_personalized_is_exported_at_package_level():
+    import fedpdpo
+    from fedpdpo import export
+
+    assert fedpdpo.load_personalized is export.load_personalized
