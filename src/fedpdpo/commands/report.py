@@ -1,0 +1,27 @@
+"""``fedpdpo report``: rebuild comparison.json, report.md and plots from finished runs."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fedpdpo.errors import FedPDPOError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    rep = sub.add_parser("report", help="rebuild a comparison report from finished run directories")
+    rep.add_argument("runs", nargs="+", help="run directories, or directories holding runs (searched recursively)")
+    rep.add_argument("--out", help="where to write the report (default: the only RUN_DIR given)")
+    rep.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedpdpo.report.compare import find_runs, write_report
+
+    if args.out is None and len(args.runs) > 1:
+        raise FedPDPOError("several run directories given: say where the report goes with --out")
+    out = Path(args.out or args.runs[0])
+    runs = find_runs(args.runs)
+    write_report(runs, out)
+    print(out / "report.md")
+    return 0

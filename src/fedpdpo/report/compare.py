@@ -1,0 +1,284 @@
+"""Fair comparison of algorithms: run every algorithm x seed on one config, then aggregate and report.
+
+Fairness comes from construction: every run starts from the same config file and overrides, and differs only in
+``algorithm`` and ``seed``; each strategy's ``configure`` switches its own modules. The report re-checks this
+from the runs' saved ``config.toml`` (data, partition, model, LoRA, optimizer and the total number of local steps
+must match across algorithms) and lists any difference, so a report built from mixed runs says so.
+
+Layout: ``OUT/<algorithm>/seed<k>/`` holds one ordinary run (config.toml, metrics.jsonl, summary.json);
+``OUT/comparison.json``, ``OUT/report.md`` and ``OUT/*.png`` are the aggregate. A run whose ``summary.json``
+exists is finished and skipped, so an interrupted comparison is resumed by running the same command again.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import statistics
+import time
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedpdpo.config import RunConfig, config_to_dict, load_config
+from fedpdpo.errors import FedPDPOError
+from fedpdpo.strategies import get_strategy
+
+log = logging.getLogger(__name__)
+
+#: Config keys that must be equal across every run of a comparison (``local_steps`` is compared as a budget).
+FAIRNESS_KEYS = (
+    "model",
+    "num_clients",
+    "rounds",
+    "batch_size",
+    "max_length",
+    "lr",
+    "beta",
+    "lora",
+    "data",
+    "partition",
+)
+
+
+@dataclass
+class Run:
+    """One finished run: its directory, summary and saved (strategy-configured) config."""
+
+    path: Path
+    summary: dict[str, Any]
+    config: dict[str, Any]
+
+    @property
+    def algorithm(self) -> str:
+        return str(self.summary["algorithm"])
+
+    @property
+    def seed(self) -> int:
+        return int(self.summary["seed"])
+
+    @property
+    def clients_per_round(self) -> int:
+        return max(1, round(self.config["client_fraction"] * self.config["num_clients"]))
+
+    @property
+    def step_budget(self) -> int:
+        """Total local gradient steps of the run, summed over clients (equal across algorithms by design)."""
+        return self.config["local_steps"] * self.clients_per_round * self.config["rounds"]
+
+
+def run_dir(out: Path, algorithm: str, seed: int) -> Path:
+    return out / algorithm / f"seed{seed}"
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def with_run(cfg: RunConfig, algorithm: str, seed: int) -> RunConfig:
+    """The comparison's config for one run: only ``algorithm`` and ``seed`` change."""
+    run_cfg = copy.deepcopy(cfg)
+    run_cfg.algorithm, run_cfg.seed = algorithm, seed
+    return run_cfg
+
+
+def load_run(path: Path) -> Run:
+    summary_path = path / "summary.json"
+    if not summary_path.is_file():
+        raise FedPDPOError(f"{path} is not a finished run (no summary.json)")
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    config_path = path / "config.toml"
+    config = tomllib.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    return Run(path, summary, config)
+
+
+def find_runs(paths: Sequence[str | Path]) -> list[Run]:
+    """Finished runs in ``paths``: each path is a run directory or a directory holding runs (searched recursively)."""
+    found: dict[Path, Run] = {}
+    for p in map(Path, paths):
+        if not p.is_dir():
+            raise FedPDPOError(f"{p} is not a directory")
+        summaries = [p / "summary.json"] if (p / "summary.json").is_file() else sorted(p.rglob("summary.json"))
+        for s in summaries:
+            found[s.parent.resolve()] = load_run(s.parent)
+    if not found:
+        raise FedPDPOError(f"no finished runs (summary.json) under {', '.join(map(str, paths))}")
+    return list(found.values())
+
+
+def check_stale(path: Path, expected: RunConfig) -> None:
+    """Refuse to reuse a finished run whose saved config differs from what this comparison would run."""
+    saved = _flatten(tomllib.loads((path / "config.toml").read_text(encoding="utf-8")))
+    want = _flatten(config_to_dict(expected))
+    diff = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
+    if diff:
+        raise FedPDPOError(
+            f"{path} holds a finished run with a different config ({', '.join(diff[:5])}); "
+            "use a new --out directory or delete that run"
+        )
+
+
+def run_comparison(
+    config: str | Path,
+    algorithms: Sequence[str],
+    seeds: Sequence[int],
+    out: str | Path,
+    overrides: Sequence[str] = (),
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Run (or skip, when finished) every algorithm x seed, then write comparison.json, report.md and plots."""
+    from fedpdpo.engines.inprocess import run_inprocess
+
+    out = Path(out).resolve()
+    base = load_config(config, list(overrides))
+    for algo in algorithms:
+        get_strategy(algo)  # unknown names fail before anything runs
+    jobs = [(a, s) for a in algorithms for s in seeds]
+    for i, (algo, seed) in enumerate(jobs, 1):
+        path = run_dir(out, algo, seed)
+        if (path / "summary.json").is_file():
+            check_stale(path, get_strategy(algo).configure(with_run(base, algo, seed)))
+            log.info("[%d/%d] %s seed %d: finished earlier, skipped", i, len(jobs), algo, seed)
+            continue
+        start = time.perf_counter()
+        # a directory without summary.json is an interrupted run: start it again from scratch
+        summary = run_inprocess(with_run(base, algo, seed), path, quiet=quiet, overwrite=True)
+        log.info(
+            "[%d/%d] %s seed %d: mean accuracy %.4f (%.0f s)",
+            i,
+            len(jobs),
+            algo,
+            seed,
+            summary["mean_accuracy"],
+            time.perf_counter() - start,
+        )
+    runs = [load_run(run_dir(out, a, s)) for a, s in jobs]
+    return write_report(runs, out)
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _by_round(runs: Sequence[Run]) -> tuple[dict[str, float], dict[str, float]]:
+    rounds = sorted({int(r) for run in runs for r in run.summary["mean_accuracy_by_round"]})
+    mean, std = {}, {}
+    for r in rounds:
+        vals = [
+            run.summary["mean_accuracy_by_round"][str(r)]
+            for run in runs
+            if str(r) in run.summary["mean_accuracy_by_round"]
+        ]
+        mean[str(r)], std[str(r)] = _mean_std(vals)
+    return mean, std
+
+
+def _group_mean(runs: Sequence[Run], conflict: bool) -> float | None:
+    """Mean over seeds of the mean accuracy of the clients with (or without) swapped preferences."""
+    per_seed = []
+    for run in runs:
+        values = [c["accuracy"] for c in run.summary["clients"] if bool(c.get("conflict")) == conflict]
+        if values:
+            per_seed.append(statistics.fmean(values))
+    return statistics.fmean(per_seed) if per_seed else None
+
+
+def summarize_algorithm(runs: Sequence[Run]) -> dict[str, Any]:
+    """Mean and std over seeds of the headline numbers of one algorithm."""
+    runs = sorted(runs, key=lambda r: r.seed)
+    acc_mean, acc_std = _mean_std([r.summary["mean_accuracy"] for r in runs])
+    implicit = [statistics.fmean(c["accuracy_implicit"] for c in r.summary["clients"]) for r in runs]
+    imp_mean, imp_std = _mean_std(implicit)
+    round0 = [r.summary["mean_accuracy_round0"] for r in runs if r.summary.get("mean_accuracy_round0") is not None]
+    n_clients = len(runs[0].summary["clients"])
+    per_client = [[r.summary["clients"][c]["accuracy"] for r in runs] for c in range(n_clients)]
+    by_round_mean, by_round_std = _by_round(runs)
+    first = runs[0]
+    comm = first.summary["communication"]
+    per_round_bytes = comm["uplink_bytes_per_client_round"] + comm["downlink_bytes_per_client_round"]
+    times = [float(r.summary["time_s"]) for r in runs]
+    return {
+        "seeds": [r.seed for r in runs],
+        "runs": [str(r.path) for r in runs],
+        "eval_score": first.summary.get("eval_score"),
+        "mean_accuracy": acc_mean,
+        "std_accuracy": acc_std,
+        "mean_accuracy_implicit": imp_mean,
+        "std_accuracy_implicit": imp_std,
+        "mean_accuracy_round0": statistics.fmean(round0) if round0 else None,
+        "per_client_accuracy": [statistics.fmean(v) for v in per_client],
+        "per_client_accuracy_std": [_mean_std(v)[1] for v in per_client],
+        "per_client_accuracy_by_seed": {str(r.seed): [c["accuracy"] for c in r.summary["clients"]] for r in runs},
+        # which client conflicts depends on the seed, so per-client means mix roles; these two do not
+        "accuracy_conflict_clients": _group_mean(runs, conflict=True),
+        "accuracy_other_clients": _group_mean(runs, conflict=False),
+        "clients": [
+            {k: c[k] for k in ("id", "n_train", "n_test", "domains") if k in c}
+            | {"conflict_in_seeds": [r.seed for r in runs if r.summary["clients"][i].get("conflict")]}
+            for i, c in enumerate(first.summary["clients"])
+        ],
+        "accuracy_by_round": by_round_mean,
+        "accuracy_by_round_std": by_round_std,
+        "shared_tensors": len(comm["shared_parameters"]),
+        "uplink_bytes_per_client_round": comm["uplink_bytes_per_client_round"],
+        "communication_bytes_total": per_round_bytes * first.clients_per_round * first.config.get("rounds", 0),
+        "step_budget": first.step_budget,
+        "time_s_mean": statistics.fmean(times),
+        "time_s_total": sum(times),
+    }
+
+
+def fairness_differences(runs: Sequence[Run]) -> list[str]:
+    """Settings that differ between runs but should not (empty when the comparison is fair)."""
+    problems = []
+    for key in (*FAIRNESS_KEYS, "step_budget"):
+        values: dict[str, list[str]] = {}
+        for run in runs:
+            value = run.step_budget if key == "step_budget" else run.config.get(key)
+            values.setdefault(json.dumps(value, sort_keys=True), []).append(f"{run.algorithm}/seed{run.seed}")
+        if len(values) > 1:
+            detail = "; ".join(f"{v} in {', '.join(who)}" for v, who in values.items())
+            problems.append(f"{key} differs: {detail}")
+    return problems
+
+
+def build_comparison(runs: Sequence[Run]) -> dict[str, Any]:
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.algorithm, []).append(run)
+    algorithms = {name: summarize_algorithm(group) for name, group in groups.items()}
+    ranking = sorted(algorithms, key=lambda a: (-algorithms[a]["mean_accuracy"], a))
+    first = max(runs, key=lambda r: r.clients_per_round).config  # not centralized's rescaled local_steps
+    return {
+        "setup": {k: first.get(k) for k in (*FAIRNESS_KEYS, "local_steps")},
+        "ranking": ranking,
+        "algorithms": algorithms,
+        "fairness_differences": fairness_differences(runs),
+    }
+
+
+def write_report(runs: Sequence[Run], out: str | Path) -> dict[str, Any]:
+    """Write ``comparison.json``, the PNG plots and ``report.md`` for ``runs`` into ``out``."""
+    from fedpdpo.report.markdown import render_report
+    from fedpdpo.report.plots import plot_accuracy_by_round, plot_per_client
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    comparison = build_comparison(runs)
+    plots = {
+        "accuracy_by_round": plot_accuracy_by_round(comparison, out / "accuracy_by_round.png"),
+        "per_client_accuracy": plot_per_client(comparison, out / "per_client_accuracy.png"),
+    }
+    comparison["plots"] = {k: p.name for k, p in plots.items()}
+    (out / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n", encoding="utf-8")
+    (out / "report.md").write_text(render_report(comparison), encoding="utf-8")
+    return comparison

@@ -1,0 +1,93 @@
+"""``report.md`` of a comparison: setup, ranked table, per-client table, fairness check, plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _pct(value: float | None, std: float | None = None) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _setup_lines(setup: dict[str, Any]) -> list[str]:
+    data, part, lora = setup.get("data") or {}, setup.get("partition") or {}, setup.get("lora") or {}
+    files = [Path(p).name for p in [data.get("path", ""), *data.get("extra_paths", [])] if p]
+    return [
+        f"- model: `{setup.get('model')}`; LoRA r={lora.get('r')} alpha={lora.get('alpha')} on "
+        f"{', '.join(lora.get('target_modules', []))} "
+        f"({'last ' + str(lora['last_n_layers']) if lora.get('last_n_layers') else 'all'} layers)",
+        f"- data: {', '.join(files)}; {setup.get('num_clients')} clients, partition `{part.get('method')}`, "
+        f"conflict fraction {part.get('conflict_fraction')}; at most {data.get('max_train_per_client') or 'all'} "
+        f"train / {data.get('max_test_per_client') or 'all'} test pairs per client",
+        f"- training: {setup.get('rounds')} rounds x {setup.get('local_steps')} local steps x batch "
+        f"{setup.get('batch_size')}, lr {setup.get('lr')}, beta {setup.get('beta')}, "
+        f"max_length {setup.get('max_length')}",
+    ]
+
+
+def _conflict_mark(client: dict[str, Any], n_seeds: int) -> str:
+    n = len(client.get("conflict_in_seeds", []))
+    return "" if n == 0 else "*" if n == n_seeds else "~"
+
+
+def render_report(comparison: dict[str, Any]) -> str:
+    algos = comparison["algorithms"]
+    lines = ["# Comparison report", "", *_setup_lines(comparison["setup"]), ""]
+    lines += [
+        "Accuracy = held-out pairwise preference accuracy (chosen ranked above rejected, by each algorithm's own "
+        "score), averaged over clients after the last round, then mean ± std over seeds. The implicit column ranks "
+        "by the DPO implicit reward for every algorithm.",
+        "",
+        "| rank | algorithm | accuracy % | implicit-reward acc. % | round 0 % | conflict clients % | "
+        "other clients % | per-client % | seeds | sent per client-round | total traffic | time per run (s) |",
+        "|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for rank, name in enumerate(comparison["ranking"], 1):
+        a = algos[name]
+        per_client = " / ".join(
+            f"{100 * v:.1f}" + _conflict_mark(c, len(a["seeds"]))
+            for v, c in zip(a["per_client_accuracy"], a["clients"], strict=True)
+        )
+        lines.append(
+            f"| {rank} | {name} | {_pct(a['mean_accuracy'], a['std_accuracy'])} | "
+            f"{_pct(a['mean_accuracy_implicit'], a['std_accuracy_implicit'])} | {_pct(a['mean_accuracy_round0'])} | "
+            f"{_pct(a['accuracy_conflict_clients'])} | {_pct(a['accuracy_other_clients'])} | "
+            f"{per_client} | {len(a['seeds'])} | {_bytes(a['uplink_bytes_per_client_round'])} | "
+            f"{_bytes(a['communication_bytes_total'])} | {a['time_s_mean']:.0f} |"
+        )
+    lines += [
+        "",
+        "Per-client values are means over seeds by client id; `*` marks a client with swapped (conflicting) "
+        "preferences in every seed, `~` in some seeds only (the partition, and so the conflicting client, depends "
+        "on the seed; the conflict/other columns group clients by their role in each seed). Std is over seeds "
+        "(0 with one seed).",
+        "",
+    ]
+    problems = comparison["fairness_differences"]
+    lines += ["## Fairness check", ""]
+    if problems:
+        lines += ["These settings differ between runs, so the comparison is NOT like for like:", ""]
+        lines += [f"- {p}" for p in problems]
+    else:
+        lines.append(
+            "All runs share model, data, partition, LoRA, optimizer settings and the total number of local "
+            "gradient steps."
+        )
+    plots = comparison.get("plots", {})
+    if plots:
+        lines += ["", "## Plots", ""]
+        lines += [f"![{name}]({file})" for name, file in plots.items()]
+    lines += ["", "## Runs", ""]
+    for name in comparison["ranking"]:
+        lines += [f"- {name}: " + ", ".join(f"`{p}`" for p in algos[name]["runs"])]
+    return "\n".join(lines) + "\n"
