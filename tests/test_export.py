@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
+from tests.conftest import TINY_CONFIG, TINY_DATA
 
-from conftest import TINY_CONFIG, TINY_DATA
 from fedpdpo.config import load_config
 from fedpdpo.data import PairTokenizer, collate, load_records
 from fedpdpo.errors import FedPDPOError

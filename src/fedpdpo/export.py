@@ -32,13 +32,13 @@ from safetensors.torch import load_file, save_file
 
 from fedpdpo.client.state import ClientStore
 from fedpdpo.config import LoraSettings, MethodConfig, RunConfig, load_config
+from fedpdpo.engines.server import GLOBAL_FILE
 from fedpdpo.errors import FedPDPOError
 from fedpdpo.model.backbone import load_backbone
 from fedpdpo.model.policy import FedPDPOModel
 
 log = logging.getLogger(__name__)
 
-GLOBAL_FILE = "global.safetensors"  # written by engines.server.run_server
 EXPORT_INFO = "fedpdpo_client.json"
 LOCAL_FILE = "local_modules.safetensors"
 FORMAT = "fedpdpo-personalized"

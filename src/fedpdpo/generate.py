@@ -50,8 +50,10 @@ def _device(cm: ClientModel) -> torch.device:
 
 
 @torch.no_grad()
-def generate(cm: ClientModel, prompt: str, variant: Variant = "personalized", sampling: SamplingConfig | None = None):
-    """Sample a response to ``prompt`` from the client's ``variant`` policy; returns the decoded text."""
+def generate_ids(
+    cm: ClientModel, prompt: str, variant: Variant = "personalized", sampling: SamplingConfig | None = None
+) -> list[int]:
+    """Token ids of a response to ``prompt`` sampled from the client's ``variant`` policy (end token excluded)."""
     sampling = sampling or SamplingConfig()
     model, tokenizer = cm.model, cm.tokenizer
     prompt_ids = PairTokenizer(tokenizer, 1 << 30, 1 << 30).prompt_ids(prompt)
@@ -77,7 +79,14 @@ def generate(cm: ClientModel, prompt: str, variant: Variant = "personalized", sa
                 break
             new_ids.append(token)
             ids = torch.tensor([[token]], device=device)
-    return tokenizer.decode(new_ids, skip_special_tokens=True)
+    return new_ids
+
+
+def generate(
+    cm: ClientModel, prompt: str, variant: Variant = "personalized", sampling: SamplingConfig | None = None
+) -> str:
+    """The decoded text of :func:`generate_ids`."""
+    return cm.tokenizer.decode(generate_ids(cm, prompt, variant, sampling), skip_special_tokens=True)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""``fedpdpo data validate``: check data files without training."""
+"""``fedpdpo data validate`` and ``fedpdpo data inspect``: check and describe data files without training."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     validate = data_sub.add_parser("validate", help="check data files; prints FILE:LINE: problem lines")
     validate.add_argument("files", nargs="+")
     validate.set_defaults(func=cmd_validate)
+    register_inspect(data_sub)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -27,3 +28,44 @@ def cmd_validate(args: argparse.Namespace) -> int:
         else:
             print(f"{path}: ok", file=sys.stderr)
     return status
+
+
+def register_inspect(data_sub: argparse._SubParsersAction) -> None:
+    inspect = data_sub.add_parser(
+        "inspect",
+        help="counts, token lengths, domains, duplicates, problems and a partition preview of a data file",
+        description="Describe a preference data file before training. Validation is the same as in training; "
+        "with --partition CONFIG the file is partitioned as that config would (its data.path replaced by FILE).",
+    )
+    inspect.add_argument("file", help="JSONL, parquet or Hugging Face datasets directory")
+    inspect.add_argument("--partition", metavar="CONFIG", help="TOML run config whose partition to preview")
+    inspect.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    inspect.add_argument("--model", help="whose tokenizer counts tokens (default: the config's model, else smollm2)")
+    inspect.add_argument("--json", metavar="PATH", help="also write the report as JSON ('-' for stdout only)")
+    inspect.set_defaults(func=cmd_inspect)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+
+    from fedpdpo.config import load_config
+    from fedpdpo.data.inspect import inspect_data, render_report
+    from fedpdpo.errors import ConfigError
+    from fedpdpo.model.backbone import load_backbone
+
+    if args.set and not args.partition:
+        raise ConfigError("--set needs --partition CONFIG")
+    cfg = load_config(args.partition, args.set) if args.partition else None
+    model = args.model or (cfg.model if cfg else "smollm2")
+    tokenizer = load_backbone(model)[1]
+    report = inspect_data(args.file, tokenizer, cfg) | {"tokenizer": model}
+    if args.json == "-":
+        print(json.dumps(report, indent=2))
+        return 0
+    Console().print(render_report(report))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(report, fh, indent=2)
+    return 0
