@@ -1,0 +1,63 @@
+"""Losses against hand computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fedpdpo.losses import dpo_loss, fedpdpo_objective, pairwise_accuracy, reward_bt_loss
+
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def test_dpo_sigmoid_matches_hand_computation():
+    # pair: log pi(w)=-10, log pi(l)=-12, log ref(w)=-11, log ref(l)=-11 -> h = (1) - (-1) = 2
+    losses, r_w, r_l = dpo_loss(
+        torch.tensor([-10.0]), torch.tensor([-12.0]), torch.tensor([-11.0]), torch.tensor([-11.0]), beta=0.5
+    )
+    assert losses.item() == pytest.approx(-math.log(sigmoid(0.5 * 2)))
+    assert r_w.item() == pytest.approx(0.5)
+    assert r_l.item() == pytest.approx(-0.5)
+
+
+def test_dpo_label_smoothing_and_ipo():
+    args = (torch.tensor([-10.0]), torch.tensor([-12.0]), torch.tensor([-11.0]), torch.tensor([-11.0]))
+    smoothed, _, _ = dpo_loss(*args, beta=0.5, label_smoothing=0.1)
+    expected = -0.9 * math.log(sigmoid(1.0)) - 0.1 * math.log(sigmoid(-1.0))
+    assert smoothed.item() == pytest.approx(expected)
+    ipo, _, _ = dpo_loss(*args, beta=0.5, loss_type="ipo")
+    assert ipo.item() == pytest.approx((2 - 1 / (2 * 0.5)) ** 2)
+    with pytest.raises(ValueError, match="loss_type"):
+        dpo_loss(*args, beta=0.5, loss_type="hinge-typo")
+
+
+def test_reward_bt_loss():
+    loss = reward_bt_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.0]))
+    assert loss.tolist() == pytest.approx([-math.log(sigmoid(1.0)), math.log(2.0)])
+
+
+def test_pairwise_accuracy_counts_ties_half():
+    assert pairwise_accuracy(torch.tensor([1.0, -1.0, 0.0, 2.0])).item() == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+
+
+def test_fedpdpo_objective_combines_terms_and_names_metrics_like_trl():
+    policy = torch.tensor([-10.0, -9.0, -12.0, -9.5])  # chosen x2, rejected x2
+    ref = torch.tensor([-11.0, -9.0, -11.0, -9.0])
+    rewards = torch.tensor([1.0, 0.5, -1.0, 0.5])
+    out = fedpdpo_objective(policy, ref, rewards, beta=0.1, reward_weight=2.0)
+    h = torch.tensor([1.0 - (-1.0), 0.0 - (-0.5)])
+    dpo = (-torch.nn.functional.logsigmoid(0.1 * h)).mean().item()
+    rm = (-torch.nn.functional.logsigmoid(torch.tensor([2.0, 0.0]))).mean().item()
+    assert out.loss.item() == pytest.approx(dpo + 2.0 * rm)
+    assert out.metrics["rewards/margins"] == pytest.approx((0.1 * h).mean().item())
+    assert out.metrics["rewards/accuracies"] == pytest.approx(1.0)
+    assert out.metrics["explicit/accuracies"] == pytest.approx(0.75)
+    for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "loss/dpo", "loss/reward"):
+        assert key in out.metrics
+    # without a reward head the objective is plain DPO
+    plain = fedpdpo_objective(policy, ref, None, beta=0.1, reward_weight=2.0)
+    assert plain.loss.item() == pytest.approx(dpo)
