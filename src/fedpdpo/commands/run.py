@@ -20,6 +20,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     run.add_argument("--on-bad-record", choices=["error", "skip"], help="what to do with invalid data records")
     run.add_argument("--quiet", action="store_true", help="no progress bar or tables")
+    run.add_argument(
+        "--json-logs", action="store_true", help="progress, round metrics and log records as JSON lines on stderr"
+    )
+    eng = run.add_argument_group("engine (docs/deployment.md)")
+    eng.add_argument(
+        "--engine",
+        choices=["inprocess", "flower-sim", "flower-deploy"],
+        default="inprocess",
+        help="inprocess (default); flower-sim: Flower's Ray simulation; flower-deploy: SuperLink + one SuperNode "
+        "per client on 127.0.0.1 (loopback launcher)",
+    )
+    eng.add_argument("--sim-cpus", type=float, default=1.0, help="flower-sim: CPUs per virtual client (Ray)")
+    eng.add_argument("--sim-gpus", type=float, default=0.0, help="flower-sim: GPUs per virtual client (Ray)")
+    eng.add_argument(
+        "--min-fit-replies", type=int, default=1, help="Flower engines: fewer accepted updates keep the old global"
+    )
+    eng.add_argument(
+        "--reply-timeout", type=float, default=0.0, help="flower-deploy: seconds to wait for a round's replies (0=none)"
+    )
+    eng.add_argument("--tls", action="store_true", help="flower-deploy loopback: TLS with a throw-away CA")
     run.set_defaults(func=cmd_run)
 
 
@@ -60,7 +80,33 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.on_bad_record:
             overrides.append(f'data.on_bad_record="{args.on_bad_record}"')
         cfg = load_config(args.config, overrides)
-    summary = run_inprocess(cfg, args.out, quiet=args.quiet, overwrite=args.overwrite, resume=bool(args.resume))
+    if args.json_logs:
+        from fedpdpo.report.progress import use_json_logs
+
+        use_json_logs()
+    if args.engine == "inprocess":
+        if cfg.privacy.clipping_norm > 0:
+            raise FedPDPOError(
+                "[privacy] (clipping and noise on the shared update) needs --engine flower-sim or flower-deploy"
+            )
+        summary = run_inprocess(cfg, args.out, quiet=args.quiet, overwrite=args.overwrite, resume=bool(args.resume))
+    else:
+        from fedpdpo.engines.flower import run_flower
+
+        if args.resume:
+            raise FedPDPOError(f"--resume works with --engine inprocess only, not {args.engine}")
+        summary = run_flower(
+            args.engine,
+            cfg,
+            args.out,
+            quiet=args.quiet,
+            overwrite=args.overwrite,
+            min_fit_replies=args.min_fit_replies,
+            reply_timeout=args.reply_timeout,
+            sim_cpus=args.sim_cpus,
+            sim_gpus=args.sim_gpus,
+            tls=args.tls,
+        )
     result = {
         "out": os.path.abspath(args.out),
         "algorithm": summary["algorithm"],
