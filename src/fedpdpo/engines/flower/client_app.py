@@ -1,0 +1,152 @@
+"""The Flower ClientApp: one fedpdpo client per SuperNode, running the same ``fit``/``evaluate`` as every engine.
+
+The node's partition comes from its node config (``partition-id``, set by the simulation engine or by
+``flower-supernode --node-config``). The client's private state (local modules, optimizer, reference log-probs) is
+kept by a :class:`ClientStore` on the node's own disk: under ``state-dir`` from the node config when given (real
+deployments), else under the directory the server names (simulation and loopback, where server and nodes share a
+disk). It is not kept in Flower's ``Context.state``: that context is shipped between the SuperNode and the
+ClientApp process with every message, and the personalized head alone is vocab x hidden floats.
+
+The loaded model and tokenized partition are cached per process (a Ray actor keeps its process for the whole
+simulation; a deployed SuperNode starts a fresh ClientApp process per message, so there the cache only saves work
+within one message).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.constant import ErrorCode
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+from fedpdpo.client.state import ClientStore
+from fedpdpo.client.trainer import ClientTask, evaluate, fit
+from fedpdpo.data import ClientData, build_clients
+from fedpdpo.engines.flower.records import (
+    ARRAYS,
+    CONFIG,
+    INFO,
+    KEY_NUM_EXAMPLES,
+    KEY_PARTITION,
+    KEY_ROUND,
+    KEY_RUN_CONFIG,
+    KEY_STATE_ROOT,
+    METRICS,
+    config_from_text,
+    numeric_metrics,
+    record_to_tensors,
+    tensors_to_record,
+)
+from fedpdpo.engines.setup import build_model, tokenize_clients
+from fedpdpo.errors import ConfigError
+from fedpdpo.model import FedPDPOModel
+from fedpdpo.strategies import get_strategy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NodeSetup:
+    """What one node needs to run its client: the model, its tokenized partition and the round-0 tensors."""
+
+    model: FedPDPOModel
+    client: ClientData
+    task: ClientTask
+    initial: dict[str, torch.Tensor]
+
+
+_CACHE: dict[tuple[str, int], NodeSetup] = {}
+
+
+def partition_id(context: Context) -> int:
+    if KEY_PARTITION not in context.node_config:
+        raise ConfigError(f"SuperNode has no '{KEY_PARTITION}' in its node config (--node-config 'partition-id=N')")
+    return int(context.node_config[KEY_PARTITION])
+
+
+def node_setup(cfg_text: str, pid: int) -> NodeSetup:
+    """Build (once per process and run config) the model and this partition's data; keeps one entry only."""
+    key = (cfg_text, pid)
+    if key not in _CACHE:
+        _CACHE.clear()
+        cfg = config_from_text(cfg_text)
+        if not 0 <= pid < cfg.num_clients:
+            raise ConfigError(f"partition-id {pid} is outside 0..{cfg.num_clients - 1} (num_clients)")
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        clients = get_strategy(cfg.algorithm).prepare_clients(build_clients(cfg)[0])
+        model, tokenizer = build_model(cfg)
+        (task,) = tokenize_clients([clients[pid]], tokenizer, cfg)
+        _CACHE[key] = NodeSetup(model, clients[pid], task, model.initial_tensors())
+    return _CACHE[key]
+
+
+def _store(context: Context, config: ConfigRecord) -> ClientStore:
+    return ClientStore(str(context.node_config.get("state-dir", config[KEY_STATE_ROOT])))
+
+
+def _unpack(msg: Message, context: Context):
+    config = msg.content.config_records[CONFIG]
+    pid = partition_id(context)
+    setup = node_setup(str(config[KEY_RUN_CONFIG]), pid)
+    shared = record_to_tensors(msg.content.array_records[ARRAYS])
+    return config, pid, setup, shared, config_from_text(str(config[KEY_RUN_CONFIG]))
+
+
+def dp_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's ``fixedclipping_mod`` when the server asks for clipping (the key is in the config), else a no-op.
+
+    The update (new shared - received shared) is clipped on the node, before it leaves, to L2 norm
+    ``privacy.clipping_norm``; the server adds the Gaussian noise (see ``privacy.py``).
+    """
+    config = msg.content.config_records.get(CONFIG)
+    if config is not None and KEY_CLIPPING_NORM in config:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp()
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server which partition (fedpdpo client id) this node holds."""
+    return Message(RecordDict({INFO: ConfigRecord({KEY_PARTITION: partition_id(context)})}), reply_to=msg)
+
+
+@app.train(mods=[dp_clipping_mod])
+def train(msg: Message, context: Context) -> Message:
+    config, pid, setup, shared, cfg = _unpack(msg, context)
+    server_round = int(config[KEY_ROUND])
+    store = _store(context, config)
+    state = store.load(pid, as_of_round=server_round - 1)
+    try:
+        result = fit(setup.model, setup.task, state, shared, setup.initial, cfg, server_round)
+    except FloatingPointError as exc:
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(exc)), reply_to=msg)
+    store.save(pid, result.state, server_round)
+    metrics = numeric_metrics(result.metrics)
+    metrics[KEY_NUM_EXAMPLES] = result.num_examples
+    content = RecordDict({ARRAYS: tensors_to_record(result.shared), METRICS: metrics})
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_(msg: Message, context: Context) -> Message:
+    config, pid, setup, shared, cfg = _unpack(msg, context)
+    store = _store(context, config)
+    state = store.load(pid, as_of_round=int(config[KEY_ROUND]))
+    had_reference = bool(state.reference)
+    metrics = evaluate(setup.model, setup.task, state, shared, setup.initial, cfg)
+    if not had_reference:
+        store.save_reference(pid, state.reference)  # computed once, then cached on the node
+    d = setup.client.describe()
+    info = ConfigRecord({"n_train": d["n_train"], "n_test": d["n_test"], "conflict": d["conflict"]})
+    info["domains"] = list(d["domains"])
+    return Message(RecordDict({METRICS: MetricRecord(metrics), INFO: info}), reply_to=msg)

@@ -1,0 +1,254 @@
+"""``--engine flower-deploy``: the Flower apps on real ``flower-superlink`` / ``flower-supernode`` processes.
+
+A real deployment runs one SuperLink (with the ServerApp) and one SuperNode per client, each on its own machine
+(docs/deployment.md gives the commands). :class:`LoopbackDeployment` starts the same processes on 127.0.0.1 with
+free ports so the whole path (Fleet API, SuperExec, ``flwr run``, one ClientApp process per message) can be tried
+and tested on one machine; every process it starts is stopped again on exit, also when the run fails. Loopback
+traffic never leaves the machine, so TLS is off by default there; ``tls=True`` runs it with a throw-away CA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import IO, Any
+
+import tomli_w
+
+from fedpdpo.config import RunConfig, save_config
+from fedpdpo.engines.flower.certs import TlsFiles, make_certs
+from fedpdpo.errors import FedPDPOError
+from fedpdpo.report.writer import prepare_out_dir
+
+CONNECTION = "fedpdpo"
+
+#: The Flower app ``flwr run`` submits: no code of its own (the components live in the installed fedpdpo package),
+#: only the components and the run config keys that the ServerApp reads (``ServerParams.from_run_config``).
+APP_PYPROJECT = {
+    "project": {
+        "name": "fedpdpo-flower",
+        "version": version("fedpdpo"),
+        "description": "fedpdpo (federated personalized preference alignment) on Flower",
+        "license": "Apache-2.0",
+        "dependencies": [f"fedpdpo=={version('fedpdpo')}"],
+    },
+    "tool": {
+        "flwr": {
+            "app": {
+                "publisher": "fedpdpo",
+                "components": {
+                    "serverapp": "fedpdpo.engines.flower.server_app:app",
+                    "clientapp": "fedpdpo.engines.flower.client_app:app",
+                },
+                "config": {
+                    "config": "",
+                    "out": "",
+                    "set": "",
+                    "engine": "flower-deploy",
+                    "overwrite": False,
+                    "min-fit-replies": 1,
+                    "reply-timeout": 0.0,
+                    "node-wait": 120.0,
+                },
+            }
+        }
+    },
+}
+
+
+def write_flower_app(directory: Path) -> Path:
+    """Write the Flower app project (a ``pyproject.toml``) that ``flwr run DIR`` builds and submits."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "pyproject.toml").write_text(tomli_w.dumps(APP_PYPROJECT), encoding="utf-8")
+    return directory
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise FedPDPOError(f"{proc.args[0]} exited with code {proc.returncode}; see {log}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise FedPDPOError(f"{proc.args[0]} did not open port {port} within {timeout:.0f} s; see {log}")
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """Offline, quiet Flower: no dependency installation, telemetry or update checks; a private FLWR_HOME."""
+    env = dict(os.environ)
+    env.update(
+        FLWR_HOME=str(flwr_home),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        HF_HUB_OFFLINE="1",
+    )
+    return env
+
+
+@dataclass
+class LoopbackDeployment:
+    """A SuperLink and ``num_nodes`` SuperNodes on 127.0.0.1 (node ``i`` holds partition ``i``)."""
+
+    workdir: Path
+    num_nodes: int
+    tls: bool = False
+    superlink_port: int = 0
+    node_ports: list[int] = field(default_factory=list)
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    certs: TlsFiles | None = None
+    _logs: list[IO[bytes]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.workdir = self.workdir.resolve()
+        self.flwr_home = self.workdir / "flwr_home"
+        self.env = flower_env(self.flwr_home)
+
+    def __enter__(self) -> LoopbackDeployment:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        log = (self.workdir / "logs" / f"{name}.log").open("ab")
+        self._logs.append(log)
+        # own process group: stopping it also stops the flwr-serverapp / flwr-clientapp processes it starts
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def _tls_args(self, role: str) -> list[str]:
+        if self.certs is None:
+            return ["--insecure"]
+        if role == "superlink":
+            c = self.certs
+            files = {"--ssl-certfile": c.server_cert, "--ssl-keyfile": c.server_key, "--ssl-ca-certfile": c.ca_cert}
+            return [a for flag, path in files.items() for a in (flag, str(path))]
+        return ["--root-certificates", str(self.certs.ca_cert)]
+
+    def start(self) -> None:
+        (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        if self.tls:
+            self.certs = make_certs(self.workdir / "certs")
+        self.superlink_port = free_port()
+        cmd = ["flower-superlink", *self._tls_args("superlink"), "--port", str(self.superlink_port)]
+        proc = self._spawn("superlink", [*cmd, "--disable-runtime-dependency-installation"])
+        wait_for_port(self.superlink_port, proc, self.workdir / "logs" / "superlink.log")
+        self.node_ports = [free_port() for _ in range(self.num_nodes)]
+        for i in range(self.num_nodes):
+            self.start_supernode(i)
+        self.write_connection()
+
+    def start_supernode(self, i: int) -> None:
+        """Start (or restart) the SuperNode of partition ``i``; a restarted node registers with a new node id."""
+        cmd = [
+            "flower-supernode",
+            *self._tls_args("supernode"),
+            "--superlink",
+            f"127.0.0.1:{self.superlink_port}",
+            "--port",
+            str(self.node_ports[i]),
+            "--node-config",
+            f"partition-id={i} num-partitions={self.num_nodes}",
+        ]
+        self._spawn(f"supernode-{i}", cmd)
+
+    def kill_supernode(self, i: int) -> None:
+        """SIGKILL the node and its ClientApp processes, as a machine crash would."""
+        self._stop(self.procs.pop(f"supernode-{i}"), signal.SIGKILL)
+
+    def write_connection(self) -> None:
+        conn: dict[str, Any] = {"address": f"127.0.0.1:{self.superlink_port}"}
+        if self.certs is None:
+            conn["insecure"] = True
+        else:
+            conn["root-certificates"] = str(self.certs.ca_cert)
+        doc = {"superlink": {"default": CONNECTION, CONNECTION: conn}}
+        (self.flwr_home / "config.toml").write_text(tomli_w.dumps(doc), encoding="utf-8")
+
+    def submit(self, run_config: dict[str, Any]) -> subprocess.Popen:
+        """``flwr run`` the fedpdpo app with ``run_config`` (streams the ServerApp log until the run ends)."""
+        app = write_flower_app(self.workdir / "app")
+        rc_file = self.workdir / "run_config.toml"
+        rc_file.write_text(tomli_w.dumps(run_config), encoding="utf-8")
+        cmd = ["flwr", "run", str(app), CONNECTION, "--run-config", str(rc_file), "--stream"]
+        return self._spawn("flwr-run", cmd)
+
+    @staticmethod
+    def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 10.0) -> None:
+        """Signal the process group, wait ``grace`` seconds, then SIGKILL whatever of the group is left."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def stop(self) -> None:
+        for name in sorted(self.procs, key=lambda n: n == "superlink"):  # nodes and flwr first, SuperLink last
+            self._stop(self.procs[name])
+        self.procs.clear()
+        for log in self._logs:
+            log.close()
+        self._logs.clear()
+
+
+def run_loopback(
+    cfg: RunConfig,
+    out: str | Path,
+    overwrite: bool = False,
+    tls: bool = False,
+    min_fit_replies: int = 1,
+    reply_timeout: float = 0.0,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """Run the job on a loopback deployment (logs in ``OUT/deploy/logs``); returns the summary."""
+    out = Path(out).resolve()
+    prepare_out_dir(out, overwrite=overwrite)
+    workdir = out / "deploy"
+    workdir.mkdir(exist_ok=True)
+    config_file = workdir / "run.toml"
+    save_config(cfg, config_file)
+    run_config = {
+        "config": str(config_file),
+        "out": str(out),
+        "engine": "flower-deploy",
+        "overwrite": True,  # checked above, before any process started
+        "min-fit-replies": min_fit_replies,
+        "reply-timeout": float(reply_timeout),
+    }
+    with LoopbackDeployment(workdir, cfg.num_clients, tls=tls) as dep:
+        proc = dep.submit(run_config)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise FedPDPOError(f"the deployment did not finish within {timeout} s; see {workdir / 'logs'}") from None
+    summary = out / "summary.json"
+    if not summary.is_file() or proc.returncode != 0:
+        logs = workdir / "logs"
+        raise FedPDPOError(f"the Flower deployment run failed (flwr run exit {proc.returncode}); see {logs}")
+    return json.loads(summary.read_text(encoding="utf-8"))

@@ -1,0 +1,235 @@
+"""The Flower ServerApp: fedpdpo's server loop (``engines/server.py``) with clients reached through a Flower Grid.
+
+:class:`GridTransport` is the only Flower-specific part of the server: it turns ``fit``/``evaluate`` calls into
+train/evaluate Messages (the shared tensors in one ArrayRecord), waits for the replies, and turns failures
+(error replies, timeouts, nodes that are gone) into failed :class:`FitReply` entries, which the server loop logs,
+records in metrics and leaves out of the aggregate. Which node holds which fedpdpo client is asked with a query
+message (the node answers with its ``partition-id``); nodes that join later, or come back after a crash with a new
+node id, are discovered the same way before each round.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid, ServerApp
+
+from fedpdpo.config import RunConfig, load_config
+from fedpdpo.engines.checkpoint import CLIENTS_DIR, clear_run_state
+from fedpdpo.engines.flower.privacy import clipping_config, with_privacy
+from fedpdpo.engines.flower.records import (
+    ARRAYS,
+    INFO,
+    KEY_NUM_EXAMPLES,
+    KEY_PARTITION,
+    METRICS,
+    config_text,
+    instruction,
+    record_to_tensors,
+)
+from fedpdpo.engines.server import EvalReply, FitReply, ServerSpec, run_server
+from fedpdpo.engines.setup import build_model
+from fedpdpo.errors import ConfigError
+from fedpdpo.model.backbone import resolve_model
+from fedpdpo.report.writer import prepare_out_dir, write_config
+from fedpdpo.strategies import get_strategy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerParams:
+    """What the ServerApp is told at launch (the Flower run config key of each, for ``flwr run``, in brackets)."""
+
+    cfg: RunConfig  # [config] path of the TOML file on the SuperLink machine; [set] space-separated overrides
+    out: str  # [out] run directory on the SuperLink machine
+    engine: str = "flower-deploy"  # [engine] recorded in summary.json
+    overwrite: bool = False  # [overwrite]
+    min_fit_replies: int = 1  # [min-fit-replies] fewer accepted updates: the round keeps the old global
+    reply_timeout: float = 0.0  # [reply-timeout] seconds to wait for one round's replies; 0 = no limit
+    node_wait: float = 120.0  # [node-wait] seconds to wait at the start for a node per client
+    quiet: bool = True
+
+    @classmethod
+    def from_run_config(cls, rc: dict[str, Any]) -> ServerParams:
+        if "config" not in rc or "out" not in rc:
+            raise ConfigError("the ServerApp needs run config keys 'config' (TOML path) and 'out' (run directory)")
+        return cls(
+            cfg=load_config(str(rc["config"]), str(rc.get("set", "")).split()),
+            out=str(rc["out"]),
+            engine=str(rc.get("engine", "flower-deploy")),
+            overwrite=bool(rc.get("overwrite", False)),
+            min_fit_replies=int(rc.get("min-fit-replies", 1)),
+            reply_timeout=float(rc.get("reply-timeout", 0.0)),
+            node_wait=float(rc.get("node-wait", 120.0)),
+        )
+
+
+#: Error codes meaning the node itself is unreachable (the SuperLink answers for it), not that its ClientApp failed.
+NODE_GONE = {ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE}
+
+
+def reply_error(msg: Message) -> str:
+    return f"{msg.error.code}: {msg.error.reason}" if msg.has_error() else ""
+
+
+class GridTransport:
+    """Reaches fedpdpo clients through a Flower Grid (Ray simulation, SuperLink, or the in-process grid)."""
+
+    def __init__(self, grid: Grid, cfg: RunConfig, state_root: Path, timeout: float | None) -> None:
+        self.grid = grid
+        self.cfg_text = config_text(cfg)
+        self.local_steps = cfg.local_steps
+        self.state_root = str(state_root)
+        self.timeout = timeout
+        self.extra = clipping_config(cfg)
+        self.node_of: dict[int, int] = {}  # fedpdpo client id -> node id
+        self.silent: set[int] = set()  # nodes that did not answer the partition query
+
+    def discover(self) -> None:
+        """Ask nodes not seen before which partition they hold; a newer node for a partition replaces the old."""
+        online = set(self.grid.get_node_ids())
+        self.node_of = {c: n for c, n in self.node_of.items() if n in online}
+        new = sorted(online - set(self.node_of.values()) - self.silent)
+        if not new:
+            return
+        query = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY, group_id="discover") for n in new]
+        answered = set()
+        for reply in self.grid.send_and_receive(query, timeout=self.timeout):
+            node = reply.metadata.src_node_id
+            answered.add(node)
+            if reply.has_error():
+                log.warning("node %d did not say its partition: %s", node, reply_error(reply))
+                continue
+            self.node_of[int(reply.content.config_records[INFO][KEY_PARTITION])] = node
+        self.silent |= set(new) - answered
+
+    def wait_for_clients(self, num_clients: int, patience: float, poll: float = 1.0) -> None:
+        """Wait up to ``patience`` seconds until a node answers for every client (nodes may start after the server).
+
+        Round 0 evaluates every client, so starting before all nodes are up would record avoidable failures; after
+        ``patience`` the run starts anyway and absent clients are reported as failed until their node joins.
+        """
+        deadline = time.monotonic() + patience
+        while True:
+            self.discover()
+            if len(self.node_of) >= num_clients or time.monotonic() >= deadline:
+                break
+            time.sleep(poll)
+        absent = sorted(set(range(num_clients)) - set(self.node_of))
+        if absent:
+            log.warning("starting without a node for client(s) %s after waiting %.0f s", absent, patience)
+
+    def _send(
+        self, kind: str, server_round: int, client_ids: list[int], shared: dict[str, torch.Tensor]
+    ) -> tuple[dict[int, Message], dict[int, str]]:
+        """Send to every reachable client; return the replies by client id and the reason for each missing one."""
+        self.discover()
+        missing = {c: "no SuperNode holds this partition" for c in client_ids if c not in self.node_of}
+        content = instruction(shared, self.cfg_text, server_round, self.state_root, self.extra)
+        by_node = {self.node_of[c]: c for c in client_ids if c in self.node_of}
+        msgs = [Message(content, dst_node_id=node, message_type=kind, group_id=str(server_round)) for node in by_node]
+        replies: dict[int, Message] = {}
+        gone = set(by_node)
+        for reply in self.grid.send_and_receive(msgs, timeout=self.timeout) if msgs else []:
+            node = reply.metadata.src_node_id
+            if node not in by_node:
+                continue
+            if reply.has_error():
+                missing[by_node[node]] = reply_error(reply)
+                if reply.error.code not in NODE_GONE:
+                    gone.discard(node)  # the ClientApp failed, the node is alive
+            else:
+                replies[by_node[node]] = reply
+                gone.discard(node)
+        for node in gone:  # timed out or unreachable: forget it; a restarted node joins with a new node id
+            missing.setdefault(by_node[node], f"no reply within {self.timeout} s")
+            self.node_of.pop(by_node[node], None)
+            self.silent.add(node)
+        return replies, missing
+
+    def fit(
+        self,
+        server_round: int,
+        client_ids: list[int],
+        shared: dict[str, torch.Tensor],
+        on_step: Callable[[float], None],
+    ) -> list[FitReply]:
+        replies, missing = self._send(MessageType.TRAIN, server_round, client_ids, shared)
+        out = []
+        for cid in client_ids:
+            if cid in missing:
+                out.append(FitReply(cid, 0, None, error=missing[cid]))
+                continue
+            content = replies[cid].content
+            metrics = {k: float(v) for k, v in content.metric_records[METRICS].items()}
+            n = int(metrics.pop(KEY_NUM_EXAMPLES))
+            for _ in range(self.local_steps):
+                on_step(metrics["loss"])
+            out.append(FitReply(cid, n, record_to_tensors(content.array_records[ARRAYS]), metrics))
+        return out
+
+    def evaluate(self, server_round: int, client_ids: list[int], shared: dict[str, torch.Tensor]) -> list[EvalReply]:
+        replies, missing = self._send(MessageType.EVALUATE, server_round, client_ids, shared)
+        for cid, why in sorted(missing.items()):
+            log.warning("round %d: no evaluation from client %d: %s", server_round, cid, why)
+        out = []
+        for cid, reply in sorted(replies.items()):
+            info: ConfigRecord = reply.content.config_records[INFO]
+            metrics: dict[str, Any] = dict(reply.content.metric_records[METRICS])
+            metrics |= {"n_train": int(info["n_train"]), "n_test": int(info["n_test"])}
+            metrics |= {"conflict": bool(info["conflict"]), "domains": list(info["domains"])}
+            out.append(EvalReply(cid, metrics))
+        return out
+
+
+def serve(grid: Grid, params: ServerParams) -> dict[str, Any]:
+    """Set up the server side (no client data needed: only the model, for the round-0 shared tensors) and run."""
+    out = Path(params.out).resolve()
+    prepare_out_dir(out, overwrite=params.overwrite)
+    clear_run_state(out)
+    strategy = get_strategy(params.cfg.algorithm)
+    cfg = strategy.configure(params.cfg)
+    cfg.validate()
+    write_config(out, cfg)
+    model, _ = build_model(cfg)
+    initial = model.initial_tensors()
+    shared = {n: initial[n].clone() for n in strategy.shared_names(list(initial))}
+    del model
+    spec = ServerSpec(
+        cfg, with_privacy(strategy, cfg), shared, resolve_model(cfg.model), params.engine, params.min_fit_replies
+    )
+    transport = GridTransport(grid, cfg, out / CLIENTS_DIR, params.reply_timeout or None)
+    transport.wait_for_clients(cfg.num_clients, params.node_wait)
+    return run_server(spec, transport, out, quiet=params.quiet)
+
+
+def make_server_app(
+    params: ServerParams | None = None, on_done: Callable[[dict[str, Any]], None] | None = None
+) -> ServerApp:
+    """A ServerApp bound to ``params`` (simulation, in-process grid) or reading them from the Flower run config.
+
+    ``on_done`` receives the summary: Flower's runners return nothing from the app, and a failed run must not look
+    like a finished one.
+    """
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        summary = serve(grid, params or ServerParams.from_run_config(dict(context.run_config)))
+        if on_done is not None:
+            on_done(summary)
+
+    return server_app
+
+
+#: The ServerApp of ``flwr run`` (deployment); its parameters come from ``--run-config``.
+app = make_server_app()
