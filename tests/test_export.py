@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from tests.conftest import TINY_CONFIG, TINY_DATA
 
 from fedpdpo.config import load_config
 from fedpdpo.data import PairTokenizer, collate, load_records
@@ -14,6 +13,7 @@ from fedpdpo.errors import FedPDPOError
 from fedpdpo.export import export_client, load_from_run, load_personalized
 from fedpdpo.model.backbone import load_backbone
 from fedpdpo.model.policy import response_logps
+from tests.conftest import TINY_CONFIG, TINY_DATA
 
 
 def _train(tmp_path_factory, name: str, overrides: list[str]):
@@ -188,3 +188,23 @@ def test_load_personalized_is_exported_at_package_level():
     from fedpdpo import export
 
     assert fedpdpo.load_personalized is export.load_personalized
+
+
+@pytest.mark.parametrize("algorithm", ["fedsa-lora", "fedavg"])
+def test_export_of_baselines_round_trips(tmp_path_factory, batch, tmp_path, algorithm):
+    """Strategies that keep part of the LoRA local (FedSA-LoRA keeps B) or have no local modules export too."""
+    from safetensors.torch import load_file
+
+    run = _train(tmp_path_factory, algorithm, [f'algorithm="{algorithm}"'])
+    for c in (0, 1):
+        result = export_client(run, c, tmp_path / f"c{c}", merged=True)
+        assert result.merged == "personalized"  # no adapter: a plain causal LM holds the whole client policy
+        assert not (tmp_path / f"c{c}" / "local_modules.safetensors").exists()
+        with torch.no_grad():
+            want = load_from_run(run, c).model(batch).logps
+        assert torch.equal(load_personalized(tmp_path / f"c{c}").model(batch).logps, want)
+    a, b = (load_file(tmp_path / f"c{c}" / "adapter_model.safetensors") for c in (0, 1))
+    b_name = next(n for n in a if ".lora_B." in n)
+    a_name = next(n for n in a if ".lora_A." in n)
+    assert torch.equal(a[a_name], b[a_name])  # A is the global one
+    assert torch.equal(a[b_name], b[b_name]) == (algorithm == "fedavg")  # B is each client's own in FedSA-LoRA
