@@ -7,7 +7,8 @@ must match across algorithms) and lists any difference, so a report built from m
 
 Layout: ``OUT/<algorithm>/seed<k>/`` holds one ordinary run (config.toml, metrics.jsonl, summary.json);
 ``OUT/comparison.json``, ``OUT/report.md`` and ``OUT/*.png`` are the aggregate. A run whose ``summary.json``
-exists is finished and skipped, so an interrupted comparison is resumed by running the same command again.
+exists is finished and skipped; an interrupted one continues from its last round checkpoint (or starts again when
+it has none), so an interrupted comparison is resumed by running the same command again.
 """
 
 from __future__ import annotations
@@ -127,6 +128,21 @@ def check_stale(path: Path, expected: RunConfig) -> None:
         )
 
 
+def resume_run(path: Path, expected: RunConfig, quiet: bool) -> dict[str, Any] | None:
+    """Continue an interrupted run of the same config after its last checkpoint; None when it cannot be resumed
+    (no config saved, a different config, no checkpoint yet), in which case the caller starts it again."""
+    from fedpdpo.engines.inprocess import run_inprocess
+
+    if not (path / "config.toml").is_file():
+        return None
+    try:
+        check_stale(path, expected)
+        return run_inprocess(load_config(path / "config.toml"), path, quiet=quiet, resume=True)
+    except FedPDPOError as exc:
+        log.warning("%s: not resumable (%s); starting it again", path, exc)
+        return None
+
+
 def run_comparison(
     config: str | Path,
     algorithms: Sequence[str],
@@ -150,8 +166,9 @@ def run_comparison(
             log.info("[%d/%d] %s seed %d: finished earlier, skipped", i, len(jobs), algo, seed)
             continue
         start = time.perf_counter()
-        # a directory without summary.json is an interrupted run: start it again from scratch
-        summary = run_inprocess(with_run(base, algo, seed), path, quiet=quiet, overwrite=True)
+        summary = resume_run(path, get_strategy(algo).configure(with_run(base, algo, seed)), quiet)
+        if summary is None:
+            summary = run_inprocess(with_run(base, algo, seed), path, quiet=quiet, overwrite=True)
         log.info(
             "[%d/%d] %s seed %d: mean accuracy %.4f (%.0f s)",
             i,

@@ -1,0 +1,134 @@
+"""``fedpdpo compare`` and ``fedpdpo report``: runs, resume, stale runs, aggregation and the written report."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+from tests.conftest import TINY_CONFIG
+
+from fedpdpo.cli import main
+from fedpdpo.errors import FedPDPOError
+from fedpdpo.report.compare import Run, build_comparison, run_comparison
+
+FAST = ["rounds=1", "local_steps=2"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory) -> Path:
+    """One real comparison on the tiny config: two algorithms x one seed, through the CLI."""
+    out = tmp_path_factory.mktemp("cmp") / "out"
+    argv = ["compare", "--config", str(TINY_CONFIG), "--algorithms", "fedpdpo,fedavg", "--seeds", "0", "--out"]
+    assert main([*argv, str(out), "--quiet", *[a for s in FAST for a in ("--set", s)]]) == 0
+    return out
+
+
+def test_compare_writes_runs_comparison_report_and_plots(compared: Path):
+    for algo in ("fedpdpo", "fedavg"):
+        assert (compared / algo / "seed0" / "summary.json").is_file()
+    comparison = json.loads((compared / "comparison.json").read_text())
+    assert set(comparison["ranking"]) == {"fedpdpo", "fedavg"}
+    accs = [comparison["algorithms"][a]["mean_accuracy"] for a in comparison["ranking"]]
+    assert accs == sorted(accs, reverse=True)
+    assert comparison["fairness_differences"] == []
+    fedavg = comparison["algorithms"]["fedavg"]
+    summary = json.loads((compared / "fedavg" / "seed0" / "summary.json").read_text())
+    assert fedavg["mean_accuracy"] == summary["mean_accuracy"]
+    assert fedavg["per_client_accuracy"] == [c["accuracy"] for c in summary["clients"]]
+    assert fedavg["communication_bytes_total"] == 2 * summary["communication"]["uplink_bytes_per_client_round"] * 2
+    for name in ("accuracy_by_round.png", "per_client_accuracy.png"):
+        assert (compared / name).read_bytes()[:8] == PNG_MAGIC
+    report = (compared / "report.md").read_text()
+    assert "| 1 | " in report and "| 2 | " in report
+    assert "![accuracy_by_round](accuracy_by_round.png)" in report
+
+
+def test_compare_skips_finished_runs_and_refuses_stale_ones(compared: Path):
+    summary = compared / "fedavg" / "seed0" / "summary.json"
+    before = summary.stat().st_mtime_ns
+    run_comparison(TINY_CONFIG, ["fedavg"], [0], compared, FAST, quiet=True)
+    assert summary.stat().st_mtime_ns == before
+    with pytest.raises(FedPDPOError, match=r"different config .*lr"):
+        run_comparison(TINY_CONFIG, ["fedavg"], [0], compared, [*FAST, "lr=0.5"], quiet=True)
+
+
+def test_compare_reruns_an_interrupted_run(tmp_path: Path):
+    broken = tmp_path / "local" / "seed0"
+    broken.mkdir(parents=True)
+    (broken / "metrics.jsonl").write_text('{"round": 0, "client": 0, "accuracy": 0.1}\n')
+    comparison = run_comparison(TINY_CONFIG, ["local"], [0], tmp_path, FAST, quiet=True)
+    rows = [json.loads(line) for line in (broken / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows].count(0) == 2  # the partial run's rows were replaced, not appended to
+    assert comparison["algorithms"]["local"]["uplink_bytes_per_client_round"] == 0
+
+
+def test_compare_resumes_an_interrupted_run_from_its_checkpoint(compared: Path):
+    run = compared / "fedpdpo" / "seed0"
+    before = json.loads((run / "summary.json").read_text())
+    rows = (run / "metrics.jsonl").read_text()
+    (run / "summary.json").unlink()  # as if killed after the last round's checkpoint
+    run_comparison(TINY_CONFIG, ["fedpdpo"], [0], compared, FAST, quiet=True)
+    after = json.loads((run / "summary.json").read_text())
+    assert (run / "metrics.jsonl").read_text() == rows
+    assert after["mean_accuracy"] == before["mean_accuracy"]
+
+
+def test_compare_rejects_unknown_algorithm_before_running(tmp_path: Path, capsys):
+    argv = ["compare", "--config", str(TINY_CONFIG), "--algorithms", "fedavg,nope", "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    assert "unknown algorithm 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "fedavg").exists()
+
+
+def test_report_rebuilds_from_run_dirs(compared: Path, tmp_path: Path):
+    out = tmp_path / "rebuilt"
+    assert main(["report", str(compared / "fedpdpo"), str(compared / "fedavg" / "seed0"), "--out", str(out)]) == 0
+    rebuilt = json.loads((out / "comparison.json").read_text())
+    summary = json.loads((compared / "fedavg" / "seed0" / "summary.json").read_text())
+    assert set(rebuilt["ranking"]) == {"fedpdpo", "fedavg"}
+    assert rebuilt["algorithms"]["fedavg"]["mean_accuracy"] == summary["mean_accuracy"]
+    assert (out / "report.md").is_file() and (out / "per_client_accuracy.png").is_file()
+    assert main(["report", str(compared / "fedpdpo"), str(compared / "fedavg")]) == 2  # where to? ask for --out
+    assert main(["report", str(tmp_path / "missing")]) == 2
+
+
+def _run(algo: str, seed: int, accs: list[float], conflict: int, lr: float = 0.01, steps: int = 4) -> Run:
+    clients = [{"id": i, "accuracy": a, "accuracy_implicit": a, "conflict": i == conflict} for i, a in enumerate(accs)]
+    summary = {
+        "algorithm": algo,
+        "seed": seed,
+        "eval_score": "implicit",
+        "mean_accuracy": statistics.fmean(accs),
+        "mean_accuracy_round0": 0.5,
+        "mean_accuracy_by_round": {"0": 0.5, "1": statistics.fmean(accs)},
+        "clients": clients,
+        "communication": {
+            "shared_parameters": ["x"],
+            "uplink_bytes_per_client_round": 10,
+            "downlink_bytes_per_client_round": 10,
+        },
+        "time_s": 3.0,
+    }
+    config = {"num_clients": 3, "client_fraction": 1.0, "rounds": 1, "local_steps": steps, "lr": lr}
+    return Run(Path(f"/x/{algo}/seed{seed}"), summary, config)
+
+
+def test_aggregation_over_seeds_and_fairness_check():
+    runs = [_run("a", 0, [0.9, 0.6, 0.6], conflict=0), _run("a", 1, [0.6, 0.9, 0.6], conflict=1)]
+    runs += [_run("b", 0, [0.7, 0.7, 0.7], conflict=0), _run("b", 1, [0.8, 0.8, 0.8], conflict=2)]
+    c = build_comparison(runs)
+    assert c["ranking"] == ["b", "a"]
+    a = c["algorithms"]["a"]
+    assert a["mean_accuracy"] == pytest.approx(0.7)
+    assert a["std_accuracy"] == pytest.approx(0.0)
+    assert a["per_client_accuracy"] == pytest.approx([0.75, 0.75, 0.6])
+    assert a["accuracy_conflict_clients"] == pytest.approx(0.9)  # the conflicting client moves with the seed
+    assert a["accuracy_other_clients"] == pytest.approx(0.6)
+    assert [cl["conflict_in_seeds"] for cl in a["clients"]] == [[0], [1], []]
+    assert c["algorithms"]["b"]["std_accuracy"] == pytest.approx(statistics.stdev([0.7, 0.8]))
+    assert c["fairness_differences"] == []
+    unfair = build_comparison([*runs, _run("c", 0, [0.5] * 3, 0, lr=0.1, steps=8)])
+    assert [p.split(" ")[0] for p in unfair["fairness_differences"]] == ["lr", "step_budget"]

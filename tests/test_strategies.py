@@ -1,0 +1,180 @@
+"""Baselines and ablations: what each strategy switches on, what it shares, how it aggregates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedpdpo.client.state import ClientState
+from fedpdpo.client.trainer import fit
+from fedpdpo.data.partition import ClientData
+from fedpdpo.engines.setup import build_setup
+from fedpdpo.errors import ConfigError
+from fedpdpo.strategies import STRATEGIES, ClientUpdate, get_strategy, weighted_average
+
+LORA = [
+    f"peft.base_model.model.model.layers.{layer}.self_attn.{proj}.lora_{ab}.default.weight"
+    for layer in (0, 1)
+    for proj in ("q_proj", "v_proj")
+    for ab in ("A", "B")
+]
+LOCAL = ["local.head.weight", "local.reward_head.score.weight", "local.adapter.down.weight"]
+
+# name -> (personal_head, reward_head, adapter, eval_score)
+MODULES = {
+    "fedpdpo": (True, True, True, "combined"),
+    "fedavg": (False, False, False, "implicit"),
+    "local": (False, False, False, "implicit"),
+    "centralized": (False, False, False, "implicit"),
+    "fedprox": (False, False, False, "implicit"),
+    "fedadam": (False, False, False, "implicit"),
+    "fedyogi": (False, False, False, "implicit"),
+    "fedper": (True, False, False, "implicit"),
+    "fedrep": (True, False, False, "implicit"),
+    "fedsa-lora": (False, False, False, "implicit"),
+    "lg-fedavg": (False, False, False, "implicit"),
+    "fedpdpo-no-head": (False, True, True, "combined"),
+    "fedpdpo-no-reward": (True, False, True, "implicit"),
+    "fedpdpo-no-adapter": (True, True, False, "combined"),
+    "fedpdpo-implicit-eval": (True, True, True, "implicit"),
+}
+
+
+def test_registry_holds_every_algorithm_and_rejects_unknown():
+    assert set(STRATEGIES) == set(MODULES)
+    with pytest.raises(ConfigError, match="unknown algorithm 'fedfoo'"):
+        get_strategy("fedfoo")
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_configure_switches_modules_without_touching_input(name, tiny_cfg):
+    before = repr(tiny_cfg)
+    cfg = get_strategy(name).configure(tiny_cfg)
+    assert repr(tiny_cfg) == before
+    m = cfg.method
+    assert (m.personal_head, m.reward_head, m.adapter, m.eval_score) == MODULES[name]
+    cfg.validate()
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_local_modules_never_travel(name):
+    strategy = get_strategy(name)
+    shared = strategy.shared_names(LORA + LOCAL)
+    assert not any(n.startswith("local.") for n in shared)
+
+
+def test_sharing_rules():
+    def shared(name):
+        return set(get_strategy(name).shared_names(LORA + LOCAL))
+
+    lora = set(LORA)
+    for name in ("fedpdpo", "fedavg", "fedprox", "fedadam", "fedper", "fedrep", "centralized"):
+        assert shared(name) == lora, name
+    assert shared("local") == set()
+    assert shared("fedsa-lora") == {n for n in LORA if ".lora_A." in n}
+    assert shared("lg-fedavg") == {n for n in LORA if ".layers.1." in n}
+
+
+def test_lg_fedavg_needs_the_model_names_first():
+    with pytest.raises(RuntimeError, match="shared_names"):
+        get_strategy("lg-fedavg").is_shared(LORA[0])
+
+
+def test_fedprox_sets_mu_only_when_unset(tiny_cfg):
+    assert get_strategy("fedprox").configure(tiny_cfg).method.proximal_mu == pytest.approx(0.01)
+    tiny_cfg.method.proximal_mu = 0.5
+    assert get_strategy("fedprox").configure(tiny_cfg).method.proximal_mu == 0.5
+    assert get_strategy("fedavg").configure(tiny_cfg).method.proximal_mu == 0.5  # the user's own setting is kept
+
+
+def test_fedrep_phase_split(tiny_cfg):
+    tiny_cfg.local_steps = 6
+    assert get_strategy("fedrep").configure(tiny_cfg).method.head_steps == 3
+    tiny_cfg.method.head_steps = 6
+    with pytest.raises(ConfigError, match="head_steps"):
+        get_strategy("fedrep").configure(tiny_cfg)
+
+
+def test_centralized_pools_data_and_keeps_the_step_budget(tiny_cfg):
+    strategy = get_strategy("centralized")
+    cfg = strategy.configure(tiny_cfg)
+    assert cfg.local_steps == tiny_cfg.local_steps * tiny_cfg.num_clients
+    assert round(cfg.client_fraction * cfg.num_clients) == 1
+    assert strategy.sample_clients(3, cfg.num_clients, cfg.client_fraction, cfg.seed) == [0]
+    clients = [ClientData(i, train=[f"r{i}{j}" for j in range(i + 2)], test=[f"t{i}"]) for i in range(3)]
+    pooled = strategy.prepare_clients(clients)
+    assert pooled[0].train == ["r00", "r01", "r10", "r11", "r12", "r20", "r21", "r22", "r23"]
+    assert [c.train for c in pooled[1:]] == [c.train for c in clients[1:]]
+    assert [c.test for c in pooled] == [c.test for c in clients]
+
+
+def _updates(seed: int) -> list[ClientUpdate]:
+    gen = torch.Generator().manual_seed(seed)
+    return [ClientUpdate(i, n, {"a": torch.randn(4, 3, generator=gen)}) for i, n in enumerate((5, 2, 9))]
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
+def test_server_optimizer_matches_flower(name, monkeypatch):
+    """Three rounds of our FedAdam/FedYogi against Flower's classes fed the same client arrays."""
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.serverapp import strategy as flwr_strategy
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_node_id", "_task_id"):  # a Message outside a Flower run needs an identity
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    ours = get_strategy(name)
+    theirs = {"fedadam": flwr_strategy.FedAdam, "fedyogi": flwr_strategy.FedYogi}[name](
+        eta=ours.eta, beta_1=ours.beta1, beta_2=ours.beta2, tau=ours.tau
+    )
+    current = {"a": torch.zeros(4, 3, dtype=torch.float64)}
+    for server_round in (1, 2, 3):
+        updates = _updates(server_round)
+        theirs.current_arrays = {k: v.numpy() for k, v in current.items()}
+        replies = [
+            Message(
+                RecordDict(
+                    {
+                        "arrays": ArrayRecord({k: Array(v.double().numpy()) for k, v in u.tensors.items()}),
+                        "metrics": MetricRecord({"num-examples": u.num_examples}),
+                    }
+                ),
+                dst_node_id=1,
+                message_type="train",
+            )
+            for u in updates
+        ]
+        expected = theirs.aggregate_train(server_round, replies)[0]["a"].numpy()
+        current = ours.aggregate(
+            server_round,
+            current,
+            [ClientUpdate(u.client_id, u.num_examples, {"a": u.tensors["a"].double()}) for u in updates],
+        )
+        np.testing.assert_allclose(current["a"].numpy(), expected, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(current["a"], weighted_average(_updates(3))["a"].double())
+
+
+def test_fedrep_head_phase_leaves_shared_tensors_alone(tiny_cfg):
+    """With every step in the head phase the shared LoRA comes back unchanged and the head moves."""
+    tiny_cfg.algorithm = "fedper"
+    setup = build_setup(tiny_cfg)
+    shared = setup.initial_global()
+    cfg = setup.cfg
+    cfg.method.head_steps = cfg.local_steps
+    result = fit(setup.model, setup.tasks[0], ClientState(), shared, setup.initial, cfg, 1)
+    assert all(torch.equal(result.shared[n], shared[n]) for n in shared)
+    assert not torch.equal(result.state.local["local.head.weight"], setup.initial["local.head.weight"])
+    cfg.method.head_steps = 0
+    result = fit(setup.model, setup.tasks[0], ClientState(), shared, setup.initial, cfg, 1)
+    assert any(not torch.equal(result.shared[n], shared[n]) for n in shared if ".lora_B." in n)
+
+
+def test_unshared_lora_trains_at_the_full_learning_rate(tiny_cfg):
+    """local keeps LoRA on the client; it must get ``lr``, not the local modules' smaller step."""
+    tiny_cfg.algorithm = "local"
+    setup = build_setup(tiny_cfg)
+    assert setup.shared_names == []
+    result = fit(setup.model, setup.tasks[0], ClientState(), {}, setup.initial, setup.cfg, 1)
+    assert result.shared == {}
+    assert {g["lr"] for g in result.state.optimizer["param_groups"]} == {setup.cfg.lr}
+    assert set(result.state.local) == set(setup.initial)
