@@ -16,7 +16,7 @@ import warnings
 from fedpdpo.errors import FedPDPOError
 
 #: Subcommand modules, each with ``register(subparsers)``.
-COMMANDS = ["run", "data", "export", "generate", "compare", "report"]
+COMMANDS = ["run", "data", "export", "generate", "compare", "report", "deploy"]
 
 
 def offline_env() -> None:
