@@ -62,9 +62,21 @@ def validate_record(obj: Any) -> str | None:
     for key in ("domain", "split"):
         if key in obj and obj[key] is not None and not isinstance(obj[key], str):
             return f"field '{key}' must be a string, got {type(obj[key]).__name__}"
+    for key in (*REQUIRED, "domain", "split"):
+        if isinstance(obj.get(key), str) and not _is_encodable(obj[key]):
+            return f"field '{key}' holds an invalid Unicode escape (a lone surrogate such as \\ud800); fix the text"
     if obj["chosen"].strip() == obj["rejected"].strip():
         return "fields 'chosen' and 'rejected' are identical (no preference to learn)"
     return None
+
+
+def _is_encodable(text: str) -> bool:
+    """JSON may spell lone surrogates (``"\\ud800"``) that no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _to_record(obj: dict[str, Any], source: str) -> PreferenceRecord:
@@ -86,7 +98,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
         for lineno, raw in enumerate(fh, start=1):
             where = f"{path}:{lineno}"
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # tolerate a byte-order mark
             except UnicodeDecodeError as exc:
                 yield (
                     where,
@@ -96,9 +108,11 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
             if not text.strip():
                 continue
             try:
-                yield where, json.loads(text)
+                yield where, json.loads(text.rstrip("\r\n"))
             except json.JSONDecodeError as exc:
                 yield where, DataError(f"{where}: malformed JSON at column {exc.colno}: {exc.msg}")
+            except RecursionError:
+                yield where, DataError(f"{where}: JSON nested too deeply to be a preference record")
 
 
 def _iter_table(path: Path) -> Iterator[tuple[str, Any]]:

@@ -10,6 +10,7 @@ import torch
 from fedpdpo.client.trainer import ClientTask
 from fedpdpo.config import RunConfig
 from fedpdpo.data import ClientData, PairTokenizer, build_clients
+from fedpdpo.data.lengths import check_prompt_lengths
 from fedpdpo.model import FedPDPOModel, load_backbone
 from fedpdpo.strategies import Strategy, get_strategy
 
@@ -54,6 +55,7 @@ def build_setup(cfg: RunConfig) -> RunSetup:
         torch.set_num_threads(cfg.threads)
     clients = strategy.prepare_clients(build_clients(cfg)[0])
     model, tokenizer = build_model(cfg)
+    clients = check_prompt_lengths(clients, tokenizer, cfg.max_length, cfg.data.on_bad_record)
     tasks = tokenize_clients(clients, tokenizer, cfg)
     initial = model.initial_tensors()
     shared = strategy.shared_names(list(initial))
