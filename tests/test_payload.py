@@ -42,7 +42,7 @@ def _capture(monkeypatch) -> tuple[list, list]:
     "algorithm", [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in sorted(STRATEGIES)]
 )
 def test_only_declared_shared_tensors_leave_a_client(algorithm, tiny_cfg, tmp_path, monkeypatch):
-    tiny_cfg.algorithm, tiny_cfg.rounds, tiny_cfg.local_steps = algorithm, 1, 1
+    tiny_cfg.algorithm, tiny_cfg.rounds, tiny_cfg.local_steps = algorithm, 1, 2  # fedrep needs 2 phases
     fits, evals = _capture(monkeypatch)
     summary = run_inprocess(tiny_cfg, tmp_path / "out", quiet=True)
     declared = set(summary["communication"]["shared_parameters"])
