@@ -103,6 +103,21 @@ class PrivacyConfig:
 
 
 @dataclass
+class PerfSettings:
+    """Switches for the local-training optimizations, each on by default (see docs/performance.md for what each
+    one gives). They change speed and memory only: results match the switched-off path up to float rounding."""
+
+    # Run the frozen layers below the lowest LoRA layer once per batch, under no_grad, and feed their output to
+    # both the reference (adapter off) and the policy (adapter on). Needs lora.last_n_layers > 0.
+    shared_prefix: bool = True
+    # Compute a training pair's reference log-probs inside the first training step that sees it (from the shared
+    # prefix) instead of in a separate pass over the whole training split before training.
+    fused_reference: bool = True
+    # Project only response positions through the output head (off: every non-padding position, as TRL does).
+    response_only_logits: bool = True
+
+
+@dataclass
 class RunConfig:
     algorithm: str = "fedpdpo"
     model: str = "smollm2"
@@ -125,6 +140,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    perf: PerfSettings = field(default_factory=PerfSettings)
 
     def validate(self) -> None:
         """Check value ranges; raise :class:`ConfigError` naming the key."""

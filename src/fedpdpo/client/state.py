@@ -147,7 +147,10 @@ class ClientStore:
         Versions older than the one this round started from are deleted: no checkpoint can need them any more,
         because the server has checkpointed round ``server_round - 1`` before this round began.
         """
-        if state.reference and not (self.path(client_id) / REFERENCE_FILE).is_file():
+        # Training may have filled more rows of the reference cache (perf.fused_reference computes a pair's
+        # reference in the first step that sees it); a row never changes once computed, so rewriting the small
+        # table only adds rows.
+        if state.reference:
             self.save_reference(client_id, state.reference)
         parent = self.path(client_id) / VERSIONS_DIR
         parent.mkdir(parents=True, exist_ok=True)

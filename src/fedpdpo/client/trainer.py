@@ -68,23 +68,53 @@ def _batches(pairs: list[TokenizedPair], batch_size: int, pad_id: int, device: t
 
 
 @torch.no_grad()
-def reference_logps(model: FedPDPOModel, pairs: list[TokenizedPair], cfg: RunConfig, pad_id: int) -> torch.Tensor:
-    """``[n, 2]`` reference log-probs (chosen, rejected) of every pair, computed once per client data set."""
+def _fill_reference(
+    model: FedPDPOModel, pairs: list[TokenizedPair], table: torch.Tensor, cfg: RunConfig, pad_id: int
+) -> None:
+    """Write the reference log-probs (chosen, rejected) of ``pairs`` into rows ``pair.index`` of ``table``."""
     device = device_of(cfg)
-    out = torch.zeros(len(pairs), 2, dtype=torch.float32)
     with autocast(device):
         for batch in _batches(pairs, cfg.eval_batch_size, pad_id, device):
-            ref = model.reference_logps(batch).float().cpu()
+            ref = model.reference_logps(batch, cfg.perf).float().cpu()
             b = batch.num_pairs
-            out[batch.index.cpu(), 0] = ref[:b]
-            out[batch.index.cpu(), 1] = ref[b:]
+            table[batch.index.cpu(), 0] = ref[:b]
+            table[batch.index.cpu(), 1] = ref[b:]
+
+
+def reference_logps(model: FedPDPOModel, pairs: list[TokenizedPair], cfg: RunConfig, pad_id: int) -> torch.Tensor:
+    """``[n, 2]`` reference log-probs (chosen, rejected) of every pair."""
+    out = torch.zeros(len(pairs), 2, dtype=torch.float32)
+    _fill_reference(model, pairs, out, cfg, pad_id)
     return out
 
 
-def ensure_reference(model: FedPDPOModel, task: ClientTask, state: ClientState, cfg: RunConfig) -> None:
-    for split, pairs in (("train", task.train), ("test", task.test)):
-        if split not in state.reference or state.reference[split].shape[0] != len(pairs):
-            state.reference[split] = reference_logps(model, pairs, cfg, task.pad_id)
+def reference_table(state: ClientState, split: str, n: int) -> torch.Tensor:
+    """The cached ``[n, 2]`` reference table of a split; rows not computed yet are NaN."""
+    table = state.reference.get(split)
+    if table is None or table.shape[0] != n:
+        table = state.reference[split] = torch.full((n, 2), float("nan"))
+    return table
+
+
+def ensure_reference(
+    model: FedPDPOModel, task: ClientTask, state: ClientState, cfg: RunConfig, splits=("train", "test")
+) -> None:
+    """Fill the missing rows of the reference cache: the reference is frozen, so each pair is computed once."""
+    for split in splits:
+        pairs = task.train if split == "train" else task.test
+        table = reference_table(state, split, len(pairs))
+        missing = torch.isnan(table).any(1).nonzero().flatten().tolist()
+        if missing:
+            _fill_reference(model, [pairs[i] for i in missing], table, cfg, task.pad_id)
+
+
+def _store_reference(batch: PairBatch, ref: torch.Tensor, table: torch.Tensor) -> None:
+    """Cache reference log-probs computed inside a training step (only rows still missing)."""
+    idx = batch.index.cpu()
+    b = idx.shape[0]
+    rows = torch.stack([ref[:b], ref[b:]], 1).detach().float().cpu()
+    missing = torch.isnan(table[idx]).any(1)
+    table[idx[missing]] = rows[missing]
 
 
 def _ref_for(batch: PairBatch, table: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -113,7 +143,8 @@ def fit(
     device = device_of(cfg)
     model.to(device)
     load_client(model, shared, state, initial)
-    ensure_reference(model, task, state, cfg)
+    # With perf.fused_reference the training pairs' reference is computed inside the steps that first see them.
+    ensure_reference(model, task, state, cfg, ("test",) if cfg.perf.fused_reference else ("train", "test"))
 
     seed = derive_seed(cfg.seed, server_round, task.client_id)
     torch.manual_seed(seed)
@@ -141,7 +172,7 @@ def fit(
     n = len(task.train)
     order: list[int] = []
     sums: dict[str, float] = {}
-    ref_table = state.reference["train"]
+    ref_table = reference_table(state, "train", n)
     for step in range(cfg.local_steps):
         while len(order) < cfg.batch_size:
             order.extend(torch.randperm(n, generator=gen).tolist())
@@ -149,7 +180,10 @@ def fit(
         # de-duplicate when the client has fewer pairs than the batch size
         batch = collate([task.train[i] for i in dict.fromkeys(idx)], task.pad_id).to(device)
         with autocast(device):
-            out = model(batch)
+            need_ref = cfg.perf.fused_reference and bool(torch.isnan(ref_table[batch.index.cpu()]).any())
+            out = model(batch, with_reference=need_ref, perf=cfg.perf)
+            if need_ref:
+                _store_reference(batch, out.ref_logps, ref_table)
             result = fedpdpo_objective(
                 out.logps.float(),
                 _ref_for(batch, ref_table, device),
@@ -204,7 +238,7 @@ def evaluate(
     device = device_of(cfg)
     model.to(device)
     load_client(model, shared, state, initial)
-    ensure_reference(model, task, state, cfg)
+    ensure_reference(model, task, state, cfg, ("test",))
     model.eval()
     ref_table = state.reference["test"]
     implicit, explicit, logp_margin, losses = [], [], [], []

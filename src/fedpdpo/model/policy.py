@@ -10,17 +10,22 @@ vocabulary dominates the cost, and prompt positions never enter the loss.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from fedpdpo.config import LoraSettings, MethodConfig
+from fedpdpo.config import LoraSettings, MethodConfig, PerfSettings
 from fedpdpo.data.tokenize import PairBatch
 from fedpdpo.model.modules import BottleneckAdapter, PersonalHead, RewardHead
 
 LOGIT_CHUNK = 1024  # response tokens per chunk of the vocabulary projection
+# Decoders whose forward does nothing to ``inputs_embeds`` before the layers except masks and rotary positions, so
+# that a forward from a cached frozen prefix equals the full forward (a GPT-2 style learned position embedding
+# would be added twice). Other models take the plain path.
+PREFIX_SAFE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma2", "gemma"})
 
 
 @dataclass
@@ -28,18 +33,20 @@ class PolicyOutput:
     logps: torch.Tensor  # [2B] summed response log-probs under the policy
     rewards: torch.Tensor | None  # [2B] explicit rewards, None without a reward head
     n_tokens: torch.Tensor  # [2B] response lengths
+    ref_logps: torch.Tensor | None = None  # [2B] reference log-probs, when asked for
 
 
 def _num_layers(model: nn.Module) -> int:
     return int(model.config.num_hidden_layers)
 
 
-def add_lora(model: nn.Module, cfg: LoraSettings):
+def lora_config(model: nn.Module, cfg: LoraSettings) -> LoraConfig:
+    """The ``peft.LoraConfig`` of the shared adapter (also handed to TRL by the benchmark, so both train the same)."""
     layers = None
     if cfg.last_n_layers:
         n = _num_layers(model)
         layers = list(range(max(0, n - cfg.last_n_layers), n))
-    lora = LoraConfig(
+    return LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
@@ -48,17 +55,29 @@ def add_lora(model: nn.Module, cfg: LoraSettings):
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
 
 
-def response_logps(hidden: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor, weight: torch.Tensor):
+def add_lora(model: nn.Module, cfg: LoraSettings):
+    return get_peft_model(model, lora_config(model, cfg))
+
+
+def response_logps(
+    hidden: torch.Tensor,
+    input_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    weight: torch.Tensor,
+    project_mask: torch.Tensor | None = None,
+):
     """Sum of log p(y_t | y_<t) over response tokens, per sequence.
 
     ``hidden`` [N, L, H]; the token at position t is predicted from the hidden state at t-1, so response positions
-    are shifted left by one before the (chunked) vocabulary projection.
+    are shifted left by one before the (chunked) vocabulary projection. ``project_mask`` (default: the response)
+    selects the positions sent through the head; a wider mask (every real token, as TRL does) only costs time and
+    exists to measure what projecting the response alone saves.
     """
     target_mask = response_mask[:, 1:]
-    rows, cols = target_mask.nonzero(as_tuple=True)
+    projected = target_mask if project_mask is None else project_mask[:, 1:].bool() | target_mask
+    rows, cols = projected.nonzero(as_tuple=True)
     states = hidden[:, :-1][rows, cols]  # [T, H]
     targets = input_ids[:, 1:][rows, cols]  # [T]
     token_logps = []
@@ -68,8 +87,39 @@ def response_logps(hidden: torch.Tensor, input_ids: torch.Tensor, response_mask:
         tgt = targets[start : start + LOGIT_CHUNK]
         token_logps.append(logits.gather(1, tgt[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1))
     flat = torch.cat(token_logps) if token_logps else hidden.new_zeros(0)
+    if project_mask is not None:
+        flat = flat * target_mask[rows, cols]
     out = torch.zeros(hidden.shape[0], dtype=flat.dtype, device=hidden.device)
     return out.index_add(0, rows, flat), target_mask.sum(1)
+
+
+class _Done(nn.Module):
+    """Stands in for a decoder layer whose output is already known: passes the hidden states through."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
+
+
+@contextlib.contextmanager
+def _run_only(decoder: nn.Module, keep: range, final_norm: bool):
+    """Within the block, ``decoder`` runs only the layers in ``keep`` (the others pass hidden states through).
+
+    The decoder's own forward still builds the attention masks and rotary positions, and layer indices stay the
+    same (Gemma 3 picks sliding or full attention by index), so no model internals are re-implemented here.
+    """
+    layers, norm = decoder.layers, decoder.norm
+    saved = {i: layers[i] for i in range(len(layers)) if i not in keep}
+    done = _Done()
+    try:
+        for i in saved:
+            layers[i] = done
+        if not final_norm:
+            decoder.norm = nn.Identity()
+        yield
+    finally:
+        for i, layer in saved.items():
+            layers[i] = layer
+        decoder.norm = norm
 
 
 class FedPDPOModel(nn.Module):
@@ -85,6 +135,10 @@ class FedPDPOModel(nn.Module):
         self.ref_head_weight = backbone.get_output_embeddings().weight  # frozen original head W_0
         self.peft = add_lora(backbone, lora)
         self.decoder = self.peft.get_base_model().get_decoder()
+        # First layer with LoRA: everything below it is frozen and identical for the policy and the reference.
+        n_layers = _num_layers(backbone)
+        safe = backbone.config.model_type in PREFIX_SAFE_MODEL_TYPES and hasattr(self.decoder, "norm")
+        self.split_layer = max(0, n_layers - lora.last_n_layers) if lora.last_n_layers and safe else 0
         self.local = nn.ModuleDict()
         if method.personal_head:
             self.local["head"] = PersonalHead(self.ref_head_weight)
@@ -119,20 +173,53 @@ class FedPDPOModel(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------------------------
     def _hidden(self, batch: PairBatch) -> torch.Tensor:
-        return self.decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        # use_cache=False: the config default would fill a KV cache that training never reads.
+        return self.decoder(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        ).last_hidden_state
 
-    def forward(self, batch: PairBatch) -> PolicyOutput:
-        hidden = self._hidden(batch)
+    @torch.no_grad()
+    def _prefix(self, batch: PairBatch) -> torch.Tensor:
+        """Hidden states entering the first LoRA layer: frozen work, so no graph is recorded."""
+        with _run_only(self.decoder, range(self.split_layer), final_norm=False):
+            return self._hidden(batch)
+
+    def _from_prefix(self, prefix: torch.Tensor, batch: PairBatch) -> torch.Tensor:
+        with _run_only(self.decoder, range(self.split_layer, len(self.decoder.layers)), final_norm=True):
+            return self.decoder(
+                inputs_embeds=prefix, attention_mask=batch.attention_mask, use_cache=False
+            ).last_hidden_state
+
+    def forward(self, batch: PairBatch, with_reference: bool = False, perf: PerfSettings | None = None) -> PolicyOutput:
+        """Policy log-probs (and explicit rewards); with ``with_reference`` also the reference log-probs, which
+        reuse the frozen prefix when ``perf.shared_prefix`` is on."""
+        perf = perf or PerfSettings()
+        project = None if perf.response_only_logits else batch.attention_mask
+        ref_logps = None
+        if perf.shared_prefix and self.split_layer:
+            prefix = self._prefix(batch)
+            if with_reference:
+                with torch.no_grad(), self.peft.disable_adapter():
+                    ref_hidden = self._from_prefix(prefix, batch)
+                    ref_logps = response_logps(
+                        ref_hidden, batch.input_ids, batch.response_mask, self.ref_head_weight, project
+                    )[0]
+            hidden = self._from_prefix(prefix, batch)
+        else:
+            if with_reference:
+                ref_logps = self.reference_logps(batch, perf)
+            hidden = self._hidden(batch)
         if "adapter" in self.local:
             hidden = self.local["adapter"](hidden)
         head = self.local["head"].weight if "head" in self.local else self.ref_head_weight
-        logps, n_tokens = response_logps(hidden, batch.input_ids, batch.response_mask, head)
+        logps, n_tokens = response_logps(hidden, batch.input_ids, batch.response_mask, head, project)
         rewards = self.local["reward_head"](hidden, batch.response_mask) if "reward_head" in self.local else None
-        return PolicyOutput(logps, rewards, n_tokens)
+        return PolicyOutput(logps, rewards, n_tokens, ref_logps)
 
     @torch.no_grad()
-    def reference_logps(self, batch: PairBatch) -> torch.Tensor:
+    def reference_logps(self, batch: PairBatch, perf: PerfSettings | None = None) -> torch.Tensor:
         """log pi_ref: the frozen backbone with its original head, LoRA and local modules off."""
+        project = None if perf is None or perf.response_only_logits else batch.attention_mask
         with self.peft.disable_adapter():
             hidden = self._hidden(batch)
-        return response_logps(hidden, batch.input_ids, batch.response_mask, self.ref_head_weight)[0]
+        return response_logps(hidden, batch.input_ids, batch.response_mask, self.ref_head_weight, project)[0]

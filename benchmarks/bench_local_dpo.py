@@ -1,0 +1,411 @@
+"""Local LoRA-DPO training speed: fedpdpo's client trainer versus TRL's ``DPOTrainer``, side by side.
+
+Both sides train the same job: the same backbone (``fedpdpo.model.backbone.load_backbone``), the same IMDB pairs
+tokenized once by fedpdpo (TRL receives the token ids, so both see identical sequences), the same ``peft.LoraConfig``
+(built by ``fedpdpo.model.policy.lora_config``; TRL gets it as ``peft_config`` and so, like fedpdpo, uses the
+adapter-disabled frozen base as the reference), the same max length, batch size, beta, learning rate (constant,
+AdamW, no weight decay, gradient clipping 1.0), steps and threads. The training set holds exactly
+``steps * batch_size`` pairs, so both sides see every pair once (one epoch) and both compute each reference
+log-prob once: fedpdpo's cross-round reference cache gives it nothing here.
+
+Sides:
+
+* ``fedpdpo``: ``algorithm = "fedavg"`` (plain DPO, no local modules): the like-for-like comparison;
+* ``trl``: ``DPOTrainer`` (fp32, no gradient checkpointing by default: its fastest setting on a CPU);
+* ``fedpdpo-full``: ``algorithm = "fedpdpo"`` (personal head, reward head, adapter): reported, not compared.
+
+Each side of each repeat runs in its own subprocess, so its peak RSS (``getrusage``) is its own. The CPU may be
+shared with other jobs, so absolute figures are noisy; the ratio is taken per repeat (sides run back to back, in
+alternating order) and the median over repeats is reported. Held-out reward accuracy is DPO's implicit-reward
+ranking accuracy (ties count half), computed by the same function for every side.
+
+    python benchmarks/bench_local_dpo.py                      # defaults: smollm2, max_length 128, batch 4, 8 steps
+    python benchmarks/bench_local_dpo.py --repeats 3 --json out.json
+    python benchmarks/bench_local_dpo.py --sides fedpdpo --set perf.prefix_cache=false   # one optimization off
+
+The last line printed is ``ratio_pairs_per_s=<x>`` (fedpdpo / trl, median over repeats).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DATA = "/work/shared/data/imdb_sentiment_pairs.jsonl"
+SIDES = ("fedpdpo", "trl", "fedpdpo-full")
+
+
+def job_config(args: argparse.Namespace, algorithm: str) -> dict[str, Any]:
+    """The fedpdpo config of the benchmark job (one client holding steps * batch_size training pairs)."""
+    return {
+        "algorithm": algorithm,
+        "model": args.model,
+        "seed": args.seed,
+        "device": "cpu",
+        "num_clients": 1,
+        "rounds": 1,
+        "local_steps": args.steps,
+        "batch_size": args.batch_size,
+        "eval_batch_size": args.eval_batch_size,
+        "max_length": args.max_length,
+        "lr": args.lr,
+        "beta": args.beta,
+        "threads": args.threads,
+        "lora": {
+            "r": args.lora_r,
+            "alpha": args.lora_alpha,
+            "target_modules": args.lora_targets.split(","),
+            "last_n_layers": args.last_n_layers,
+        },
+        "data": {
+            "path": args.data,
+            "max_train_per_client": args.steps * args.batch_size,
+            "max_test_per_client": args.eval_pairs,
+            "max_prompt_length": args.max_prompt_length,
+        },
+    }
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def train_tokens(pairs) -> int:
+    """Non-padding tokens of one pass over ``pairs`` (chosen and rejected sequences)."""
+    return sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+
+
+def implicit_accuracy(decoder, head_weight, disable_adapter, pairs, pad_id: int, beta: float, batch_size: int):
+    """Held-out accuracy of DPO's implicit reward ``beta * h`` (ties half), for any decoder with a PEFT adapter."""
+    import torch
+
+    from fedpdpo.data.tokenize import collate, length_bucketed_batches
+    from fedpdpo.losses import pairwise_accuracy
+    from fedpdpo.model.policy import response_logps
+
+    margins = []
+    with torch.no_grad():
+        for chunk in length_bucketed_batches(pairs, batch_size):
+            batch = collate(chunk, pad_id)
+
+            def logps(batch=batch):
+                hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+                return response_logps(hidden, batch.input_ids, batch.response_mask, head_weight)[0]
+
+            policy = logps()
+            with disable_adapter():
+                ref = logps()
+            b = batch.num_pairs
+            margins.append(beta * ((policy[:b] - ref[:b]) - (policy[b:] - ref[b:])))
+    return pairwise_accuracy(torch.cat(margins)).item()
+
+
+def run_fedpdpo(args: argparse.Namespace, algorithm: str) -> dict[str, Any]:
+    import torch
+
+    from fedpdpo.client.state import ClientState
+    from fedpdpo.client.trainer import evaluate, fit, reference_logps
+    from fedpdpo.config import config_from_dict
+    from fedpdpo.engines.setup import build_setup
+
+    cfg = config_from_dict(job_config(args, algorithm), args.set)
+    setup = build_setup(cfg)
+    task, model = setup.tasks[0], setup.model
+    state = ClientState()
+    # The held-out reference is evaluation work, as in TRL (which computes it in evaluate()): not timed.
+    state.reference["test"] = reference_logps(model, task.test, setup.cfg, task.pad_id)
+    step_times: list[float] = []
+    cpu0 = time.process_time()
+    start = time.perf_counter()
+    result = fit(
+        model,
+        task,
+        state,
+        setup.initial_global(),
+        setup.initial,
+        setup.cfg,
+        server_round=1,
+        on_step=lambda _s, _m: step_times.append(time.perf_counter()),
+    )
+    wall = time.perf_counter() - start
+    cpu = time.process_time() - cpu0
+    metrics = evaluate(model, task, state, result.shared, setup.initial, setup.cfg)
+    decoder = model.peft.get_base_model().get_decoder()
+    check = implicit_accuracy(
+        decoder, model.ref_head_weight, model.peft.disable_adapter, task.test, task.pad_id, cfg.beta, 16
+    )
+    if algorithm == "fedavg" and abs(check - metrics["accuracy_implicit"]) > 1e-6:
+        raise AssertionError(f"evaluate() says {metrics['accuracy_implicit']}, the shared check says {check}")
+    return {
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "step_s": _step_durations(start, step_times),
+        "pairs": len(task.train),
+        "tokens": train_tokens(task.train),
+        "accuracy": check,
+        "accuracy_personalized": metrics["accuracy"],
+        "train_loss": result.metrics["loss"],
+        "threads": torch.get_num_threads(),
+        "shared_bytes": sum(t.numel() * t.element_size() for t in result.shared.values()),
+    }
+
+
+def run_trl(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from fedpdpo.config import config_from_dict
+    from fedpdpo.data import build_clients
+    from fedpdpo.engines.setup import tokenize_clients
+    from fedpdpo.model.backbone import load_backbone
+    from fedpdpo.model.policy import lora_config
+
+    cfg = config_from_dict(job_config(args, "fedavg"), args.set)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    clients, _ = build_clients(cfg)
+    backbone, tokenizer = load_backbone(cfg.model)
+    task = tokenize_clients(clients, tokenizer, cfg)[0]
+    rows = [
+        {"prompt_ids": list(p.prompt_ids), "chosen_ids": list(p.chosen_ids), "rejected_ids": list(p.rejected_ids)}
+        for p in task.train
+    ]
+
+    class PretokenizedDPOTrainer(DPOTrainer):
+        """TRL trains on fedpdpo's token ids (its own tokenization step skipped): identical sequences."""
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+    class StepClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_step_end(self, *_a, **_k):
+            self.times.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as out:
+        dpo_args = DPOConfig(
+            output_dir=out,
+            per_device_train_batch_size=cfg.batch_size,
+            gradient_accumulation_steps=1,
+            max_steps=cfg.local_steps,
+            learning_rate=cfg.lr,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            weight_decay=0.0,
+            max_grad_norm=cfg.max_grad_norm,
+            optim="adamw_torch",
+            beta=cfg.beta,
+            loss_type=["sigmoid"],
+            max_length=cfg.max_length,
+            bf16=False,
+            fp16=False,
+            use_cpu=True,
+            gradient_checkpointing=args.trl_gradient_checkpointing,
+            precompute_ref_log_probs=False,
+            seed=cfg.seed,
+            report_to=[],
+            logging_steps=10**6,
+            save_strategy="no",
+            eval_strategy="no",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+        )
+        clock = StepClock()
+        trainer = PretokenizedDPOTrainer(
+            model=backbone,
+            args=dpo_args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            peft_config=lora_config(backbone, cfg.lora),
+            callbacks=[clock],
+        )
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)  # the Trainer may have changed it
+        cpu0 = time.process_time()
+        start = time.perf_counter()
+        output = trainer.train()
+        wall = time.perf_counter() - start
+        cpu = time.process_time() - cpu0
+    peft_model = trainer.model
+    peft_model.eval()
+    base = peft_model.get_base_model()
+    accuracy = implicit_accuracy(
+        base.get_decoder(),
+        base.get_output_embeddings().weight,
+        peft_model.disable_adapter,
+        task.test,
+        task.pad_id,
+        cfg.beta,
+        16,
+    )
+    return {
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "step_s": _step_durations(start, clock.times),
+        "pairs": len(task.train),
+        "tokens": train_tokens(task.train),
+        "accuracy": accuracy,
+        "train_loss": float(output.training_loss),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _step_durations(start: float, ends: list[float]) -> list[float]:
+    return [b - a for a, b in zip([start, *ends[:-1]], ends, strict=True)]
+
+
+def child(args: argparse.Namespace) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.child == "trl":
+        result = run_trl(args)
+    else:
+        result = run_fedpdpo(args, "fedavg" if args.child == "fedpdpo" else "fedpdpo")
+    result["peak_rss_bytes"] = peak_rss_bytes()
+    print(json.dumps(result))
+
+
+def run_side(side: str, argv: list[str]) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", side]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"{side} run failed (exit {proc.returncode})")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["pairs_per_s"] = result["pairs"] / result["wall_s"]
+    result["tokens_per_s"] = result["tokens"] / result["wall_s"]
+    result["pairs_per_cpu_s"] = result["pairs"] / result["cpu_s"]
+    return result
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "machine": platform.machine(), "cpus": str(os.cpu_count())}
+    for pkg in ("torch", "transformers", "peft", "trl", "fedpdpo"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "-"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                out["cpu"] = line.split(":", 1)[1].strip()
+                break
+    return out
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    keys = ("pairs_per_s", "tokens_per_s", "pairs_per_cpu_s", "wall_s", "peak_rss_bytes", "accuracy", "train_loss")
+    return {side: {k: statistics.median(r[k] for r in rs) for k in keys} for side, rs in runs.items()}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--max-prompt-length", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--eval-batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--eval-pairs", type=int, default=48)
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-alpha", type=int, default=16)
+    p.add_argument("--lora-targets", default="q_proj,v_proj")
+    p.add_argument("--last-n-layers", type=int, default=4, help="LoRA on the last N layers on both sides (0 = all)")
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {','.join(SIDES)}")
+    p.add_argument("--trl-gradient-checkpointing", action="store_true", help="TRL's default; off = its fastest")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fedpdpo config override")
+    p.add_argument("--json", metavar="PATH", help="write all runs and the summary as JSON")
+    p.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def child_argv(args: argparse.Namespace) -> list[str]:
+    """The parent's options, forwarded to each child."""
+    out = [
+        *("--model", args.model, "--data", args.data, "--max-length", str(args.max_length)),
+        *("--max-prompt-length", str(args.max_prompt_length), "--batch-size", str(args.batch_size)),
+        *("--eval-batch-size", str(args.eval_batch_size), "--steps", str(args.steps)),
+        *("--eval-pairs", str(args.eval_pairs), "--lora-r", str(args.lora_r), "--lora-alpha", str(args.lora_alpha)),
+        *("--lora-targets", args.lora_targets, "--last-n-layers", str(args.last_n_layers)),
+        *("--beta", str(args.beta), "--lr", str(args.lr), "--threads", str(args.threads), "--seed", str(args.seed)),
+    ]
+    if args.trl_gradient_checkpointing:
+        out.append("--trl-gradient-checkpointing")
+    for item in args.set:
+        out += ["--set", item]
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        child(args)
+        return
+    sides = [s for s in args.sides.split(",") if s]
+    unknown = set(sides) - set(SIDES)
+    if unknown:
+        raise SystemExit(f"unknown side(s): {sorted(unknown)}")
+    runs: dict[str, list[dict[str, Any]]] = {s: [] for s in sides}
+    ratios: list[float] = []
+    cpu_ratios: list[float] = []
+    for rep in range(args.repeats):
+        order = sides if rep % 2 == 0 else sides[::-1]
+        for side in order:
+            r = run_side(side, child_argv(args))
+            runs[side].append(r)
+            print(
+                f"repeat {rep + 1}/{args.repeats} {side:13s} {r['pairs_per_s']:7.3f} pairs/s "
+                f"{r['tokens_per_s']:8.1f} tok/s  wall {r['wall_s']:7.1f} s  cpu {r['cpu_s']:7.1f} s  "
+                f"peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB  accuracy {r['accuracy']:.3f}",
+                flush=True,
+            )
+        if "fedpdpo" in runs and "trl" in runs:
+            ratios.append(runs["fedpdpo"][-1]["pairs_per_s"] / runs["trl"][-1]["pairs_per_s"])
+            cpu_ratios.append(runs["fedpdpo"][-1]["pairs_per_cpu_s"] / runs["trl"][-1]["pairs_per_cpu_s"])
+    summary = summarize(runs)
+    print()
+    header = ("side", "pairs/s", "tokens/s", "pairs/cpu-s", "peak RSS GiB", "accuracy", "loss")
+    print("{:13s} {:>9s} {:>9s} {:>11s} {:>13s} {:>9s} {:>7s}".format(*header))
+    for side, s in summary.items():
+        print(
+            f"{side:13s} {s['pairs_per_s']:9.3f} {s['tokens_per_s']:9.1f} {s['pairs_per_cpu_s']:11.3f} "
+            f"{s['peak_rss_bytes'] / 2**30:13.2f} {s['accuracy']:9.3f} {s['train_loss']:7.4f}"
+        )
+    ratio = statistics.median(ratios) if ratios else float("nan")
+    if ratios:
+        rss = summary["fedpdpo"]["peak_rss_bytes"] / summary["trl"]["peak_rss_bytes"]
+        print(f"per-repeat ratios (fedpdpo/trl pairs/s): {', '.join(f'{x:.2f}' for x in ratios)}")
+        print(f"per-repeat ratios (fedpdpo/trl pairs per CPU-second): {', '.join(f'{x:.2f}' for x in cpu_ratios)}")
+        print(f"peak RSS ratio (fedpdpo/trl): {rss:.2f}")
+    if args.json:
+        blob = {"args": vars(args), "versions": versions(), "runs": runs, "summary": summary, "ratios": ratios}
+        blob["ratio_pairs_per_s"] = ratio
+        blob["cpu_ratios"] = cpu_ratios
+        Path(args.json).write_text(json.dumps(blob, indent=2), encoding="utf-8")
+    print(f"ratio_pairs_per_s={ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()

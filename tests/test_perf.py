@@ -1,0 +1,86 @@
+"""The [perf] switches change speed only: every fast path must give the results of the plain path."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from fedpdpo.client.state import ClientState
+from fedpdpo.client.trainer import ensure_reference, fit
+from fedpdpo.config import PerfSettings
+from fedpdpo.data.tokenize import collate
+from fedpdpo.engines.setup import build_setup
+
+PLAIN = PerfSettings(shared_prefix=False, fused_reference=False, response_only_logits=False)
+
+
+def _setup(tiny_cfg, **lora):
+    tiny_cfg.lora.last_n_layers = lora.get("last_n_layers", 1)
+    return build_setup(tiny_cfg)
+
+
+def _trained(setup):
+    """A model whose LoRA and local modules are not at their initial values (so policy != reference)."""
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(7)
+        for p in setup.model.trainable().values():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return setup.model
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedpdpo"])
+def test_forward_paths_agree(tiny_cfg, algorithm):
+    tiny_cfg.algorithm = algorithm
+    setup = _setup(tiny_cfg)
+    model = _trained(setup)
+    assert model.split_layer == 1
+    batch = collate(setup.tasks[0].train[:3], setup.tasks[0].pad_id)
+    plain = model(batch, with_reference=True, perf=PLAIN)
+    fast = model(batch, with_reference=True, perf=PerfSettings())
+    torch.testing.assert_close(fast.logps, plain.logps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.ref_logps, plain.ref_logps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.ref_logps, model.reference_logps(batch), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(fast.logps, fast.ref_logps)  # the LoRA is really on in the policy pass
+    if algorithm == "fedpdpo":
+        torch.testing.assert_close(fast.rewards, plain.rewards, rtol=1e-5, atol=1e-5)
+    # the layers swapped out during the prefix pass are all back
+    assert all(type(layer).__name__ != "_Done" for layer in model.decoder.layers)
+    assert type(model.decoder.norm).__name__ != "Identity"
+
+
+def test_gradients_agree(tiny_cfg):
+    setup = _setup(tiny_cfg)
+    model = _trained(setup)
+    batch = collate(setup.tasks[0].train[:4], setup.tasks[0].pad_id)
+    grads = []
+    for perf in (PLAIN, PerfSettings()):
+        model.zero_grad(set_to_none=True)
+        model(batch, perf=perf).logps.sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.trainable().items() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
+
+
+def test_fit_same_with_and_without_switches(tiny_cfg):
+    """Fused reference + shared prefix train the same model and cache the same reference as the plain path."""
+    results = []
+    for perf in (PLAIN, PerfSettings()):
+        cfg = dataclasses.replace(tiny_cfg, perf=perf)
+        setup = _setup(cfg)
+        task, state = setup.tasks[0], ClientState()
+        result = fit(setup.model, task, state, setup.initial_global(), setup.initial, setup.cfg, server_round=1)
+        ensure_reference(setup.model, task, state, setup.cfg)  # fills rows the fused path has not visited yet
+        results.append((result, state))
+    (plain, plain_state), (fast, fast_state) = results
+    for name in plain.shared:
+        torch.testing.assert_close(fast.shared[name], plain.shared[name], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast_state.reference["train"], plain_state.reference["train"], rtol=1e-5, atol=1e-4)
+    assert not torch.isnan(fast_state.reference["train"]).any()
+
+
+def test_prefix_needs_last_n_layers(tiny_cfg):
+    setup = _setup(tiny_cfg, last_n_layers=0)
+    assert setup.model.split_layer == 0  # LoRA everywhere: nothing frozen to share, the plain path runs
