@@ -161,3 +161,18 @@ def test_dp_clips_the_update_adds_noise_and_still_trains(tiny_cfg, tmp_path):
     assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in rows if "train_loss" in r)
     assert all(0.0 <= c["accuracy"] <= 1.0 for c in summary["clients"])
     assert any(not torch.equal(initial[k], round1[k]) for k in initial)
+
+
+def test_secagg_plus_hides_each_update_and_keeps_the_results(tiny_cfg, tmp_path):
+    tiny_cfg.num_clients = 3  # SecAgg+ can drop a client only while enough neighbours hold its key shares
+    ref = run_inprocess(tiny_cfg, tmp_path / "inprocess", quiet=True)
+    tiny_cfg.privacy.secagg = True
+    recorder = Recorder()
+    got = run_on_local_grid(tiny_cfg, tmp_path / "secagg", app=recorder)
+    for a, b in zip(ref["clients"], got["clients"], strict=True):
+        assert b["accuracy"] == pytest.approx(a["accuracy"], abs=1e-6)
+        assert b["reward_margin"] == pytest.approx(a["reward_margin"], rel=1e-3, abs=1e-5)  # 2**22-level quantization
+    train_replies = [r for m, r in recorder.log if m.metadata.message_type == "train"]
+    assert len(train_replies) == 4 * tiny_cfg.rounds * tiny_cfg.num_clients  # the protocol's four stages
+    for reply in train_replies:  # masked vectors travel as bytes; no reply holds a client's tensors in the clear
+        assert all(len(record) == 0 for record in reply.content.array_records.values())

@@ -41,7 +41,7 @@ def test_killed_supernode_is_tolerated_and_rejoins(tiny_cfg, tmp_path):
     out, workdir = tmp_path / "run", tmp_path / "deploy"
     workdir.mkdir()
     save_config(tiny_cfg, workdir / "run.toml")
-    run_config = {"config": str(workdir / "run.toml"), "out": str(out), "reply-timeout": 30.0}
+    run_config = {"config": str(workdir / "run.toml"), "out": str(out), "reply-timeout": 120.0}
     with LoopbackDeployment(workdir, tiny_cfg.num_clients) as dep:
         pids = [p.pid for p in dep.procs.values()]
         run = dep.submit(run_config)

@@ -100,6 +100,8 @@ class PrivacyConfig:
 
     clipping_norm: float = 0.0
     noise_multiplier: float = 0.0
+    # Flower's SecAgg+: the server only sees the sum of the sampled clients' shared tensors (Flower engines).
+    secagg: bool = False
 
 
 @dataclass
@@ -178,6 +180,10 @@ class RunConfig:
             raise ConfigError("config keys 'privacy.clipping_norm' and 'privacy.noise_multiplier' must be >= 0")
         if self.privacy.noise_multiplier > 0 and self.privacy.clipping_norm <= 0:
             raise ConfigError("config key 'privacy.noise_multiplier' > 0 needs 'privacy.clipping_norm' > 0")
+        if self.privacy.secagg and self.privacy.clipping_norm > 0:
+            raise ConfigError("config keys 'privacy.secagg' and 'privacy.clipping_norm' cannot be combined (yet)")
+        if self.privacy.secagg and round(self.client_fraction * self.num_clients) < 2:
+            raise ConfigError("config key 'privacy.secagg' needs at least 2 clients per round")
         if not self.data.path:
             raise ConfigError("config key 'data.path' is empty: point it at a JSONL, parquet or HF dataset directory")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):

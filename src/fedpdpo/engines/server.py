@@ -164,7 +164,8 @@ def run_server(
         ]
         append_metrics(out, rows)
         metrics_lines += len(rows)
-        progress.round_table(server_round, [r for r in rows if "accuracy" in r])
+        if evaluated := [r for r in rows if "accuracy" in r]:
+            progress.round_table(server_round, evaluated)
 
     def checkpoint(server_round: int) -> None:
         ckpt = ServerCheckpoint(

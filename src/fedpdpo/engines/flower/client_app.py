@@ -19,10 +19,12 @@ from dataclasses import dataclass
 
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedpdpo.client.state import ClientStore
@@ -43,6 +45,7 @@ from fedpdpo.engines.flower.records import (
     record_to_tensors,
     tensors_to_record,
 )
+from fedpdpo.engines.flower.secagg import legacy_train
 from fedpdpo.engines.setup import build_model, tokenize_clients
 from fedpdpo.errors import ConfigError
 from fedpdpo.model import FedPDPOModel
@@ -91,11 +94,11 @@ def _store(context: Context, config: ConfigRecord) -> ClientStore:
     return ClientStore(str(context.node_config.get("state-dir", config[KEY_STATE_ROOT])))
 
 
-def _unpack(msg: Message, context: Context):
-    config = msg.content.config_records[CONFIG]
+def _unpack(content: RecordDict, context: Context):
+    config = content.config_records[CONFIG]
     pid = partition_id(context)
     setup = node_setup(str(config[KEY_RUN_CONFIG]), pid)
-    shared = record_to_tensors(msg.content.array_records[ARRAYS])
+    shared = record_to_tensors(content.array_records[ARRAYS])
     return config, pid, setup, shared, config_from_text(str(config[KEY_RUN_CONFIG]))
 
 
@@ -120,26 +123,32 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({INFO: ConfigRecord({KEY_PARTITION: partition_id(context)})}), reply_to=msg)
 
 
-@app.train(mods=[dp_clipping_mod])
-def train(msg: Message, context: Context) -> Message:
-    config, pid, setup, shared, cfg = _unpack(msg, context)
+def train_content(content: RecordDict, context: Context) -> RecordDict:
+    """Train this node's client from the received shared tensors; the reply holds only the updated shared tensors."""
+    config, pid, setup, shared, cfg = _unpack(content, context)
     server_round = int(config[KEY_ROUND])
     store = _store(context, config)
     state = store.load(pid, as_of_round=server_round - 1)
-    try:
-        result = fit(setup.model, setup.task, state, shared, setup.initial, cfg, server_round)
-    except FloatingPointError as exc:
-        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(exc)), reply_to=msg)
+    result = fit(setup.model, setup.task, state, shared, setup.initial, cfg, server_round)
     store.save(pid, result.state, server_round)
     metrics = numeric_metrics(result.metrics)
     metrics[KEY_NUM_EXAMPLES] = result.num_examples
-    content = RecordDict({ARRAYS: tensors_to_record(result.shared), METRICS: metrics})
-    return Message(content, reply_to=msg)
+    return RecordDict({ARRAYS: tensors_to_record(result.shared), METRICS: metrics})
+
+
+@app.train(mods=[dp_clipping_mod])
+def train(msg: Message, context: Context) -> Message:
+    if RECORD_KEY_CONFIGS in msg.content.config_records:  # a SecAgg+ round (privacy.secagg; see secagg.py)
+        return secaggplus_mod(msg, context, legacy_train(train_content))
+    try:
+        return Message(train_content(msg.content, context), reply_to=msg)
+    except FloatingPointError as exc:
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(exc)), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate_(msg: Message, context: Context) -> Message:
-    config, pid, setup, shared, cfg = _unpack(msg, context)
+    config, pid, setup, shared, cfg = _unpack(msg.content, context)
     store = _store(context, config)
     state = store.load(pid, as_of_round=int(config[KEY_ROUND]))
     had_reference = bool(state.reference)

@@ -8,13 +8,22 @@ fast path for testing the Flower apps and for measuring what a Flower client sen
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
 
-from flwr.app import Context, Message, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
+
+
+def _copy_content(content: RecordDict) -> RecordDict:
+    """A copy that a ClientApp (or a mod) may change without touching the server's message, as on the wire."""
+    records: dict = {k: ArrayRecord(array_dict=dict(r)) for k, r in content.array_records.items()}
+    records |= {k: MetricRecord(dict(r)) for k, r in content.metric_records.items()}
+    records |= {k: ConfigRecord({n: copy.copy(v) for n, v in r.items()}) for k, r in content.config_records.items()}
+    return RecordDict(records)
 
 
 class LocalGrid(Grid):
@@ -57,9 +66,17 @@ class LocalGrid(Grid):
             msg.metadata.__dict__["_message_id"] = msg.object_id
             msg.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
             msg.metadata.__dict__["_run_id"] = self._run.run_id
-            self.replies[msg.metadata.message_id] = self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
+            self.replies[msg.metadata.message_id] = self._deliver(msg)
             ids.append(msg.metadata.message_id)
         return ids
+
+    def _deliver(self, msg: Message) -> Message:
+        """Run the node's ClientApp on a copy (as if it came over the wire); an exception becomes an error reply."""
+        msg = Message(metadata=copy.copy(msg.metadata), content=_copy_content(msg.content))
+        try:
+            return self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
+        except Exception as exc:  # what Flower's runtimes do with a raising ClientApp
+            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(exc).__name__}: {exc}"), reply_to=msg)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self.replies.pop(i) for i in message_ids if i in self.replies]

@@ -30,11 +30,15 @@ from fedpdpo.engines.flower.records import (
     INFO,
     KEY_NUM_EXAMPLES,
     KEY_PARTITION,
+    KEY_ROUND,
+    KEY_RUN_CONFIG,
+    KEY_STATE_ROOT,
     METRICS,
     config_text,
     instruction,
     record_to_tensors,
 )
+from fedpdpo.engines.flower.secagg import secure_fit
 from fedpdpo.engines.server import EvalReply, FitReply, ServerSpec, run_server
 from fedpdpo.engines.setup import build_model
 from fedpdpo.errors import ConfigError
@@ -91,8 +95,10 @@ class GridTransport:
         self.state_root = str(state_root)
         self.timeout = timeout
         self.extra = clipping_config(cfg)
+        self.secagg = cfg.privacy.secagg
+        self.n_train: dict[int, int] = {}  # training pairs per client, from the evaluation replies (SecAgg+ weights)
         self.node_of: dict[int, int] = {}  # fedpdpo client id -> node id
-        self.silent: set[int] = set()  # nodes that did not answer the partition query
+        self.silent: set[int] = set()  # nodes that did not answer the partition query, or were replaced
 
     def discover(self) -> None:
         """Ask nodes not seen before which partition they hold; a newer node for a partition replaces the old."""
@@ -109,7 +115,10 @@ class GridTransport:
             if reply.has_error():
                 log.warning("node %d did not say its partition: %s", node, reply_error(reply))
                 continue
-            self.node_of[int(reply.content.config_records[INFO][KEY_PARTITION])] = node
+            cid = int(reply.content.config_records[INFO][KEY_PARTITION])
+            if cid in self.node_of:  # the partition's node restarted (new node id): the old one is gone
+                self.silent.add(self.node_of[cid])
+            self.node_of[cid] = node
         self.silent |= set(new) - answered
 
     def wait_for_clients(self, num_clients: int, patience: float, poll: float = 1.0) -> None:
@@ -138,22 +147,20 @@ class GridTransport:
         by_node = {self.node_of[c]: c for c in client_ids if c in self.node_of}
         msgs = [Message(content, dst_node_id=node, message_type=kind, group_id=str(server_round)) for node in by_node]
         replies: dict[int, Message] = {}
-        gone = set(by_node)
         for reply in self.grid.send_and_receive(msgs, timeout=self.timeout) if msgs else []:
             node = reply.metadata.src_node_id
             if node not in by_node:
                 continue
-            if reply.has_error():
-                missing[by_node[node]] = reply_error(reply)
-                if reply.error.code not in NODE_GONE:
-                    gone.discard(node)  # the ClientApp failed, the node is alive
-            else:
+            if not reply.has_error():
                 replies[by_node[node]] = reply
-                gone.discard(node)
-        for node in gone:  # timed out or unreachable: forget it; a restarted node joins with a new node id
-            missing.setdefault(by_node[node], f"no reply within {self.timeout} s")
-            self.node_of.pop(by_node[node], None)
-            self.silent.add(node)
+                continue
+            missing[by_node[node]] = reply_error(reply)
+            if reply.error.code in NODE_GONE:  # the SuperLink answers for a node it lost: forget the node
+                self.node_of.pop(by_node[node], None)
+                self.silent.add(node)
+        for cid in by_node.values():  # timed out: maybe slow, maybe dead; a restarted node replaces it when found
+            if cid not in replies:
+                missing.setdefault(cid, f"no reply within {self.timeout} s")
         return replies, missing
 
     def fit(
@@ -163,6 +170,8 @@ class GridTransport:
         shared: dict[str, torch.Tensor],
         on_step: Callable[[float], None],
     ) -> list[FitReply]:
+        if self.secagg:
+            return self._secure_fit(server_round, client_ids, shared, on_step)
         replies, missing = self._send(MessageType.TRAIN, server_round, client_ids, shared)
         out = []
         for cid in client_ids:
@@ -177,6 +186,31 @@ class GridTransport:
             out.append(FitReply(cid, n, record_to_tensors(content.array_records[ARRAYS]), metrics))
         return out
 
+    def _secure_fit(
+        self, server_round: int, client_ids: list[int], shared: dict[str, torch.Tensor], on_step: Callable
+    ) -> list[FitReply]:
+        """SecAgg+: every contributing client's reply carries the (only visible) weighted average of all of them."""
+        self.discover()
+        by_node = {self.node_of[c]: c for c in client_ids if c in self.node_of}
+        config = {KEY_ROUND: server_round, KEY_RUN_CONFIG: self.cfg_text, KEY_STATE_ROOT: self.state_root}
+        max_weight = float(max([self.n_train.get(c, 1) for c in client_ids] + [1]))
+        aggregate, contributed = secure_fit(
+            self.grid, server_round, sorted(by_node), shared, config, max_weight, self.timeout
+        )
+        out = []
+        for cid in client_ids:
+            node = self.node_of.get(cid)
+            if aggregate is None or node not in contributed:
+                why = "no SecAgg+ result this round" if node is not None else "no SuperNode holds this partition"
+                out.append(FitReply(cid, 0, None, error=why))
+                continue
+            n, metrics = contributed[node]
+            metrics.pop(KEY_NUM_EXAMPLES, None)
+            for _ in range(self.local_steps):
+                on_step(metrics["loss"])
+            out.append(FitReply(cid, n, {k: v.clone() for k, v in aggregate.items()}, metrics))
+        return out
+
     def evaluate(self, server_round: int, client_ids: list[int], shared: dict[str, torch.Tensor]) -> list[EvalReply]:
         replies, missing = self._send(MessageType.EVALUATE, server_round, client_ids, shared)
         for cid, why in sorted(missing.items()):
@@ -186,6 +220,7 @@ class GridTransport:
             info: ConfigRecord = reply.content.config_records[INFO]
             metrics: dict[str, Any] = dict(reply.content.metric_records[METRICS])
             metrics |= {"n_train": int(info["n_train"]), "n_test": int(info["n_test"])}
+            self.n_train[cid] = metrics["n_train"]
             metrics |= {"conflict": bool(info["conflict"]), "domains": list(info["domains"])}
             out.append(EvalReply(cid, metrics))
         return out
