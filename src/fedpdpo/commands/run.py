@@ -85,10 +85,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         use_json_logs()
     if args.engine == "inprocess":
-        if cfg.privacy.clipping_norm > 0:
-            raise FedPDPOError(
-                "[privacy] (clipping and noise on the shared update) needs --engine flower-sim or flower-deploy"
-            )
+        if cfg.privacy.clipping_norm > 0 or cfg.privacy.secagg:
+            raise FedPDPOError("[privacy] (DP clipping and noise, SecAgg+) needs --engine flower-sim or flower-deploy")
         summary = run_inprocess(cfg, args.out, quiet=args.quiet, overwrite=args.overwrite, resume=bool(args.resume))
     else:
         from fedpdpo.engines.flower import run_flower
