@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
-from tests.conftest import TINY_CONFIG, TINY_DATA
 
 from fedpdpo.config import load_config
 from fedpdpo.data import PairTokenizer, collate, load_records
 from fedpdpo.export import export_client, load_from_run
 from fedpdpo.generate import SamplingConfig, generate, generate_ids, sample_token, score
 from fedpdpo.model.backbone import load_backbone
+from tests.conftest import TINY_CONFIG, TINY_DATA
 
 PROMPT = "Write a short review of the movie."
 GREEDY = SamplingConfig(max_new_tokens=12, temperature=0.0)

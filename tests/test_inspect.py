@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from tests.conftest import TINY_CONFIG, TINY_DATA
 
 from fedpdpo.config import load_config
 from fedpdpo.data import build_clients, check_file
 from fedpdpo.data.inspect import inspect_data, length_stats
 from fedpdpo.model.backbone import tiny_tokenizer
+from tests.conftest import TINY_CONFIG, TINY_DATA
 
 
 @pytest.fixture
@@ -91,3 +91,17 @@ def test_inspect_cli_json_and_table(messy_file, tmp_path, capsys):
 
     assert main(["data", "inspect", str(tmp_path / "absent.jsonl"), "--model", "tiny"]) == 2
     assert main(["data", "inspect", str(TINY_DATA), "--model", "tiny", "--set", "num_clients=3"]) == 2
+
+
+def test_user_text_is_not_taken_as_rich_markup(tmp_path):
+    from rich.console import Console
+
+    from fedpdpo.data.inspect import render_report
+
+    path = tmp_path / "[odd] name.jsonl"
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b", "domain": "[bold]law[/]"}, {"prompt": "p"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    console = Console(width=200, record=True)
+    console.print(render_report(inspect_data(path, tiny_tokenizer())))
+    text = console.export_text()
+    assert "[bold]law[/]" in text and "[odd] name.jsonl:2: missing field 'chosen'" in text

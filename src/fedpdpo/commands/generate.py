@@ -6,6 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
+from rich.markup import escape
+from rich.text import Text
+
 from fedpdpo.errors import FedPDPOError
 
 
@@ -102,13 +105,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     console = Console()
     for prompt in prompts:
         if not args.json:
-            console.rule(f"[bold]client {cm.client_id}[/]: {prompt}")
+            console.rule(f"[bold]client {cm.client_id}[/]: {escape(prompt)}")
         for variant in variants:
             text = generate(cm, prompt, variant, sampling)
             if args.json:
                 print(json.dumps({"client": cm.client_id, "prompt": prompt, "model": variant, "text": text}))
             else:
-                console.print(Panel(text or "[dim](empty)[/]", title=variant, title_align="left"))
+                console.print(Panel(Text(text) if text else "[dim](empty)[/]", title=variant, title_align="left"))
     return 0
 
 
@@ -130,7 +133,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"client {cm.client_id}: {args.prompt}", show_edge=False)
+    table = Table(title=f"client {cm.client_id}: {escape(args.prompt)}", show_edge=False)
     for col in ("response", "implicit", "explicit", "log pi", "log pi_ref", "tokens"):
         table.add_column(col, justify="left" if col == "response" else "right")
     for r in rows:
@@ -154,8 +157,9 @@ def _row_dict(r) -> dict:
 
 
 def _short(text: str, width: int = 60) -> str:
+    """One line of at most ``width`` characters, escaped so that brackets in user text are not rich markup."""
     text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
+    return escape(text if len(text) <= width else text[: width - 1] + "…")
 
 
 def _score_pairs(cm, args: argparse.Namespace) -> int:
@@ -169,7 +173,7 @@ def _score_pairs(cm, args: argparse.Namespace) -> int:
     records, _ = load_records(args.pairs)
     if args.limit:
         records = records[: args.limit]
-    table = Table(title=f"client {cm.client_id}: {args.pairs} ({len(records)} pairs)", show_edge=False)
+    table = Table(title=f"client {cm.client_id}: {escape(args.pairs)} ({len(records)} pairs)", show_edge=False)
     for col in ("prompt", "chosen", "implicit margin", "explicit margin"):
         table.add_column(col, justify="right" if "margin" in col else "left")
     implicit_margins, explicit_margins = [], []

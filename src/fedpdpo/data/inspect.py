@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from rich.columns import Columns
 from rich.console import Group
+from rich.markup import escape
 from rich.table import Table
 
 from fedpdpo.config import RunConfig
@@ -153,7 +154,7 @@ def _histogram_table(name: str, stats: dict[str, Any]) -> Table:
 def render_report(report: dict[str, Any]) -> Group:
     """Rich tables for :func:`inspect_data`'s report."""
     parts: list[Any] = []
-    overview = Table(title=report["path"], show_header=False, show_edge=False, title_justify="left")
+    overview = Table(title=escape(report["path"]), show_header=False, show_edge=False, title_justify="left")
     overview.add_column(style="bold")
     overview.add_column()
     dup = report["duplicates"]
@@ -178,7 +179,7 @@ def render_report(report: dict[str, Any]) -> Group:
             )
         )
     for key, value in rows:
-        overview.add_row(key, value)
+        overview.add_row(key, escape(value))
     parts.append(overview)
 
     domains = Table(title="domains", show_edge=False, title_justify="left")
@@ -186,7 +187,7 @@ def render_report(report: dict[str, Any]) -> Group:
     domains.add_column("pairs", justify="right")
     items = list(report["domains"].items())
     for name, n in items[:TOP_DOMAINS]:
-        domains.add_row(name, str(n))
+        domains.add_row(escape(name), str(n))
     if len(items) > TOP_DOMAINS:
         domains.add_row(f"... {len(items) - TOP_DOMAINS} more", str(sum(n for _, n in items[TOP_DOMAINS:])))
     parts.append(domains)
@@ -197,7 +198,7 @@ def render_report(report: dict[str, Any]) -> Group:
         problems = Table(title=f"problems ({report['invalid']} invalid records)", show_edge=False, title_justify="left")
         problems.add_column("where: what", style="red")
         for line in report["problems"]:
-            problems.add_row(line)
+            problems.add_row(escape(line))
         parts.append(problems)
 
     if "partition" in report:
@@ -210,7 +211,7 @@ def render_report(report: dict[str, Any]) -> Group:
         for col in ("client", "train", "test", "conflict", "domains", "domain mix (train)"):
             table.add_column(col, justify="left" if col.startswith("domain mix") else "right")
         for c in p["clients"]:
-            mix = ", ".join(f"{d} {share:.0%}" for d, share in c["domain_mix"])
+            mix = escape(", ".join(f"{d} {share:.0%}" for d, share in c["domain_mix"]))
             table.add_row(
                 str(c["id"]),
                 str(c["n_train"]),
