@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tests.conftest import ROOT, TINY_CONFIG
 
 from fedpdpo.cli import main
 from fedpdpo.client.state import ClientState, ClientStore, atomic_write
@@ -30,6 +29,7 @@ from fedpdpo.engines.checkpoint import (
 from fedpdpo.errors import FedPDPOError
 from fedpdpo.strategies import get_strategy
 from fedpdpo.strategies.base import ClientUpdate
+from tests.conftest import ROOT, TINY_CONFIG
 
 ROUNDS = 3
 RUN = [sys.executable, "-m", "fedpdpo.cli", "run", "--quiet"]
