@@ -27,7 +27,7 @@ from fedpdpo.engines.checkpoint import (
     save_checkpoint,
 )
 from fedpdpo.errors import FedPDPOError
-from fedpdpo.strategies import get_strategy
+from fedpdpo.strategies import STRATEGIES, get_strategy
 from fedpdpo.strategies.base import ClientUpdate
 from tests.conftest import ROOT, TINY_CONFIG
 
@@ -139,6 +139,34 @@ def test_checkpoint_round_trip_restores_strategy_state_and_rng(tmp_path):
     restore_rng(ckpt.rng)
     again = (torch.rand(3), np.random.rand(), random.random())
     assert torch.equal(expected[0], again[0]) and expected[1:] == again[1:]
+
+
+@pytest.fixture(scope="module")
+def tiny_trainable() -> dict[str, torch.Tensor]:
+    from fedpdpo.config import load_config
+    from fedpdpo.engines.setup import build_model
+
+    model, _ = build_model(load_config(TINY_CONFIG))
+    return model.initial_tensors()
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_state_survives_a_checkpoint(name, tiny_trainable, tmp_path):
+    """The checkpoint stores a strategy's attributes; they must load back with ``weights_only=True``."""
+    strategy = get_strategy(name)
+    shared = {n: tiny_trainable[n] for n in strategy.shared_names(list(tiny_trainable))}
+    if shared:
+        strategy.aggregate(1, shared, [ClientUpdate(0, 3, {k: v + 0.1 for k, v in shared.items()})])
+    state = dict(vars(strategy))
+    ckpt = ServerCheckpoint(1, shared, state, {}, 0, 0.0, [], capture_rng())
+    save_checkpoint(tmp_path, ckpt)
+    loaded = load_checkpoint(tmp_path).strategy_state
+    assert sorted(loaded) == sorted(state)
+    for key, value in state.items():
+        if isinstance(value, dict):
+            assert all(torch.equal(value[k], loaded[key][k]) for k in value)
+        else:
+            assert loaded[key] == value
 
 
 def test_rewind_metrics_drops_rows_after_the_checkpoint(tmp_path):
