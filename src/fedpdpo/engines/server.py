@@ -2,7 +2,8 @@
 
 An engine supplies a :class:`ClientTransport` that reaches clients (direct calls in-process, Flower messages
 otherwise). Everything else (client sampling, aggregation by the strategy, metrics rows, summary) happens here,
-once, so the same config and seed give the same results in every engine.
+once, so the same config and seed give the same results in every engine. So do the checkpoint after every round,
+the exact resume after a kill, and the screening of client updates (see docs/reliability.md).
 """
 
 from __future__ import annotations
