@@ -7,7 +7,7 @@ each process group). Slow: each message starts a fresh ClientApp process that im
 from __future__ import annotations
 
 import json
-import os
+import subprocess
 import time
 
 import pytest
@@ -19,10 +19,17 @@ from fedpdpo.engines.inprocess import run_inprocess
 pytestmark = pytest.mark.slow
 
 
-def assert_all_stopped(pids: list[int]) -> None:
-    for pid in pids:
-        with pytest.raises(ProcessLookupError):
-            os.killpg(pid, 0)
+def live_members(pgids: list[int]) -> list[str]:
+    """Processes still running in these process groups (zombies waiting for init to reap them do not count)."""
+    ps = subprocess.run(["ps", "-eo", "pgid=,stat=,cmd="], capture_output=True, text=True, check=True).stdout
+    return [line for line in ps.splitlines() if int(line.split()[0]) in pgids and not line.split()[1].startswith("Z")]
+
+
+def assert_all_stopped(pgids: list[int], patience: float = 15.0) -> None:
+    deadline = time.monotonic() + patience
+    while live_members(pgids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not live_members(pgids)
 
 
 def test_loopback_deployment_with_tls_matches_inprocess(tiny_cfg, tmp_path):
