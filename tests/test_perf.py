@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
 
 from fedpdpo.client.state import ClientState
-from fedpdpo.client.trainer import ensure_reference, fit
+from fedpdpo.client.trainer import ensure_reference, evaluate, fit
 from fedpdpo.config import PerfSettings
 from fedpdpo.data.tokenize import collate
 from fedpdpo.engines.setup import build_setup
@@ -84,3 +86,22 @@ def test_fit_same_with_and_without_switches(tiny_cfg):
 def test_prefix_needs_last_n_layers(tiny_cfg):
     setup = _setup(tiny_cfg, last_n_layers=0)
     assert setup.model.split_layer == 0  # LoRA everywhere: nothing frozen to share, the plain path runs
+
+
+def test_benchmark_accuracy_matches_evaluate(tiny_cfg):
+    """benchmarks/bench_local_dpo.py scores TRL's model with implicit_accuracy() and fedpdpo's with evaluate()."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_local_dpo.py"
+    spec = importlib.util.spec_from_file_location("bench_local_dpo", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tiny_cfg.algorithm = "fedavg"
+    setup = _setup(tiny_cfg)
+    model = _trained(setup)
+    task = setup.tasks[0]
+    shared = model.get_tensors(setup.shared_names)
+    metrics = evaluate(model, task, ClientState(), shared, setup.initial, setup.cfg)
+    decoder = model.peft.get_base_model().get_decoder()
+    ours = bench.implicit_accuracy(
+        decoder, model.ref_head_weight, model.peft.disable_adapter, task.test, task.pad_id, setup.cfg.beta, 16
+    )
+    assert ours == pytest.approx(metrics["accuracy_implicit"])
