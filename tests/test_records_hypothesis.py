@@ -11,7 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedpdpo.data.records import check_file, load_records, validate_record
+from fedpdpo.data.tokenize import PairTokenizer
 from fedpdpo.errors import DataError
+from fedpdpo.model.backbone import tiny_tokenizer
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -51,6 +53,9 @@ def _write(workdir: Path, lines: list[bytes]) -> Path:
     return path
 
 
+PAIR_TOKENIZER = PairTokenizer(tiny_tokenizer(), max_length=64, max_prompt_length=16)
+
+
 def _line(obj) -> bytes:
     return json.dumps(obj).encode()
 
@@ -82,6 +87,8 @@ def test_skip_keeps_exactly_the_valid_records(workdir, objs):
         return
     loaded, report = load_records(path, "skip")
     assert len(loaded) == len(valid) and report.n_skipped == len(problems)
+    for i, record in enumerate(loaded):  # whatever the loader accepts, the tokenizer can encode
+        assert PAIR_TOKENIZER(i, record).chosen_ids
     if problems:
         with pytest.raises(DataError) as err:
             load_records(path, "error")
