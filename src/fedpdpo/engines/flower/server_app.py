@@ -104,6 +104,7 @@ class GridTransport:
         """Ask nodes not seen before which partition they hold; a newer node for a partition replaces the old."""
         online = set(self.grid.get_node_ids())
         self.node_of = {c: n for c, n in self.node_of.items() if n in online}
+        self.silent &= online  # a node the SuperLink dropped may come back under its id (node authentication)
         new = sorted(online - set(self.node_of.values()) - self.silent)
         if not new:
             return
