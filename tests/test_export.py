@@ -170,6 +170,13 @@ def test_export_errors_are_one_line_user_errors(run_dir, tmp_path):
     export_client(run_dir, 0, tmp_path / "z")
     with pytest.raises(FedPDPOError, match="not empty"):
         export_client(run_dir, 0, tmp_path / "z")
+    export_client(run_dir, 1, tmp_path / "z", overwrite=True)  # an earlier export may be replaced ...
+    assert json.loads((tmp_path / "z" / "fedpdpo_client.json").read_text())["client"] == 1
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(FedPDPOError, match="not a fedpdpo export"):  # ... an unrelated directory never
+        export_client(run_dir, 0, tmp_path / "other", overwrite=True)
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
     with pytest.raises(FedPDPOError, match="fedpdpo export"):
         load_personalized(tmp_path)
 

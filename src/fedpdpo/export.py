@@ -106,9 +106,11 @@ def export_client(
 ) -> ExportResult:
     """Write client ``client_id`` of ``run_dir`` as a PEFT adapter directory plus its local modules (see module doc)."""
     run_dir, out = Path(run_dir).resolve(), Path(out).resolve()
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
-            raise FedPDPOError(f"--out {out} is not empty; choose a new directory or pass --overwrite")
+            raise FedPDPOError(f"--out {out} exists and is not empty; choose a new directory or pass --overwrite")
+        if not (out / EXPORT_INFO).is_file():  # --overwrite replaces an earlier export, never an arbitrary directory
+            raise FedPDPOError(f"--out {out} is not a fedpdpo export (no {EXPORT_INFO}); refusing to replace it")
         shutil.rmtree(out)
     cfg = _run_config(run_dir)
     cm = load_from_run(run_dir, client_id)
