@@ -15,7 +15,7 @@ within one message).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -29,6 +29,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedpdpo.client.state import ClientStore
 from fedpdpo.client.trainer import ClientTask, evaluate, fit
+from fedpdpo.config import RunConfig
 from fedpdpo.data import ClientData, build_clients
 from fedpdpo.engines.flower.records import (
     ARRAYS,
@@ -55,6 +56,19 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class ProcessSetup:
+    """What this process has built for one run config: the model (shared by every partition the process serves) and
+    the tokenized partitions it has served so far."""
+
+    cfg: RunConfig
+    model: FedPDPOModel
+    tokenizer: object
+    clients: list[ClientData]
+    initial: dict[str, torch.Tensor]
+    tasks: dict[int, ClientTask] = field(default_factory=dict)
+
+
+@dataclass
 class NodeSetup:
     """What one node needs to run its client: the model, its tokenized partition and the round-0 tensors."""
 
@@ -64,7 +78,7 @@ class NodeSetup:
     initial: dict[str, torch.Tensor]
 
 
-_CACHE: dict[tuple[str, int], NodeSetup] = {}
+_CACHE: dict[str, ProcessSetup] = {}
 
 
 def partition_id(context: Context) -> int:
@@ -74,20 +88,22 @@ def partition_id(context: Context) -> int:
 
 
 def node_setup(cfg_text: str, pid: int) -> NodeSetup:
-    """Build (once per process and run config) the model and this partition's data; keeps one entry only."""
-    key = (cfg_text, pid)
-    if key not in _CACHE:
-        _CACHE.clear()
+    """The model is built once per process and run config (a Ray actor serves several partitions in turn, and a
+    client's own tensors are loaded into the model at every call); each partition is tokenized once."""
+    if cfg_text not in _CACHE:
+        _CACHE.clear()  # a new run: free the previous model
         cfg = config_from_text(cfg_text)
-        if not 0 <= pid < cfg.num_clients:
-            raise ConfigError(f"partition-id {pid} is outside 0..{cfg.num_clients - 1} (num_clients)")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         clients = get_strategy(cfg.algorithm).prepare_clients(build_clients(cfg)[0])
         model, tokenizer = build_model(cfg)
-        (task,) = tokenize_clients([clients[pid]], tokenizer, cfg)
-        _CACHE[key] = NodeSetup(model, clients[pid], task, model.initial_tensors())
-    return _CACHE[key]
+        _CACHE[cfg_text] = ProcessSetup(cfg, model, tokenizer, clients, model.initial_tensors())
+    proc = _CACHE[cfg_text]
+    if not 0 <= pid < len(proc.clients):
+        raise ConfigError(f"partition-id {pid} is outside 0..{len(proc.clients) - 1} (num_clients)")
+    if pid not in proc.tasks:
+        (proc.tasks[pid],) = tokenize_clients([proc.clients[pid]], proc.tokenizer, proc.cfg)
+    return NodeSetup(proc.model, proc.clients[pid], proc.tasks[pid], proc.initial)
 
 
 def _store(context: Context, config: ConfigRecord) -> ClientStore:
