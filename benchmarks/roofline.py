@@ -94,6 +94,10 @@ def categorize(rows: list[dict[str, Any]]) -> dict[str, float]:
         "matmul (mm, addmm, bmm, linear)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"),
         "attention (sdpa)": ("aten::_scaled_dot_product", "aten::scaled_dot_product"),
         "log-softmax over the vocabulary": ("aten::logsumexp", "aten::exp", "aten::log", "aten::sub", "aten::max"),
+        "elementwise (RMSNorm, rotary, SiLU, residuals, copies)": (
+            *("aten::mul", "aten::add", "aten::pow", "aten::neg", "aten::cat", "aten::silu", "aten::rsqrt"),
+            *("aten::mean", "aten::copy_", "aten::fill_", "aten::where", "aten::sum", "aten::sqrt", "aten::div"),
+        ),
         "optimizer (AdamW)": ("Optimizer.step", "aten::_foreach", "aten::addcdiv", "aten::lerp"),
     }
     total = sum(r["self_cpu_s"] for r in rows)
