@@ -7,11 +7,11 @@ import statistics
 from pathlib import Path
 
 import pytest
-from tests.conftest import TINY_CONFIG
 
 from fedpdpo.cli import main
 from fedpdpo.errors import FedPDPOError
 from fedpdpo.report.compare import Run, build_comparison, run_comparison
+from tests.conftest import TINY_CONFIG
 
 FAST = ["rounds=1", "local_steps=2"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -74,6 +74,17 @@ def test_compare_resumes_an_interrupted_run_from_its_checkpoint(compared: Path):
     after = json.loads((run / "summary.json").read_text())
     assert (run / "metrics.jsonl").read_text() == rows
     assert after["mean_accuracy"] == before["mean_accuracy"]
+
+
+def test_compare_never_deletes_an_interrupted_run_of_another_config(compared: Path, tmp_path: Path):
+    import shutil
+
+    run = tmp_path / "fedavg" / "seed0"
+    shutil.copytree(compared / "fedavg" / "seed0", run)
+    (run / "summary.json").unlink()
+    with pytest.raises(FedPDPOError, match=r"different config .*lr"):
+        run_comparison(TINY_CONFIG, ["fedavg"], [0], tmp_path, [*FAST, "lr=0.5"], quiet=True)
+    assert (run / "checkpoint.pt").is_file() and (run / "metrics.jsonl").is_file()
 
 
 def test_compare_rejects_unknown_algorithm_before_running(tmp_path: Path, capsys):

@@ -8,7 +8,8 @@ must match across algorithms) and lists any difference, so a report built from m
 Layout: ``OUT/<algorithm>/seed<k>/`` holds one ordinary run (config.toml, metrics.jsonl, summary.json);
 ``OUT/comparison.json``, ``OUT/report.md`` and ``OUT/*.png`` are the aggregate. A run whose ``summary.json``
 exists is finished and skipped; an interrupted one continues from its last round checkpoint (or starts again when
-it has none), so an interrupted comparison is resumed by running the same command again.
+it has none), so an interrupted comparison is resumed by running the same command again. A run whose saved
+config differs from the comparison's is never reused or deleted: that is an error naming the differing keys.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpdpo.config import RunConfig, config_to_dict, load_config
+from fedpdpo.engines.checkpoint import CHECKPOINT_FILE
 from fedpdpo.errors import FedPDPOError
 from fedpdpo.strategies import get_strategy
 
@@ -117,30 +119,30 @@ def find_runs(paths: Sequence[str | Path]) -> list[Run]:
 
 
 def check_stale(path: Path, expected: RunConfig) -> None:
-    """Refuse to reuse a finished run whose saved config differs from what this comparison would run."""
-    saved = _flatten(tomllib.loads((path / "config.toml").read_text(encoding="utf-8")))
+    """Refuse to reuse a run whose saved config differs from what this comparison would run."""
+    # read through load_config so that keys added to the config since the run started count with their default
+    saved = _flatten(config_to_dict(load_config(path / "config.toml")))
     want = _flatten(config_to_dict(expected))
     diff = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
     if diff:
         raise FedPDPOError(
-            f"{path} holds a finished run with a different config ({', '.join(diff[:5])}); "
+            f"{path} holds a run with a different config ({', '.join(diff[:5])}); "
             "use a new --out directory or delete that run"
         )
 
 
 def resume_run(path: Path, expected: RunConfig, quiet: bool) -> dict[str, Any] | None:
-    """Continue an interrupted run of the same config after its last checkpoint; None when it cannot be resumed
-    (no config saved, a different config, no checkpoint yet), in which case the caller starts it again."""
+    """Continue an interrupted run of the same config after its last checkpoint; None when there is nothing to
+    continue (no config or no checkpoint yet), in which case the caller starts it again.
+
+    An interrupted run with a *different* config is an error, never deleted: it may hold hours of training.
+    """
     from fedpdpo.engines.inprocess import run_inprocess
 
-    if not (path / "config.toml").is_file():
+    if not (path / "config.toml").is_file() or not (path / CHECKPOINT_FILE).is_file():
         return None
-    try:
-        check_stale(path, expected)
-        return run_inprocess(load_config(path / "config.toml"), path, quiet=quiet, resume=True)
-    except FedPDPOError as exc:
-        log.warning("%s: not resumable (%s); starting it again", path, exc)
-        return None
+    check_stale(path, expected)
+    return run_inprocess(load_config(path / "config.toml"), path, quiet=quiet, resume=True)
 
 
 def run_comparison(
