@@ -1,7 +1,9 @@
 """Real Flower deployment on 127.0.0.1: ``flower-superlink`` + one ``flower-supernode`` per client + ``flwr run``.
 
 Every process is started and stopped by the test (also on failure: the launcher is a context manager that kills
-each process group). Slow: each message starts a fresh ClientApp process that imports torch and builds the model.
+each process group). About 3 minutes together on 2 idle cores (each message starts a fresh ClientApp process that
+imports torch and builds the model); they run in the default suite because they are the only end-to-end check of a
+real deployment.
 """
 
 from __future__ import annotations
@@ -15,8 +17,6 @@ import pytest
 from fedpdpo.config import save_config
 from fedpdpo.engines.flower.deploy import LoopbackDeployment, run_loopback
 from fedpdpo.engines.inprocess import run_inprocess
-
-pytestmark = pytest.mark.slow
 
 
 def live_members(pgids: list[int]) -> list[str]:
