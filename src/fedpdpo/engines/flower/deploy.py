@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -92,7 +93,11 @@ def wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float =
 def flower_env(flwr_home: Path) -> dict[str, str]:
     """Offline, quiet Flower: no dependency installation, telemetry or update checks; a private FLWR_HOME."""
     env = dict(os.environ)
+    # The Flower executables (and the flower-superexec / flwr-clientapp processes they start) live next to this
+    # interpreter; a caller whose PATH lacks the virtualenv's bin/ (``make test``, cron, systemd) must still find them.
+    bin_dir = str(Path(sys.executable).parent)
     env.update(
+        PATH=os.pathsep.join([bin_dir, env.get("PATH", "")]),
         FLWR_HOME=str(flwr_home),
         FLWR_TELEMETRY_ENABLED="0",
         FLWR_DISABLE_UPDATE_CHECK="1",
