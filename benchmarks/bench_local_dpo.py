@@ -310,16 +310,16 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, floa
     return {side: {k: statistics.median(r[k] for r in rs) for k in keys} for side, rs in runs.items()}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+def add_job_args(p: argparse.ArgumentParser, steps: int, eval_pairs: int) -> None:
+    """The training job's settings, shared with roofline.py so both measure the same job."""
     p.add_argument("--model", default="smollm2")
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--max-prompt-length", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--eval-batch-size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--eval-pairs", type=int, default=32)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--eval-pairs", type=int, default=eval_pairs)
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-alpha", type=int, default=16)
     p.add_argument("--lora-targets", default="q_proj,v_proj")
@@ -328,6 +328,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    add_job_args(p, steps=6, eval_pairs=32)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {','.join(SIDES)}")
     p.add_argument("--trl-gradient-checkpointing", action="store_true", help="TRL's default; off = its fastest")

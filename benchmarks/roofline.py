@@ -20,7 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from bench_local_dpo import DEFAULT_DATA, job_config
+from bench_local_dpo import add_job_args, job_config
 
 
 def peak_matmul_flops(threads: int, repeats: int = 5) -> dict[str, float]:
@@ -110,22 +110,7 @@ def categorize(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--data", default=DEFAULT_DATA)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--max-prompt-length", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--eval-batch-size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--eval-pairs", type=int, default=8)
-    p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--lora-alpha", type=int, default=16)
-    p.add_argument("--lora-targets", default="q_proj,v_proj")
-    p.add_argument("--last-n-layers", type=int, default=4)
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    add_job_args(p, steps=3, eval_pairs=8)
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args()
