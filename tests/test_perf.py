@@ -14,8 +14,10 @@ from fedpdpo.client.trainer import ensure_reference, evaluate, fit
 from fedpdpo.config import PerfSettings
 from fedpdpo.data.tokenize import collate
 from fedpdpo.engines.setup import build_setup
+from fedpdpo.model.backbone import load_backbone
+from fedpdpo.model.policy import FedPDPOModel
 
-PLAIN = PerfSettings(shared_prefix=False, fused_reference=False, response_only_logits=False)
+PLAIN = PerfSettings(shared_prefix=False, fused_reference=False, response_only_logits=False, prefix_cache=False)
 
 
 def _setup(tiny_cfg, **lora):
@@ -83,6 +85,51 @@ def test_fit_same_with_and_without_switches(tiny_cfg):
     assert not torch.isnan(fast_state.reference["train"]).any()
 
 
+def test_prefix_cache_is_canonical(tiny_cfg):
+    """A cached prefix is computed per sequence, so its value does not depend on the batch that first needed it,
+    and a full cache (budget 0: recompute every time) gives the same bits as a warm one."""
+    setup = _setup(tiny_cfg)
+    model, task = _trained(setup), setup.tasks[0]
+    perf = PerfSettings()
+    first = collate(task.train[:4], task.pad_id)
+    other = collate([task.train[0], *task.train[4:7]], task.pad_id)  # pair 0 with other partners
+    model.prefix_cache.clear()
+    warm = model(first, perf=perf).logps
+    assert len(model.prefix_cache) == 8 and model.prefix_cache.nbytes > 0
+    prompts = {tuple(p.prompt_ids) for p in task.train[:4]}
+    assert model.prefix_cache.count("prompt") == len(prompts)  # chosen and rejected share their prompt's work
+    fresh = model._cached_prefix(other, budget_bytes=0)[[0, 4]]  # pair 0, chosen and rejected, recomputed
+    cached = model._cached_prefix(first, budget_bytes=0)[[0, 4]]
+    width = min(fresh.shape[1], cached.shape[1])
+    assert torch.equal(fresh[:, :width], cached[:, :width])
+    model.prefix_cache.clear()
+    cold = model(first, perf=dataclasses.replace(perf, prefix_cache_mb=0)).logps
+    assert len(model.prefix_cache) == 0  # nothing stored over budget
+    assert torch.equal(cold, warm)
+    # and the cached path agrees with the batched prefix up to rounding
+    batched = model(first, perf=dataclasses.replace(perf, prefix_cache=False)).logps
+    torch.testing.assert_close(warm, batched, rtol=1e-5, atol=1e-5)
+
+
+def test_fit_identical_with_warm_or_cold_prefix_cache(tiny_cfg):
+    """A restarted process (empty cache) trains the same bits as one that kept its cache from earlier rounds."""
+    setup = _setup(tiny_cfg)
+    model, task = setup.model, setup.tasks[0]
+    runs = []
+    for warm in (False, True):
+        model.prefix_cache.clear()
+        if warm:
+            evaluate(model, task, ClientState(), setup.initial_global(), setup.initial, setup.cfg)
+            ensure_reference(model, task, ClientState(), setup.cfg)
+            assert len(model.prefix_cache) == 2 * (len(task.train) + len(task.test))
+        hits = model.prefix_cache.hits
+        result = fit(model, task, ClientState(), setup.initial_global(), setup.initial, setup.cfg, server_round=1)
+        runs.append(result)
+        assert (model.prefix_cache.hits > hits) == warm
+    for name, value in runs[0].shared.items():
+        assert torch.equal(runs[1].shared[name], value), name
+
+
 def test_prefix_needs_last_n_layers(tiny_cfg):
     setup = _setup(tiny_cfg, last_n_layers=0)
     assert setup.model.split_layer == 0  # LoRA everywhere: nothing frozen to share, the plain path runs
@@ -105,3 +152,14 @@ def test_benchmark_accuracy_matches_evaluate(tiny_cfg):
         decoder, model.ref_head_weight, model.peft.disable_adapter, task.test, task.pad_id, setup.cfg.beta, 16
     )
     assert ours == pytest.approx(metrics["accuracy_implicit"])
+
+
+def test_prefix_cache_shared_by_models_on_the_same_backbone(tiny_cfg):
+    """The runs of a comparison share one cache; a model whose frozen prefix differs gets its own."""
+    first, second = _setup(tiny_cfg).model, _setup(tiny_cfg).model
+    assert first.prefix_cache is second.prefix_cache
+    backbone, _ = load_backbone("tiny")
+    with torch.no_grad():
+        backbone.model.layers[0].mlp.down_proj.weight.add_(1.0)  # a different frozen prefix
+    third = FedPDPOModel(backbone, tiny_cfg.lora, tiny_cfg.method)
+    assert third.prefix_cache is not first.prefix_cache

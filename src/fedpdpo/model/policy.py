@@ -11,6 +11,7 @@ vocabulary dominates the cost, and prompt positions never enter the loss.
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ from torch import nn
 from fedpdpo.config import LoraSettings, MethodConfig, PerfSettings
 from fedpdpo.data.tokenize import PairBatch
 from fedpdpo.model.modules import BottleneckAdapter, PersonalHead, RewardHead
+from fedpdpo.model.prefix_cache import PrefixCache, shared_prefix_cache
 
 LOGIT_CHUNK = 1024  # response tokens per chunk of the vocabulary projection
 # Decoders whose forward does nothing to ``inputs_embeds`` before the layers except masks and rotary positions, so
@@ -139,6 +141,7 @@ class FedPDPOModel(nn.Module):
         n_layers = _num_layers(backbone)
         safe = backbone.config.model_type in PREFIX_SAFE_MODEL_TYPES and hasattr(self.decoder, "norm")
         self.split_layer = max(0, n_layers - lora.last_n_layers) if lora.last_n_layers and safe else 0
+        self.prefix_cache = shared_prefix_cache(self.decoder, self.split_layer) if self.split_layer else PrefixCache()
         self.local = nn.ModuleDict()
         if method.personal_head:
             self.local["head"] = PersonalHead(self.ref_head_weight)
@@ -184,6 +187,44 @@ class FedPDPOModel(nn.Module):
         with _run_only(self.decoder, range(self.split_layer), final_norm=False):
             return self._hidden(batch)
 
+    @torch.no_grad()
+    def _cached_prefix(self, batch: PairBatch, budget_bytes: int) -> torch.Tensor:
+        """``_prefix`` assembled from per-sequence values (see ``PrefixCache``), computing the missing ones alone."""
+        lengths = batch.attention_mask.sum(1).tolist()
+        prompt_lengths = batch.response_mask.int().argmax(1).tolist()  # first response position
+        rows = []
+        for row, (length, prompt_length) in enumerate(zip(lengths, prompt_lengths, strict=True)):
+            ids = batch.input_ids[row, :length]
+            key = PrefixCache.key(torch.cat([ids, ids.new_tensor([prompt_length])]))
+            value = self.prefix_cache.get(key)
+            if value is None:
+                value = self._sequence_prefix(ids, prompt_length, budget_bytes)
+                self.prefix_cache.put(key, value, budget_bytes)
+            rows.append(value.to(batch.input_ids.device))
+        out = rows[0].new_zeros((len(rows), batch.input_ids.shape[1], rows[0].shape[-1]))
+        for row, value in enumerate(rows):
+            out[row, : value.shape[0]] = value
+        return out
+
+    def _sequence_prefix(self, ids: torch.Tensor, prompt_length: int, budget_bytes: int) -> torch.Tensor:
+        """One sequence's prefix: its prompt's (cached) hidden states and key/values, then the response on top."""
+        with _run_only(self.decoder, range(self.split_layer), final_norm=False):
+            key = PrefixCache.key(ids[:prompt_length], kind="prompt")
+            prompt = self.prefix_cache.get(key)
+            if prompt is None:
+                out = self.decoder(input_ids=ids[None, :prompt_length], use_cache=True)
+                prompt = (out.last_hidden_state[0], out.past_key_values)
+                self.prefix_cache.put(key, prompt, budget_bytes)
+            hidden, past = prompt
+            past = copy.deepcopy(past)  # the continuation appends to it
+            out = self.decoder(input_ids=ids[None, prompt_length:], past_key_values=past, use_cache=True)
+            return torch.cat([hidden.to(ids.device), out.last_hidden_state[0]])
+
+    def _prefix_for(self, batch: PairBatch, perf: PerfSettings) -> torch.Tensor:
+        if perf.prefix_cache:
+            return self._cached_prefix(batch, perf.prefix_cache_mb << 20)
+        return self._prefix(batch)
+
     def _from_prefix(self, prefix: torch.Tensor, batch: PairBatch) -> torch.Tensor:
         with _run_only(self.decoder, range(self.split_layer, len(self.decoder.layers)), final_norm=True):
             return self.decoder(
@@ -197,7 +238,7 @@ class FedPDPOModel(nn.Module):
         project = None if perf.response_only_logits else batch.attention_mask
         ref_logps = None
         if perf.shared_prefix and self.split_layer:
-            prefix = self._prefix(batch)
+            prefix = self._prefix_for(batch, perf)
             if with_reference:
                 with torch.no_grad(), self.peft.disable_adapter():
                     ref_hidden = self._from_prefix(prefix, batch)
@@ -219,7 +260,11 @@ class FedPDPOModel(nn.Module):
     @torch.no_grad()
     def reference_logps(self, batch: PairBatch, perf: PerfSettings | None = None) -> torch.Tensor:
         """log pi_ref: the frozen backbone with its original head, LoRA and local modules off."""
-        project = None if perf is None or perf.response_only_logits else batch.attention_mask
+        perf = perf or PerfSettings()
+        project = None if perf.response_only_logits else batch.attention_mask
         with self.peft.disable_adapter():
-            hidden = self._hidden(batch)
+            if perf.shared_prefix and self.split_layer:
+                hidden = self._from_prefix(self._prefix_for(batch, perf), batch)
+            else:
+                hidden = self._hidden(batch)
         return response_logps(hidden, batch.input_ids, batch.response_mask, self.ref_head_weight, project)[0]
