@@ -62,6 +62,9 @@ class MethodConfig:
     # FedRep: the first head_steps local steps of a round train only the local modules, the rest only the shared
     # tensors (0 = train everything together). Set by the fedrep strategy.
     head_steps: int = 0
+    # Ditto: weight lambda of the pull of each client's personal copy of the shared tensors towards the global ones
+    # (0 = no personal copy). Set by the ditto strategy.
+    ditto_lambda: float = 0.0
 
 
 @dataclass
@@ -117,6 +120,12 @@ class PerfSettings:
     fused_reference: bool = True
     # Project only response positions through the output head (off: every non-padding position, as TRL does).
     response_only_logits: bool = True
+    # Keep each sequence's frozen-prefix hidden states in memory (per process, keyed by token ids) and reuse them
+    # in later steps, rounds and evaluations: only the LoRA layers and the heads run again. Needs shared_prefix.
+    prefix_cache: bool = True
+    # Memory bound of that cache in MiB (fp32 SmolLM2: about 0.22 MiB per 100-token sequence); when full, further
+    # sequences are recomputed each time, with the same values.
+    prefix_cache_mb: int = 2048
 
 
 @dataclass
@@ -137,6 +146,8 @@ class RunConfig:
     beta: float = 0.1
     client_fraction: float = 1.0
     threads: int = 0  # 0 = torch default
+    # Precision of the shared tensors on the wire, both directions (see fedpdpo/transfer.py).
+    transfer_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     lora: LoraSettings = field(default_factory=LoraSettings)
     method: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -182,6 +193,11 @@ class RunConfig:
             raise ConfigError("config key 'privacy.noise_multiplier' > 0 needs 'privacy.clipping_norm' > 0")
         if self.privacy.secagg and self.privacy.clipping_norm > 0:
             raise ConfigError("config keys 'privacy.secagg' and 'privacy.clipping_norm' cannot be combined (yet)")
+        if self.transfer_dtype != "float32" and (self.privacy.secagg or self.privacy.clipping_norm > 0):
+            raise ConfigError(
+                "config key 'transfer_dtype' must be 'float32' with 'privacy.secagg' or 'privacy.clipping_norm' "
+                "(Flower's SecAgg+ and clipping mods work on fp32 arrays)"
+            )
         if self.privacy.secagg and round(self.client_fraction * self.num_clients) < 2:
             raise ConfigError("config key 'privacy.secagg' needs at least 2 clients per round")
         if not self.data.path:

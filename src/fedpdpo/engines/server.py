@@ -34,6 +34,7 @@ from fedpdpo.errors import FedPDPOError
 from fedpdpo.report.progress import RunProgress
 from fedpdpo.report.writer import append_metrics, build_summary, read_metrics, write_summary
 from fedpdpo.strategies import ClientUpdate, Strategy
+from fedpdpo.transfer import from_wire, to_wire, wire_bytes
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class ServerSpec:
     min_fit_replies: int = 1
 
     def uplink_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.initial_shared.values())
+        return wire_bytes(self.initial_shared, self.cfg.transfer_dtype)
 
 
 CLIENT_FIELDS = ("n_train", "n_test", "conflict", "domains")
@@ -152,7 +153,7 @@ def run_server(
 
     def evaluate_all(server_round: int, train: dict[int, dict[str, float]]) -> None:
         nonlocal metrics_lines
-        replies = transport.evaluate(server_round, all_clients, global_)
+        replies = transport.evaluate(server_round, all_clients, to_wire(global_, cfg.transfer_dtype))
         for r in replies:
             client_info[r.client_id] = {"id": r.client_id} | {k: r.metrics[k] for k in CLIENT_FIELDS if k in r.metrics}
         rows = eval_to_rows(server_round, replies, train)
@@ -190,7 +191,7 @@ def run_server(
         for server_round in range(max(first_round, 1), cfg.rounds + 1):
             sampled = strategy.sample_clients(server_round, cfg.num_clients, cfg.client_fraction, cfg.seed)
             progress.describe(f"round {server_round}/{cfg.rounds} fit")
-            replies = transport.fit(server_round, sampled, global_, progress.step)
+            replies = transport.fit(server_round, sampled, to_wire(global_, cfg.transfer_dtype), progress.step)
             updates, train = [], {}
             for reply in replies:
                 reason = rejection_reason(reply)
@@ -199,7 +200,7 @@ def run_server(
                     rejected.append({"round": server_round, "client": reply.client_id, "reason": reason})
                     train[reply.client_id] = {"train/failed": 1.0}
                     continue
-                updates.append(ClientUpdate(reply.client_id, reply.num_examples, reply.tensors))
+                updates.append(ClientUpdate(reply.client_id, reply.num_examples, from_wire(reply.tensors)))
                 train[reply.client_id] = train_metrics(reply)
             if len(updates) >= spec.min_fit_replies:
                 global_ = strategy.aggregate(server_round, global_, updates)

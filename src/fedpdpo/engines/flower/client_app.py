@@ -114,8 +114,9 @@ def _unpack(content: RecordDict, context: Context):
     config = content.config_records[CONFIG]
     pid = partition_id(context)
     setup = node_setup(str(config[KEY_RUN_CONFIG]), pid)
-    shared = record_to_tensors(content.array_records[ARRAYS])
-    return config, pid, setup, shared, config_from_text(str(config[KEY_RUN_CONFIG]))
+    cfg = config_from_text(str(config[KEY_RUN_CONFIG]))
+    shared = record_to_tensors(content.array_records[ARRAYS], cfg.transfer_dtype)
+    return config, pid, setup, shared, cfg
 
 
 def dp_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

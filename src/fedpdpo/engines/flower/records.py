@@ -39,14 +39,21 @@ def config_from_text(text: str) -> RunConfig:
 
 
 def tensors_to_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
-    """fp32 CPU copies in a fixed order (ArrayRecord cannot hold bf16; the clipping mod compares key order)."""
-    return ArrayRecord(
-        torch_state_dict={k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
-    )
+    """CPU copies in a fixed order (the clipping mod compares key order), in their own dtype (fp32 or fp16, see
+    ``transfer_dtype``); ArrayRecord has no bf16, so bf16 tensors travel as their int16 bit pattern."""
+    out = {}
+    for k, v in tensors.items():
+        v = v.detach().to("cpu").contiguous()
+        out[k] = v.view(torch.int16) if v.dtype == torch.bfloat16 else v
+    return ArrayRecord(torch_state_dict=out)
 
 
-def record_to_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in record.to_torch_state_dict().items()}
+def record_to_tensors(record: ArrayRecord, transfer_dtype: str = "float32") -> dict[str, torch.Tensor]:
+    """The tensors of ``record``; bf16 bit patterns (``transfer_dtype = "bfloat16"``) are viewed back as bf16."""
+    tensors = {k: v.clone() for k, v in record.to_torch_state_dict().items()}
+    if transfer_dtype == "bfloat16":
+        tensors = {k: v.view(torch.bfloat16) if v.dtype == torch.int16 else v for k, v in tensors.items()}
+    return tensors
 
 
 def instruction(

@@ -92,6 +92,7 @@ class GridTransport:
         self.grid = grid
         self.cfg_text = config_text(cfg)
         self.local_steps = cfg.local_steps
+        self.transfer_dtype = cfg.transfer_dtype
         self.state_root = str(state_root)
         self.timeout = timeout
         self.extra = clipping_config(cfg)
@@ -184,7 +185,7 @@ class GridTransport:
             n = int(metrics.pop(KEY_NUM_EXAMPLES))
             for _ in range(self.local_steps):
                 on_step(metrics["loss"])
-            out.append(FitReply(cid, n, record_to_tensors(content.array_records[ARRAYS]), metrics))
+            out.append(FitReply(cid, n, record_to_tensors(content.array_records[ARRAYS], self.transfer_dtype), metrics))
         return out
 
     def _secure_fit(
