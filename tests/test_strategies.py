@@ -32,6 +32,7 @@ MODULES = {
     "fedyogi": (False, False, False, "implicit"),
     "fedper": (True, False, False, "implicit"),
     "fedrep": (True, False, False, "implicit"),
+    "ditto": (False, False, False, "implicit"),
     "fedsa-lora": (False, False, False, "implicit"),
     "lg-fedavg": (False, False, False, "implicit"),
     "fedpdpo-no-head": (False, True, True, "combined"),
@@ -178,3 +179,29 @@ def test_unshared_lora_trains_at_the_full_learning_rate(tiny_cfg):
     assert result.shared == {}
     assert {g["lr"] for g in result.state.optimizer["param_groups"]} == {setup.cfg.lr}
     assert set(result.state.local) == set(setup.initial)
+
+
+def test_ditto_sends_fedavg_update_and_evaluates_its_personal_copy(tiny_cfg, tmp_path):
+    """Ditto's federated pass is FedAvg's local training (same global tensors, bit for bit); each client is then
+    evaluated with its own personal LoRA, which stays in its state and was pulled towards the global one."""
+    from safetensors.torch import load_file
+
+    from fedpdpo.client.state import ClientStore
+    from fedpdpo.client.trainer import PERSONAL, personal_copies
+    from fedpdpo.engines.inprocess import run_inprocess
+    from fedpdpo.report.compare import load_run
+
+    summaries = {}
+    for name in ("fedavg", "ditto"):
+        tiny_cfg.algorithm = name
+        summaries[name] = run_inprocess(tiny_cfg, tmp_path / name, quiet=True)
+    fedavg, ditto = (load_file(tmp_path / n / "global.safetensors") for n in ("fedavg", "ditto"))
+    assert fedavg.keys() == ditto.keys() and all(torch.equal(fedavg[k], ditto[k]) for k in fedavg)
+    state = ClientStore(tmp_path / "ditto" / "clients").load(0)
+    personal = personal_copies(state.local)
+    assert set(personal) == set(ditto) and state.personal_optimizer is not None
+    assert any(not torch.equal(personal[k], ditto[k]) for k in personal)
+    assert all(n.startswith(PERSONAL) for n in state.local)  # no local modules: only the personal copies
+    margins = {n: [c["reward_margin"] for c in s["clients"]] for n, s in summaries.items()}
+    assert margins["ditto"] != margins["fedavg"]  # evaluated with the personal LoRA, not the global one
+    assert load_run(tmp_path / "ditto").step_budget == 2 * load_run(tmp_path / "fedavg").step_budget

@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedpdpo.client.state import ClientStore
+from fedpdpo.client.trainer import PERSONAL, personal_copies
 from fedpdpo.config import LoraSettings, MethodConfig, RunConfig, load_config
 from fedpdpo.engines.server import GLOBAL_FILE
 from fedpdpo.errors import FedPDPOError
@@ -82,7 +83,8 @@ def load_from_run(run_dir: str | Path, client_id: int) -> ClientModel:
     model.set_tensors(load_file(global_path))
     local = ClientStore(run_dir / "clients").load(client_id).local
     if local:
-        model.set_tensors(local)
+        model.set_tensors({n: v for n, v in local.items() if not n.startswith(PERSONAL)})
+        model.set_tensors(personal_copies(local))  # Ditto: the client's model is its personal LoRA
     elif len(model.local):
         log.warning("client %d never trained in %s; its local modules are at their initial values", client_id, run_dir)
     model.eval()

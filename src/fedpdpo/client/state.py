@@ -74,6 +74,7 @@ class ClientState:
 
     local: dict[str, torch.Tensor] = field(default_factory=dict)  # non-shared trainable tensors
     optimizer: dict | None = None  # torch optimizer state_dict
+    personal_optimizer: dict | None = None  # Ditto: the optimizer of the personal copies of the shared tensors
     reference: dict[str, torch.Tensor] = field(default_factory=dict)  # "train"/"test" -> [n, 2] ref logps
     rounds_trained: int = 0
 
@@ -133,6 +134,7 @@ class ClientStore:
         if (d / OPTIMIZER_FILE).is_file():
             blob = torch.load(d / OPTIMIZER_FILE, weights_only=True)
             state.optimizer = blob["optimizer"]
+            state.personal_optimizer = blob.get("personal_optimizer")
             state.rounds_trained = int(blob["rounds_trained"])
         return state
 
@@ -161,6 +163,8 @@ class ClientStore:
                 save_file(local, tmp / LOCAL_FILE)
             if state.optimizer is not None:
                 blob = {"optimizer": state.optimizer, "rounds_trained": state.rounds_trained}
+                if state.personal_optimizer is not None:
+                    blob["personal_optimizer"] = state.personal_optimizer
                 torch.save(blob, tmp / OPTIMIZER_FILE)
             for f in tmp.iterdir():
                 with f.open("rb") as fh:

@@ -20,6 +20,7 @@ from fedpdpo.config import RunConfig
 from fedpdpo.data.tokenize import PairBatch, TokenizedPair, collate, length_bucketed_batches
 from fedpdpo.losses import dpo_loss, fedpdpo_objective, pairwise_accuracy
 from fedpdpo.model.policy import FedPDPOModel
+from fedpdpo.transfer import to_wire
 
 
 @dataclass
@@ -122,40 +123,36 @@ def _ref_for(batch: PairBatch, table: torch.Tensor, device: torch.device) -> tor
     return torch.cat([rows[:, 0], rows[:, 1]]).to(device)
 
 
-def load_client(model: FedPDPOModel, shared: dict[str, torch.Tensor], state: ClientState, initial) -> None:
-    """Put the global shared tensors and this client's local tensors (or the initial ones) into ``model``."""
+# Ditto keeps a personal copy of every shared tensor in the client state under this prefix; the client's own
+# model (evaluation, export) uses the copies, while the federated training starts from the global tensors.
+PERSONAL = "personal/"
+
+
+def personal_copies(local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The personal copies of shared tensors in a client's local state, by the shared tensor's name."""
+    return {n[len(PERSONAL) :]: v for n, v in local.items() if n.startswith(PERSONAL)}
+
+
+def load_client(
+    model: FedPDPOModel,
+    shared: dict[str, torch.Tensor],
+    state: ClientState,
+    initial,
+    personal: bool = False,
+) -> None:
+    """Put the global shared tensors and this client's local tensors (or the initial ones) into ``model``; with
+    ``personal``, the client's personal copies of shared tensors (Ditto) replace the global ones."""
     local_names = [n for n in model.trainable() if n not in shared]
     model.set_tensors({n: state.local.get(n, initial[n]) for n in local_names})
     model.set_tensors(shared)
+    if personal:
+        model.set_tensors(personal_copies(state.local))
 
 
-def fit(
-    model: FedPDPOModel,
-    task: ClientTask,
-    state: ClientState,
-    shared: dict[str, torch.Tensor],
-    initial: dict[str, torch.Tensor],
-    cfg: RunConfig,
-    server_round: int,
-    on_step: Callable[[int, dict[str, float]], None] | None = None,
-) -> FitResult:
-    """Train the client for ``cfg.local_steps`` steps starting from the global ``shared`` tensors."""
-    device = device_of(cfg)
-    model.to(device)
-    load_client(model, shared, state, initial)
-    # With perf.fused_reference the training pairs' reference is computed inside the steps that first see them.
-    ensure_reference(model, task, state, cfg, ("test",) if cfg.perf.fused_reference else ("train", "test"))
-
-    seed = derive_seed(cfg.seed, server_round, task.client_id)
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-
-    params = model.trainable()
-    shared_params = [p for n, p in params.items() if n in shared]
-    local_params = [p for n, p in params.items() if n not in shared]
-    # LoRA trains at ``lr`` whether it is shared or kept local (local, fedsa-lora, lg-fedavg); only the local
-    # modules ("local.*": head, reward head, adapter) take the smaller step.
-    # The reward head is a linear probe and needs a larger step than the 28M-parameter personalized head.
+def _optimizer(params: dict[str, torch.nn.Parameter], cfg: RunConfig) -> torch.optim.Optimizer:
+    """AdamW with LoRA at ``lr`` (shared or kept local: local, fedsa-lora, lg-fedavg) and the local modules
+    ("local.*") at their own scale: the 28M-parameter personalized head needs a smaller step than LoRA, the reward
+    head (a linear probe) a larger one."""
     module_params = [p for n, p in params.items() if n.startswith("local.") and not n.startswith("local.reward_head")]
     reward_params = [p for n, p in params.items() if n.startswith("local.reward_head")]
     groups = [{"params": [p for n, p in params.items() if not n.startswith("local.")], "lr": cfg.lr}]
@@ -163,11 +160,37 @@ def fit(
         groups.append({"params": module_params, "lr": cfg.lr * cfg.method.local_lr_scale})
     if reward_params:
         groups.append({"params": reward_params, "lr": cfg.lr * cfg.method.reward_lr_scale})
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if state.optimizer is not None:
-        optimizer.load_state_dict(state.optimizer)
-    anchor = [p.detach().clone() for p in shared_params] if cfg.method.proximal_mu > 0 else None
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
+
+@dataclass
+class _Steps:
+    """One run of local steps: what to optimise, the pull towards an anchor, and the batch order's seed."""
+
+    optimizer: torch.optim.Optimizer
+    params: dict[str, torch.nn.Parameter]
+    shared_names: set[str]
+    seed: int
+    anchor: dict[str, torch.Tensor] | None = None  # proximal term mu/2 * ||w - anchor||^2 on these tensors
+    mu: float = 0.0
+    head_steps: int = 0  # FedRep: the first head_steps train only the local tensors, the rest only the shared
+
+
+def _run_steps(
+    model: FedPDPOModel,
+    task: ClientTask,
+    state: ClientState,
+    cfg: RunConfig,
+    run: _Steps,
+    on_step: Callable[[int, dict[str, float]], None] | None,
+) -> dict[str, float]:
+    """``cfg.local_steps`` DPO steps on the client's training pairs; returns the mean of each step metric."""
+    device = device_of(cfg)
+    torch.manual_seed(run.seed)
+    gen = torch.Generator().manual_seed(run.seed)
+    shared_params = [p for n, p in run.params.items() if n in run.shared_names]
+    local_params = [p for n, p in run.params.items() if n not in run.shared_names]
+    anchor = None if run.anchor is None else [(run.params[n], a.to(device)) for n, a in run.anchor.items()]
     model.train()
     n = len(task.train)
     order: list[int] = []
@@ -194,30 +217,91 @@ def fit(
                 cfg.method.label_smoothing,
             )
         loss = result.loss
-        if anchor is not None:
-            prox = sum(((p - a) ** 2).sum() for p, a in zip(shared_params, anchor, strict=True))
-            loss = loss + 0.5 * cfg.method.proximal_mu * prox
-        optimizer.zero_grad(set_to_none=True)
+        if anchor is not None and run.mu > 0:
+            loss = loss + 0.5 * run.mu * sum(((p - a) ** 2).sum() for p, a in anchor)
+        run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.method.head_steps:  # FedRep: local tensors first (shared frozen), then the shared ones
-            for p in shared_params if step < cfg.method.head_steps else local_params:
+        if run.head_steps:
+            for p in shared_params if step < run.head_steps else local_params:
                 p.grad = None
-        grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(run.params.values()), cfg.max_grad_norm)
         result.metrics["grad_norm"] = float(grad_norm)
         if not math.isfinite(loss.item()) or not math.isfinite(float(grad_norm)):
             raise FloatingPointError(f"client {task.client_id}: non-finite loss or gradient at step {step}")
-        optimizer.step()
+        run.optimizer.step()
         for k, v in result.metrics.items():
             sums[k] = sums.get(k, 0.0) + v
         if on_step is not None:
             on_step(step, result.metrics)
     model.eval()
+    return {k: v / cfg.local_steps for k, v in sums.items()}
 
+
+def fit(
+    model: FedPDPOModel,
+    task: ClientTask,
+    state: ClientState,
+    shared: dict[str, torch.Tensor],
+    initial: dict[str, torch.Tensor],
+    cfg: RunConfig,
+    server_round: int,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> FitResult:
+    """Train the client for ``cfg.local_steps`` steps starting from the global ``shared`` tensors.
+
+    With ``method.ditto_lambda > 0`` (Ditto) the client then trains its personal copy of the shared tensors for
+    another ``local_steps`` steps, pulled towards this round's global tensors; only the first result is sent.
+    """
+    device = device_of(cfg)
+    model.to(device)
+    load_client(model, shared, state, initial)
+    # With perf.fused_reference the training pairs' reference is computed inside the steps that first see them.
+    ensure_reference(model, task, state, cfg, ("test",) if cfg.perf.fused_reference else ("train", "test"))
+
+    params = model.trainable()
+    optimizer = _optimizer(params, cfg)
+    if state.optimizer is not None:
+        optimizer.load_state_dict(state.optimizer)
+    seed = derive_seed(cfg.seed, server_round, task.client_id)
+    anchor = {n: params[n].detach().clone() for n in shared} if cfg.method.proximal_mu > 0 else None
+    run = _Steps(optimizer, params, set(shared), seed, anchor, cfg.method.proximal_mu, cfg.method.head_steps)
+    metrics = _run_steps(model, task, state, cfg, run, on_step)
+    update = to_wire(model.get_tensors(list(shared)), cfg.transfer_dtype)
+    personal = {PERSONAL + n: v for n, v in personal_copies(state.local).items()}
     state.local = model.get_tensors([n for n in params if n not in shared])
     state.optimizer = optimizer.state_dict()
+    if cfg.method.ditto_lambda > 0:
+        metrics.update(_fit_personal(model, task, state, shared, personal, cfg, server_round))
     state.rounds_trained += 1
-    metrics = {k: v / cfg.local_steps for k, v in sums.items()}
-    return FitResult(model.get_tensors(list(shared)), n, metrics, state)
+    return FitResult(update, len(task.train), metrics, state)
+
+
+def _fit_personal(
+    model: FedPDPOModel,
+    task: ClientTask,
+    state: ClientState,
+    shared: dict[str, torch.Tensor],
+    personal: dict[str, torch.Tensor],
+    cfg: RunConfig,
+    server_round: int,
+) -> dict[str, float]:
+    """Ditto's personal solver: ``min_v L_DPO(v) + lambda/2 * ||v - w_global||^2`` over the personal copy ``v`` of
+    the shared tensors (initialised from the global ones), with the client's local tensors as just trained.
+
+    The personal copies and their optimizer state are stored in the client state; the optimizer is AdamW at
+    ``lr`` over the shared tensors' names only (the local modules were trained by the federated pass)."""
+    copies = {n: personal.get(PERSONAL + n, shared[n]) for n in shared}
+    model.set_tensors(copies)
+    params = {n: p for n, p in model.trainable().items() if n in shared}
+    optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if state.personal_optimizer is not None:
+        optimizer.load_state_dict(state.personal_optimizer)
+    seed = derive_seed(cfg.seed, server_round, task.client_id, 1)
+    run = _Steps(optimizer, params, set(shared), seed, dict(shared), cfg.method.ditto_lambda)
+    metrics = _run_steps(model, task, state, cfg, run, None)
+    state.local.update({PERSONAL + n: v for n, v in model.get_tensors(list(params)).items()})
+    state.personal_optimizer = optimizer.state_dict()
+    return {f"personal_{k}": v for k, v in metrics.items() if k in ("loss", "rewards/accuracies")}
 
 
 @torch.no_grad()
@@ -237,7 +321,7 @@ def evaluate(
     """
     device = device_of(cfg)
     model.to(device)
-    load_client(model, shared, state, initial)
+    load_client(model, shared, state, initial, personal=True)
     ensure_reference(model, task, state, cfg, ("test",))
     model.eval()
     ref_table = state.reference["test"]
@@ -245,7 +329,7 @@ def evaluate(
     chosen_rewards, rejected_rewards = [], []
     for batch in _batches(task.test, cfg.eval_batch_size, task.pad_id, device):
         with autocast(device):
-            out = model(batch)
+            out = model(batch, perf=cfg.perf)
         b = batch.num_pairs
         logps = out.logps.float()
         ref = _ref_for(batch, ref_table, device)

@@ -69,8 +69,10 @@ class Run:
 
     @property
     def step_budget(self) -> int:
-        """Total local gradient steps of the run, summed over clients (equal across algorithms by design)."""
-        return self.config["local_steps"] * self.clients_per_round * self.config["rounds"]
+        """Total local gradient steps of the run, summed over clients (equal across algorithms by design, except
+        Ditto's second, personal pass)."""
+        passes = 2 if self.config.get("method", {}).get("ditto_lambda", 0) > 0 else 1
+        return passes * self.config["local_steps"] * self.clients_per_round * self.config["rounds"]
 
 
 def run_dir(out: Path, algorithm: str, seed: int) -> Path:

@@ -6,6 +6,7 @@ from fedpdpo.errors import ConfigError
 from fedpdpo.strategies.ablations import FedPDPOImplicitEval, FedPDPONoAdapter, FedPDPONoHead, FedPDPONoReward
 from fedpdpo.strategies.base import ClientUpdate, Strategy, weighted_average
 from fedpdpo.strategies.centralized import Centralized
+from fedpdpo.strategies.ditto import Ditto
 from fedpdpo.strategies.fedavg import FedAvg
 from fedpdpo.strategies.fedopt import FedAdam, FedYogi
 from fedpdpo.strategies.fedpdpo import FedPDPO
@@ -28,6 +29,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
         FedYogi,
         FedPer,
         FedRep,
+        Ditto,
         FedSALoRA,
         LGFedAvg,
         FedPDPONoHead,
