@@ -5,8 +5,10 @@ tokenized once by fedpdpo (TRL receives the token ids, so both see identical seq
 (built by ``fedpdpo.model.policy.lora_config``; TRL gets it as ``peft_config`` and so, like fedpdpo, uses the
 adapter-disabled frozen base as the reference), the same max length, batch size, beta, learning rate (constant,
 AdamW, no weight decay, gradient clipping 1.0), steps and threads. The training set holds exactly
-``steps * batch_size`` pairs, so both sides see every pair once (one epoch) and both compute each reference
-log-prob once: fedpdpo's cross-round reference cache gives it nothing here.
+``steps * batch_size / epochs`` pairs. With the default ``--epochs 1`` both sides see every pair once and compute
+each reference log-prob once: fedpdpo's caches (reference log-probs, frozen-prefix hidden states) give it nothing
+there. With ``--epochs E > 1`` each pair is seen E times, as a client sees its data again over federated rounds;
+TRL then gets ``precompute_ref_log_probs=True`` (its best setting for repeated data), fedpdpo reuses its caches.
 
 Sides:
 
@@ -21,6 +23,7 @@ ranking accuracy (ties count half) on the same held-out pairs for every side.
 
     python benchmarks/bench_local_dpo.py              # defaults: smollm2, max_length 128, batch 4, 6 steps, 2 repeats
     python benchmarks/bench_local_dpo.py --repeats 3 --json out.json
+    python benchmarks/bench_local_dpo.py --steps 8 --epochs 4        # 8 pairs, 4 passes (rounds) over them
     python benchmarks/bench_local_dpo.py --sides fedpdpo --set perf.shared_prefix=false   # one optimization off
 
 The last line printed is ``ratio_pairs_per_s=<x>`` (fedpdpo / trl, median over repeats).
@@ -69,11 +72,19 @@ def job_config(args: argparse.Namespace, algorithm: str) -> dict[str, Any]:
         },
         "data": {
             "path": args.data,
-            "max_train_per_client": args.steps * args.batch_size,
+            "max_train_per_client": train_pairs(args),
             "max_test_per_client": args.eval_pairs,
             "max_prompt_length": args.max_prompt_length,
         },
     }
+
+
+def train_pairs(args: argparse.Namespace) -> int:
+    """Training set size: ``steps * batch_size / epochs`` pairs, so that the job makes ``epochs`` passes."""
+    total = args.steps * args.batch_size
+    if args.epochs < 1 or total % args.epochs:
+        raise SystemExit(f"--epochs {args.epochs} must divide steps * batch_size = {total}")
+    return total // args.epochs
 
 
 def peak_rss_bytes() -> int:
@@ -146,8 +157,8 @@ def run_fedpdpo(args: argparse.Namespace, algorithm: str) -> dict[str, Any]:
         "wall_s": wall,
         "cpu_s": cpu,
         "step_s": _step_durations(start, step_times),
-        "pairs": len(task.train),
-        "tokens": train_tokens(task.train),
+        "pairs": setup.cfg.local_steps * setup.cfg.batch_size,
+        "tokens": args.epochs * train_tokens(task.train),
         "accuracy": metrics["accuracy_implicit"],
         "accuracy_personalized": metrics["accuracy"],
         "train_loss": result.metrics["loss"],
@@ -211,7 +222,8 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
             fp16=False,
             use_cpu=True,
             gradient_checkpointing=args.trl_gradient_checkpointing,
-            precompute_ref_log_probs=False,
+            # Over several epochs TRL's best setting computes every reference once, upfront (timed: inside train()).
+            precompute_ref_log_probs=args.epochs > 1,
             seed=cfg.seed,
             report_to=[],
             logging_steps=10**6,
@@ -252,8 +264,8 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
         "wall_s": wall,
         "cpu_s": cpu,
         "step_s": _step_durations(start, clock.times),
-        "pairs": len(task.train),
-        "tokens": train_tokens(task.train),
+        "pairs": cfg.local_steps * cfg.batch_size,
+        "tokens": args.epochs * train_tokens(task.train),
         "accuracy": accuracy,
         "train_loss": float(output.training_loss),
         "threads": torch.get_num_threads(),
@@ -319,6 +331,7 @@ def add_job_args(p: argparse.ArgumentParser, steps: int, eval_pairs: int) -> Non
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--epochs", type=int, default=1, help="passes over the training pairs (a client's rounds)")
     p.add_argument("--eval-pairs", type=int, default=eval_pairs)
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-alpha", type=int, default=16)
@@ -347,7 +360,7 @@ def child_argv(args: argparse.Namespace) -> list[str]:
     out = [
         *("--model", args.model, "--data", args.data, "--max-length", str(args.max_length)),
         *("--max-prompt-length", str(args.max_prompt_length), "--batch-size", str(args.batch_size)),
-        *("--eval-batch-size", str(args.eval_batch_size), "--steps", str(args.steps)),
+        *("--eval-batch-size", str(args.eval_batch_size), "--steps", str(args.steps), "--epochs", str(args.epochs)),
         *("--eval-pairs", str(args.eval_pairs), "--lora-r", str(args.lora_r), "--lora-alpha", str(args.lora_alpha)),
         *("--lora-targets", args.lora_targets, "--last-n-layers", str(args.last_n_layers)),
         *("--beta", str(args.beta), "--lr", str(args.lr), "--threads", str(args.threads), "--seed", str(args.seed)),
