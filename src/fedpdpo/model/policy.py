@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -141,6 +142,9 @@ class FedPDPOModel(nn.Module):
         n_layers = _num_layers(backbone)
         safe = backbone.config.model_type in PREFIX_SAFE_MODEL_TYPES and hasattr(self.decoder, "norm")
         self.split_layer = max(0, n_layers - lora.last_n_layers) if lora.last_n_layers and safe else 0
+        # transformers renamed ``past_key_values`` to ``cache`` during 5.x; use the decoder's own name
+        params = inspect.signature(self.decoder.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.prefix_cache = shared_prefix_cache(self.decoder, self.split_layer) if self.split_layer else PrefixCache()
         self.local = nn.ModuleDict()
         if method.personal_head:
@@ -213,11 +217,13 @@ class FedPDPOModel(nn.Module):
             prompt = self.prefix_cache.get(key)
             if prompt is None:
                 out = self.decoder(input_ids=ids[None, :prompt_length], use_cache=True)
-                prompt = (out.last_hidden_state[0], out.past_key_values)
+                past = out.cache if self._cache_kwarg == "cache" else out.past_key_values
+                prompt = (out.last_hidden_state[0], past)
                 self.prefix_cache.put(key, prompt, budget_bytes)
             hidden, past = prompt
             past = copy.deepcopy(past)  # the continuation appends to it
-            out = self.decoder(input_ids=ids[None, prompt_length:], past_key_values=past, use_cache=True)
+            kwargs = {self._cache_kwarg: past}
+            out = self.decoder(input_ids=ids[None, prompt_length:], use_cache=True, **kwargs)
             return torch.cat([hidden.to(ids.device), out.last_hidden_state[0]])
 
     def _prefix_for(self, batch: PairBatch, perf: PerfSettings) -> torch.Tensor:
