@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after use(): the backend must be chosen before pyplot is imported
+from matplotlib.ticker import MaxNLocator
 
 
 def plot_accuracy_by_round(comparison: dict[str, Any], path: Path) -> Path:
@@ -29,6 +30,7 @@ def plot_accuracy_by_round(comparison: dict[str, Any], path: Path) -> Path:
             alpha=0.15,
         )
     ax.set_xlabel("round (0 = before training)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     ax.set_ylabel("mean held-out pairwise accuracy")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
@@ -46,7 +48,7 @@ def plot_per_client(comparison: dict[str, Any], path: Path) -> Path:
     n_seeds = len(first["seeds"])
     labels = [
         f"client {c['id']}"
-        + {0: "", n_seeds: " (conflict)"}.get(len(c["conflict_in_seeds"]), " (conflict in some seeds)")
+        + {0: "", n_seeds: "\n(conflict)"}.get(len(c["conflict_in_seeds"]), "\n(conflict in some seeds)")
         for c in first["clients"]
     ]
     width = 0.8 / len(names)
