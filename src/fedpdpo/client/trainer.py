@@ -217,7 +217,7 @@ def _run_steps(
                 cfg.method.label_smoothing,
             )
         loss = result.loss
-        if anchor is not None and run.mu > 0:
+        if anchor is not None:
             loss = loss + 0.5 * run.mu * sum(((p - a) ** 2).sum() for p, a in anchor)
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -267,7 +267,7 @@ def fit(
     run = _Steps(optimizer, params, set(shared), seed, anchor, cfg.method.proximal_mu, cfg.method.head_steps)
     metrics = _run_steps(model, task, state, cfg, run, on_step)
     update = to_wire(model.get_tensors(list(shared)), cfg.transfer_dtype)
-    personal = {PERSONAL + n: v for n, v in personal_copies(state.local).items()}
+    personal = personal_copies(state.local)  # Ditto's copies, kept aside: state.local is rebuilt below
     state.local = model.get_tensors([n for n in params if n not in shared])
     state.optimizer = optimizer.state_dict()
     if cfg.method.ditto_lambda > 0:
@@ -290,7 +290,7 @@ def _fit_personal(
 
     The personal copies and their optimizer state are stored in the client state; the optimizer is AdamW at
     ``lr`` over the shared tensors' names only (the local modules were trained by the federated pass)."""
-    copies = {n: personal.get(PERSONAL + n, shared[n]) for n in shared}
+    copies = {n: personal.get(n, shared[n]) for n in shared}
     model.set_tensors(copies)
     params = {n: p for n, p in model.trainable().items() if n in shared}
     optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
