@@ -143,3 +143,11 @@ def test_aggregation_over_seeds_and_fairness_check():
     assert c["fairness_differences"] == []
     unfair = build_comparison([*runs, _run("c", 0, [0.5] * 3, 0, lr=0.1, steps=8)])
     assert [p.split(" ")[0] for p in unfair["fairness_differences"]] == ["lr", "step_budget"]
+
+
+def test_plot_colours_stay_distinct_for_every_algorithm():
+    """tab10 repeats after ten lines; a full comparison (baselines + ablations) has 15 algorithms."""
+    from fedpdpo.report.plots import _colors
+    from fedpdpo.strategies import STRATEGIES
+
+    assert len(set(_colors(len(STRATEGIES)))) == len(STRATEGIES)

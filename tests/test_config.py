@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from fedpdpo.config import config_from_dict, load_config, parse_override
 from fedpdpo.errors import ConfigError
-from tests.conftest import TINY_CONFIG, TINY_DATA
+from tests.conftest import ROOT, TINY_CONFIG, TINY_DATA
 
 
 def test_tiny_config_resolves_data_path_relative_to_file():
@@ -42,3 +44,14 @@ def test_missing_data_path_and_missing_file(tmp_path):
         config_from_dict({})
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.toml")), ids=lambda p: p.stem)
+def test_shipped_configs_load_and_name_existing_data(path):
+    """Every config in configs/ validates, and its data files exist (the experiments read ../shared/data)."""
+    cfg = load_config(path)
+    for data_file in map(Path, filter(None, [cfg.data.path, *cfg.data.extra_paths])):
+        # a checkout without ../shared/data can still check the config itself; a wrong name in it cannot pass
+        if data_file.parent.is_dir():
+            assert data_file.is_file(), f"{path.name}: data file {data_file} is missing"
+    assert cfg.rounds >= 1 and cfg.local_steps >= 1
