@@ -11,9 +11,10 @@ import torch
 
 from fedpdpo.client.state import ClientState
 from fedpdpo.client.trainer import ensure_reference, evaluate, fit
-from fedpdpo.config import PerfSettings
+from fedpdpo.config import PerfSettings, config_from_dict
 from fedpdpo.data.tokenize import collate
 from fedpdpo.engines.setup import build_setup
+from fedpdpo.errors import ConfigError
 from fedpdpo.model.backbone import load_backbone
 from fedpdpo.model.policy import FedPDPOModel
 
@@ -163,3 +164,38 @@ def test_prefix_cache_shared_by_models_on_the_same_backbone(tiny_cfg):
         backbone.model.layers[0].mlp.down_proj.weight.add_(1.0)  # a different frozen prefix
     third = FedPDPOModel(backbone, tiny_cfg.lora, tiny_cfg.method)
     assert third.prefix_cache is not first.prefix_cache
+
+
+def test_reward_layer_reads_the_frozen_layer_on_every_path(tiny_cfg):
+    """``method.reward_layer = k``: the explicit reward is the head on ``hidden_states[k]`` of the frozen backbone,
+    whichever forward path runs, untouched by LoRA and adapter, and only the head gets its gradient."""
+    tiny_cfg.method.reward_layer = 1
+    setup = _setup(tiny_cfg)
+    model = _trained(setup)
+    batch = collate(setup.tasks[0].train[:3], setup.tasks[0].pad_id)
+    with torch.no_grad(), model.peft.disable_adapter():
+        states = model.peft.get_base_model()(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True
+        ).hidden_states[1]
+        expected = model.local["reward_head"](states, batch.response_mask)
+    for perf in (PLAIN, PerfSettings(), PerfSettings(prefix_cache=False)):
+        torch.testing.assert_close(model(batch, perf=perf).rewards, expected, rtol=1e-5, atol=1e-5)
+    assert model.prefix_cache.count("layer1") == 6  # chosen and rejected of 3 pairs, computed once each
+    with torch.no_grad():
+        for name, p in model.trainable().items():
+            if "adapter" in name or "lora_B" in name:
+                p.add_(0.3)
+    model.zero_grad(set_to_none=True)
+    rewards = model(batch).rewards
+    torch.testing.assert_close(rewards, expected, rtol=1e-5, atol=1e-5)
+    rewards.sum().backward()
+    with_grad = {n for n, p in model.trainable().items() if p.grad is not None}
+    assert with_grad and all(n.startswith("local.reward_head") for n in with_grad)
+
+
+def test_reward_layer_must_be_frozen(tiny_cfg):
+    tiny_cfg.method.reward_layer = 2  # the LoRA layer of the 2-layer tiny model
+    with pytest.raises(ConfigError, match=r"method\.reward_layer"):
+        _setup(tiny_cfg)
+    with pytest.raises(ConfigError, match=r"method\.reward_layer"):
+        config_from_dict({"data": {"path": "x.jsonl"}, "method": {"reward_layer": -1}})

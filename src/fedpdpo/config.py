@@ -51,6 +51,10 @@ class MethodConfig:
     adapter: bool = True
     adapter_dim: int = 64
     reward_pooling: Literal["mean", "last"] = "mean"
+    # Which hidden state the explicit reward head reads. 0: the final one, after the bottleneck adapter (the method
+    # as specified). k > 0: the output of decoder layer k (hidden_states[k] in transformers' numbering), which must
+    # lie in the frozen prefix below the first LoRA layer (docs/method.md, "Reward layer").
+    reward_layer: int = 0
     # Which score ranks chosen vs rejected for the headline accuracy.
     eval_score: Literal["implicit", "explicit", "combined"] = "combined"
     # Learning rate multiplier for the local modules (the head is large; it needs a smaller step than LoRA).
@@ -171,6 +175,8 @@ class RunConfig:
         for key, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"config key '{key}' must be > 0, got {value}")
+        if self.method.reward_layer < 0:
+            raise ConfigError(f"config key 'method.reward_layer' must be >= 0, got {self.method.reward_layer}")
         if self.data.max_prompt_length >= self.max_length:
             raise ConfigError(
                 f"config key 'data.max_prompt_length' ({self.data.max_prompt_length}) must be smaller than "

@@ -21,6 +21,7 @@ from torch import nn
 
 from fedpdpo.config import LoraSettings, MethodConfig, PerfSettings
 from fedpdpo.data.tokenize import PairBatch
+from fedpdpo.errors import ConfigError
 from fedpdpo.model.modules import BottleneckAdapter, PersonalHead, RewardHead
 from fedpdpo.model.prefix_cache import PrefixCache, shared_prefix_cache
 
@@ -149,6 +150,13 @@ class FedPDPOModel(nn.Module):
         self.local = nn.ModuleDict()
         if method.personal_head:
             self.local["head"] = PersonalHead(self.ref_head_weight)
+        self.reward_layer = method.reward_layer if method.reward_head else 0
+        if not 0 <= self.reward_layer <= self.split_layer:
+            raise ConfigError(
+                f"config key 'method.reward_layer' is {self.reward_layer}, but only layers 1..{self.split_layer} "
+                f"are frozen (below the first LoRA layer{'' if self.split_layer else '; this model has none'}); "
+                "use 0 for the final hidden state or lower the layer"
+            )
         if method.reward_head:
             self.local["reward_head"] = RewardHead(hidden_size, method.reward_pooling)
         if method.adapter:
@@ -226,6 +234,31 @@ class FedPDPOModel(nn.Module):
             out = self.decoder(input_ids=ids[None, prompt_length:], use_cache=True, **kwargs)
             return torch.cat([hidden.to(ids.device), out.last_hidden_state[0]])
 
+    @torch.no_grad()
+    def _frozen_layer(self, batch: PairBatch, layer: int, perf: PerfSettings) -> torch.Tensor:
+        """Output of decoder layer ``layer`` (frozen, so no graph), for the reward head when ``reward_layer > 0``.
+
+        With the prefix cache on, each sequence's value is computed alone and kept, like the prefix itself, so it
+        is computed once per sequence and is the same bits whether cached or not."""
+        if not perf.prefix_cache:
+            with _run_only(self.decoder, range(layer), final_norm=False):
+                return self._hidden(batch)
+        budget = perf.prefix_cache_mb << 20
+        rows = []
+        for row, length in enumerate(batch.attention_mask.sum(1).tolist()):
+            ids = batch.input_ids[row, :length]
+            key = PrefixCache.key(ids, kind=f"layer{layer}")
+            value = self.prefix_cache.get(key)
+            if value is None:
+                with _run_only(self.decoder, range(layer), final_norm=False):
+                    value = self.decoder(input_ids=ids[None], use_cache=False).last_hidden_state[0]
+                self.prefix_cache.put(key, value, budget)
+            rows.append(value.to(batch.input_ids.device))
+        out = rows[0].new_zeros((len(rows), batch.input_ids.shape[1], rows[0].shape[-1]))
+        for row, value in enumerate(rows):
+            out[row, : value.shape[0]] = value
+        return out
+
     def _prefix_for(self, batch: PairBatch, perf: PerfSettings) -> torch.Tensor:
         if perf.prefix_cache:
             return self._cached_prefix(batch, perf.prefix_cache_mb << 20)
@@ -260,7 +293,10 @@ class FedPDPOModel(nn.Module):
             hidden = self.local["adapter"](hidden)
         head = self.local["head"].weight if "head" in self.local else self.ref_head_weight
         logps, n_tokens = response_logps(hidden, batch.input_ids, batch.response_mask, head, project)
-        rewards = self.local["reward_head"](hidden, batch.response_mask) if "reward_head" in self.local else None
+        rewards = None
+        if "reward_head" in self.local:
+            features = self._frozen_layer(batch, self.reward_layer, perf) if self.reward_layer else hidden
+            rewards = self.local["reward_head"](features, batch.response_mask)
         return PolicyOutput(logps, rewards, n_tokens, ref_logps)
 
     @torch.no_grad()
