@@ -4,8 +4,10 @@ FedPDPO's reward head is ``r = w^T mean(h_response) + b`` on the final hidden st
 steps. This script gives the ceiling of such a head: an L2-regularised logistic regression fitted to convergence
 (L-BFGS, standardised features) on ``pool(chosen) - pool(rejected)`` of the *frozen* backbone, for several response
 lengths (``max_length``, tokenised exactly as training does), hidden layers and training-set sizes, scored by
-held-out pairwise accuracy. Hidden states are causal, so one forward pass at the longest length serves every
-shorter one. Output: one JSON line per setting (and ``--out FILE`` for all of them).
+held-out pairwise accuracy: by default on validation pairs taken from the training split after the fitted ones, so
+that choosing a layer or a length never looks at the test split the experiments are scored on. Hidden states are
+causal, so one forward pass at the longest length serves every shorter one. Output: one JSON line per setting
+(and ``--out FILE`` for all of them).
 
     python scripts/reward_probe.py --data ../shared/data/imdb_sentiment_pairs.jsonl --out probe.json
 """
@@ -34,7 +36,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model", default="smollm2")
     p.add_argument("--data", required=True, help="preference JSONL with a split field (train/test)")
     p.add_argument("--n-train", default="64,256", help="training-set sizes (pairs), comma-separated")
-    p.add_argument("--n-test", type=int, default=200)
+    p.add_argument("--n-eval", type=int, default=200, help="pairs scored (held out from fitting)")
+    p.add_argument(
+        "--eval-on",
+        choices=["validation", "test"],
+        default="validation",
+        help="validation: train-split pairs after the fitted ones (for choosing a layer or length without "
+        "touching the test split the experiments score on); test: the test split",
+    )
     p.add_argument("--max-lengths", default="96,128,160,224", help="total lengths (prompt + response)")
     p.add_argument("--max-prompt-length", type=int, default=32)
     p.add_argument("--layers", default="-1,20,14", help="hidden_states indices; -1 = final (after the norm)")
@@ -90,8 +99,12 @@ def main() -> None:
     n_train, lengths, layers = _ints(args.n_train), _ints(args.max_lengths), _ints(args.layers)
     l2s = [float(x) for x in args.l2.split(",")]
     records, _ = load_records(args.data)
-    train = [r for r in records if r.split == "train"][: max(n_train)]
-    test = [r for r in records if r.split == "test"][: args.n_test]
+    pool = [r for r in records if r.split == "train"]
+    train = pool[: max(n_train)]
+    if args.eval_on == "validation":
+        test = pool[max(n_train) : max(n_train) + args.n_eval]
+    else:
+        test = [r for r in records if r.split == "test"][: args.n_eval]
     model, hf_tokenizer = load_backbone(args.model)
     tokenizer = PairTokenizer(hf_tokenizer, max(lengths), args.max_prompt_length)
     prompt_length = len(tokenizer.prompt_ids(train[0].prompt))
@@ -107,7 +120,7 @@ def main() -> None:
             test_d = pair_features(test_states[layer], budget)
             for n in n_train:
                 acc = {str(l2): round(probe_accuracy(train_d[:n], test_d, l2), 3) for l2 in l2s}
-                row = {"layer": layer, "max_length": max_length, "n_train": n, "n_test": len(test), "accuracy": acc}
+                row = {"layer": layer, "max_length": max_length, "n_train": n, args.eval_on: len(test), "accuracy": acc}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     if args.out:
