@@ -71,3 +71,16 @@ def test_client_sampling_fraction(tmp_path):
     for rnd in (1, 2):
         trained = [r["client"] for r in rows if r["round"] == rnd and "train_loss" in r]
         assert len(trained) == 1
+
+
+def test_finished_run_keeps_only_final_local_tensors(tiny_run):
+    """Older versions and optimizer states serve only resuming; a finished run keeps the last local tensors."""
+    from fedpdpo.client.state import LOCAL_FILE, ClientStore
+
+    store = ClientStore(tiny_run / "clients")
+    for cid in range(2):
+        assert store.versions(cid) == [2]
+        files = sorted(p.name for p in store.version_dir(cid, 2).iterdir())
+        assert files == [LOCAL_FILE]
+        assert store.load(cid).local  # what export and generate read is still there
+    assert store.finalize() == 0  # nothing left to drop

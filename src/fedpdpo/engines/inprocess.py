@@ -100,4 +100,6 @@ def run_inprocess(
         write_config(out, setup.cfg)
     spec = ServerSpec(setup.cfg, setup.strategy, setup.initial_global(), resolve_model(cfg.model), "inprocess")
     store = ClientStore(out / CLIENTS_DIR)
-    return run_server(spec, InProcessTransport(setup, store), out, quiet=quiet, resume=resume)
+    summary = run_server(spec, InProcessTransport(setup, store), out, quiet=quiet, resume=resume)
+    store.finalize()  # finished: drop what only resuming needed (older versions, optimizer states)
+    return summary
