@@ -126,6 +126,15 @@ def _run_only(decoder: nn.Module, keep: range, final_norm: bool):
         decoder.norm = norm
 
 
+def _stack_padded(rows: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Per-sequence ``[length, hidden]`` values as one right-padded ``[N, width, hidden]`` batch (zeros in the
+    padding, which the attention and response masks never read)."""
+    out = rows[0].new_zeros((len(rows), width, rows[0].shape[-1]))
+    for row, value in enumerate(rows):
+        out[row, : value.shape[0]] = value
+    return out
+
+
 class FedPDPOModel(nn.Module):
     """Backbone (frozen) with the shared LoRA, plus ``self.local``: this client's head, reward head and adapter.
 
@@ -213,10 +222,7 @@ class FedPDPOModel(nn.Module):
                 value = self._sequence_prefix(ids, prompt_length, budget_bytes)
                 self.prefix_cache.put(key, value, budget_bytes)
             rows.append(value.to(batch.input_ids.device))
-        out = rows[0].new_zeros((len(rows), batch.input_ids.shape[1], rows[0].shape[-1]))
-        for row, value in enumerate(rows):
-            out[row, : value.shape[0]] = value
-        return out
+        return _stack_padded(rows, batch.input_ids.shape[1])
 
     def _sequence_prefix(self, ids: torch.Tensor, prompt_length: int, budget_bytes: int) -> torch.Tensor:
         """One sequence's prefix: its prompt's (cached) hidden states and key/values, then the response on top."""
@@ -254,10 +260,7 @@ class FedPDPOModel(nn.Module):
                     value = self.decoder(input_ids=ids[None], use_cache=False).last_hidden_state[0]
                 self.prefix_cache.put(key, value, budget)
             rows.append(value.to(batch.input_ids.device))
-        out = rows[0].new_zeros((len(rows), batch.input_ids.shape[1], rows[0].shape[-1]))
-        for row, value in enumerate(rows):
-            out[row, : value.shape[0]] = value
-        return out
+        return _stack_padded(rows, batch.input_ids.shape[1])
 
     def _prefix_for(self, batch: PairBatch, perf: PerfSettings) -> torch.Tensor:
         if perf.prefix_cache:
