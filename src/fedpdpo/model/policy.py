@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -126,15 +127,6 @@ def _run_only(decoder: nn.Module, keep: range, final_norm: bool):
         decoder.norm = norm
 
 
-def _stack_padded(rows: list[torch.Tensor], width: int) -> torch.Tensor:
-    """Per-sequence ``[length, hidden]`` values as one right-padded ``[N, width, hidden]`` batch (zeros in the
-    padding, which the attention and response masks never read)."""
-    out = rows[0].new_zeros((len(rows), width, rows[0].shape[-1]))
-    for row, value in enumerate(rows):
-        out[row, : value.shape[0]] = value
-    return out
-
-
 class FedPDPOModel(nn.Module):
     """Backbone (frozen) with the shared LoRA, plus ``self.local``: this client's head, reward head and adapter.
 
@@ -160,7 +152,7 @@ class FedPDPOModel(nn.Module):
         if method.personal_head:
             self.local["head"] = PersonalHead(self.ref_head_weight)
         self.reward_layer = method.reward_layer if method.reward_head else 0
-        if not 0 <= self.reward_layer <= self.split_layer:
+        if self.reward_layer > self.split_layer:  # (negative values fail in RunConfig.validate)
             raise ConfigError(
                 f"config key 'method.reward_layer' is {self.reward_layer}, but only layers 1..{self.split_layer} "
                 f"are frozen (below the first LoRA layer{'' if self.split_layer else '; this model has none'}); "
@@ -203,26 +195,43 @@ class FedPDPOModel(nn.Module):
         ).last_hidden_state
 
     @torch.no_grad()
-    def _prefix(self, batch: PairBatch) -> torch.Tensor:
-        """Hidden states entering the first LoRA layer: frozen work, so no graph is recorded."""
-        with _run_only(self.decoder, range(self.split_layer), final_norm=False):
+    def _prefix(self, batch: PairBatch, layer: int | None = None) -> torch.Tensor:
+        """Hidden states after the frozen layers below ``layer`` (default: the first LoRA layer): frozen work, so
+        no graph is recorded."""
+        with _run_only(self.decoder, range(self.split_layer if layer is None else layer), final_norm=False):
             return self._hidden(batch)
 
     @torch.no_grad()
-    def _cached_prefix(self, batch: PairBatch, budget_bytes: int) -> torch.Tensor:
-        """``_prefix`` assembled from per-sequence values (see ``PrefixCache``), computing the missing ones alone."""
+    def _per_sequence(
+        self, batch: PairBatch, budget_bytes: int, kind: str, compute: Callable[[torch.Tensor, int], torch.Tensor]
+    ) -> torch.Tensor:
+        """A frozen ``[N, width, hidden]`` value assembled from per-sequence values (see ``PrefixCache``), kept under
+        ``kind`` and computed alone as ``compute(ids, prompt_length)`` when missing; zeros in the padding, which the
+        attention and response masks never read."""
         lengths = batch.attention_mask.sum(1).tolist()
         prompt_lengths = batch.response_mask.int().argmax(1).tolist()  # first response position
         rows = []
         for row, (length, prompt_length) in enumerate(zip(lengths, prompt_lengths, strict=True)):
             ids = batch.input_ids[row, :length]
-            key = PrefixCache.key(torch.cat([ids, ids.new_tensor([prompt_length])]))
+            key = PrefixCache.key(torch.cat([ids, ids.new_tensor([prompt_length])]), kind=kind)
             value = self.prefix_cache.get(key)
             if value is None:
-                value = self._sequence_prefix(ids, prompt_length, budget_bytes)
+                value = compute(ids, prompt_length)
                 self.prefix_cache.put(key, value, budget_bytes)
             rows.append(value.to(batch.input_ids.device))
-        return _stack_padded(rows, batch.input_ids.shape[1])
+        out = rows[0].new_zeros((len(rows), batch.input_ids.shape[1], rows[0].shape[-1]))
+        for row, value in enumerate(rows):
+            out[row, : value.shape[0]] = value
+        return out
+
+    def _cached_prefix(self, batch: PairBatch, budget_bytes: int) -> torch.Tensor:
+        """``_prefix`` from the per-sequence cache."""
+        return self._per_sequence(
+            batch,
+            budget_bytes,
+            "sequence",
+            lambda ids, prompt_length: self._sequence_prefix(ids, prompt_length, budget_bytes),
+        )
 
     def _sequence_prefix(self, ids: torch.Tensor, prompt_length: int, budget_bytes: int) -> torch.Tensor:
         """One sequence's prefix: its prompt's (cached) hidden states and key/values, then the response on top."""
@@ -240,27 +249,19 @@ class FedPDPOModel(nn.Module):
             out = self.decoder(input_ids=ids[None, prompt_length:], use_cache=True, **kwargs)
             return torch.cat([hidden.to(ids.device), out.last_hidden_state[0]])
 
-    @torch.no_grad()
     def _frozen_layer(self, batch: PairBatch, layer: int, perf: PerfSettings) -> torch.Tensor:
         """Output of decoder layer ``layer`` (frozen, so no graph), for the reward head when ``reward_layer > 0``.
 
         With the prefix cache on, each sequence's value is computed alone and kept, like the prefix itself, so it
         is computed once per sequence and is the same bits whether cached or not."""
         if not perf.prefix_cache:
+            return self._prefix(batch, layer)
+
+        def compute(ids: torch.Tensor, prompt_length: int) -> torch.Tensor:
             with _run_only(self.decoder, range(layer), final_norm=False):
-                return self._hidden(batch)
-        budget = perf.prefix_cache_mb << 20
-        rows = []
-        for row, length in enumerate(batch.attention_mask.sum(1).tolist()):
-            ids = batch.input_ids[row, :length]
-            key = PrefixCache.key(ids, kind=f"layer{layer}")
-            value = self.prefix_cache.get(key)
-            if value is None:
-                with _run_only(self.decoder, range(layer), final_norm=False):
-                    value = self.decoder(input_ids=ids[None], use_cache=False).last_hidden_state[0]
-                self.prefix_cache.put(key, value, budget)
-            rows.append(value.to(batch.input_ids.device))
-        return _stack_padded(rows, batch.input_ids.shape[1])
+                return self.decoder(input_ids=ids[None], use_cache=False).last_hidden_state[0]
+
+        return self._per_sequence(batch, perf.prefix_cache_mb << 20, f"layer{layer}", compute)
 
     def _prefix_for(self, batch: PairBatch, perf: PerfSettings) -> torch.Tensor:
         if perf.prefix_cache:
