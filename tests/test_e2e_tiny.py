@@ -83,4 +83,4 @@ def test_finished_run_keeps_only_final_local_tensors(tiny_run):
         files = sorted(p.name for p in store.version_dir(cid, 2).iterdir())
         assert files == [LOCAL_FILE]
         assert store.load(cid).local  # what export and generate read is still there
-    assert store.finalize() == 0  # nothing left to drop
+    assert store.finalize(range(2)) == 0  # nothing left to drop

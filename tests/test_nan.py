@@ -51,7 +51,7 @@ def test_nan_loss_rejects_the_client_for_that_round_only(tiny_cfg, tmp_path, mon
     monkeypatch.setattr(trainer, "fedpdpo_objective", objective)
     seen = _spy_aggregate(monkeypatch)
     # keep the optimizer state a finished run drops, to read how many rounds client 1 really trained
-    monkeypatch.setattr(ClientStore, "finalize", lambda self: 0)
+    monkeypatch.setattr(ClientStore, "finalize", lambda self, client_ids: 0)
     out = tmp_path / "out"
     summary = run_inprocess(tiny_cfg, out, quiet=True)
 

@@ -72,7 +72,7 @@ def test_fedpdpo_local_modules_train_but_stay_home(tiny_cfg, tmp_path, monkeypat
     """The modules that never travel do exist and do train: they are in the client's own store only."""
     tiny_cfg.rounds, tiny_cfg.local_steps = 1, 2
     fits, _ = _capture(monkeypatch)
-    monkeypatch.setattr(ClientStore, "finalize", lambda self: 0)  # keep the optimizer a finished run drops
+    monkeypatch.setattr(ClientStore, "finalize", lambda self, client_ids: 0)  # keep the optimizer a finished run drops
     out = tmp_path / "out"
     run_inprocess(tiny_cfg, out, quiet=True)
     sent = {name for reply in fits for name in reply.tensors}

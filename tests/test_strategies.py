@@ -191,7 +191,7 @@ def test_ditto_sends_fedavg_update_and_evaluates_its_personal_copy(tiny_cfg, tmp
     from fedpdpo.engines.inprocess import run_inprocess
     from fedpdpo.report.compare import load_run
 
-    monkeypatch.setattr(ClientStore, "finalize", lambda self: 0)  # keep the optimizers a finished run drops
+    monkeypatch.setattr(ClientStore, "finalize", lambda self, client_ids: 0)  # keep the optimizers a finished run drops
     summaries = {}
     for name in ("fedavg", "ditto"):
         tiny_cfg.algorithm = name

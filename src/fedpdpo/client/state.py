@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -179,26 +179,24 @@ class ClientStore:
         fsync_dir(parent)
         self._prune(client_id, server_round)
 
-    def finalize(self) -> int:
+    def finalize(self, client_ids: Iterable[int]) -> int:
         """Shrink a finished run to what evaluation, export and generation read: each client's newest local tensors.
 
         Older versions and optimizer states only serve resuming an unfinished run (the optimizer of 3 clients of
         SmolLM2 is 650 MB, twice their personal heads); a finished run has nothing left to resume, so a comparison
         of many algorithms and seeds would otherwise keep gigabytes per run. Returns the bytes freed."""
         freed = 0
-        for client in sorted(self.root.glob("client_*")):
-            cid = int(client.name.removeprefix("client_"))
+        for cid in client_ids:
             versions = self.versions(cid)
-            doomed = [self.version_dir(cid, r) for r in versions[:-1]]
-            if versions:
-                doomed.append(self.version_dir(cid, versions[-1]) / OPTIMIZER_FILE)
-            for path in doomed:
-                files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
-                freed += sum(f.stat().st_size for f in files)
-                if path.is_dir():
-                    shutil.rmtree(path)
-                elif path.is_file():
-                    path.unlink()
+            if not versions:
+                continue
+            older = (f for r in versions[:-1] for f in self.version_dir(cid, r).rglob("*") if f.is_file())
+            freed += sum(f.stat().st_size for f in older)
+            self._prune(cid, versions[-1] + 1)  # every version before the newest
+            optimizer = self.version_dir(cid, versions[-1]) / OPTIMIZER_FILE
+            if optimizer.is_file():
+                freed += optimizer.stat().st_size
+                optimizer.unlink()
         return freed
 
     def _prune(self, client_id: int, server_round: int) -> None:

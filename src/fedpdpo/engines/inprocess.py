@@ -101,5 +101,5 @@ def run_inprocess(
     spec = ServerSpec(setup.cfg, setup.strategy, setup.initial_global(), resolve_model(cfg.model), "inprocess")
     store = ClientStore(out / CLIENTS_DIR)
     summary = run_server(spec, InProcessTransport(setup, store), out, quiet=quiet, resume=resume)
-    store.finalize()  # finished: drop what only resuming needed (older versions, optimizer states)
+    store.finalize(range(setup.cfg.num_clients))  # finished: drop what only resuming needed
     return summary
