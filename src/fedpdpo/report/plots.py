@@ -55,18 +55,16 @@ def plot_per_client(comparison: dict[str, Any], path: Path) -> Path:
     """Final held-out accuracy of every client, grouped by client, one bar per algorithm (error bar: std)."""
     names = comparison["ranking"]
     algos = [comparison["algorithms"][name] for name in names]
+    runs = sum(len(a["seeds"]) for a in algos)  # algorithms may have been run with different seeds (partitions)
     labels = []
     for i, client in enumerate(algos[0]["clients"]):
-        # over every algorithm's seeds: algorithms may have been run with different seeds (and so partitions)
-        runs = sum(len(a["seeds"]) for a in algos)
         conflict = sum(len(a["clients"][i]["conflict_in_seeds"]) for a in algos)
         role = {0: "", runs: "\n(conflict)"}.get(conflict, "\n(conflict in some seeds)")
         labels.append(f"client {client['id']}{role}")
     width = 0.8 / len(names)
     colors = _colors(len(names))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(labels) * max(1, len(names) / 3)), 4.5))
-    for i, name in enumerate(names):
-        algo = comparison["algorithms"][name]
+    for i, (name, algo) in enumerate(zip(names, algos, strict=True)):
         x = [c + (i - (len(names) - 1) / 2) * width for c in range(len(labels))]
         ax.bar(
             x,
