@@ -12,10 +12,7 @@ from pathlib import Path
 import pytest
 
 from fedpdpo.cli import main
-from fedpdpo.data import ClientData, PreferenceRecord, load_records
-from fedpdpo.data.lengths import check_prompt_lengths
-from fedpdpo.errors import DataError
-from fedpdpo.model.backbone import tiny_tokenizer
+from fedpdpo.data import load_records
 from tests.conftest import ROOT, TINY_CONFIG, TINY_DATA
 
 GOOD_LINES = TINY_DATA.read_bytes().splitlines()
@@ -38,7 +35,6 @@ BAD_RECORDS = {
     "chosen == rejected": (_record(chosen="Same.", rejected="Same."), "'chosen' and 'rejected' are identical"),
     "non-UTF-8 bytes": (b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}', "not valid UTF-8"),
     "lone surrogate": (b'{"prompt": "\\ud800", "chosen": "a", "rejected": "b"}', "invalid Unicode escape"),
-    "prompt longer than max_length": (_record(prompt="word " * 100), "prompt is 500 tokens, longer than max_length=64"),
 }
 
 
@@ -143,20 +139,6 @@ def test_skip_drops_bad_records_and_logs_a_count(tmp_path, caplog):
     assert f"skipped 3 bad record(s) of {len(GOOD_LINES) + 3}" in caplog.text
     assert f"{path}:{BAD_LINE}: malformed JSON" in caplog.text
     assert (out / "summary.json").exists()
-
-
-def test_skip_drops_overlong_prompts():
-    tok = tiny_tokenizer()
-    records, _ = load_records(TINY_DATA)
-    long = PreferenceRecord("x" * 80, "a", "b", source="f.jsonl:99")
-    clients = [ClientData(0, [*records[:4], long], records[4:6]), ClientData(1, records[6:10], records[10:12])]
-    with pytest.raises(DataError, match=r"f\.jsonl:99: prompt is 80 tokens"):
-        check_prompt_lengths(clients, tok, max_length=64)
-    kept = check_prompt_lengths(clients, tok, max_length=64, on_bad_record="skip")
-    assert kept[0].train == records[:4] and kept[1] == clients[1]
-    alone = [ClientData(0, [long], records[:2])]
-    with pytest.raises(DataError, match="client 0 has no training pairs left"):
-        check_prompt_lengths(alone, tok, max_length=64, on_bad_record="skip")
 
 
 def test_data_validate(tmp_path, capsys):

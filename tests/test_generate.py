@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fedpdpo.config import load_config
-from fedpdpo.data import PairTokenizer, collate, load_records
+from fedpdpo.data import PairTokenizer, PreferenceRecord, collate, load_records
 from fedpdpo.export import export_client, load_from_run
 from fedpdpo.generate import SamplingConfig, generate, generate_ids, sample_token, score
 from fedpdpo.model.backbone import load_backbone
@@ -32,8 +32,17 @@ def cm(run_dir):
     return load_from_run(run_dir, 0)
 
 
+def _training_prompt(cm, prompt: str = PROMPT) -> list[int]:
+    """The prompt's ids exactly as training built them for this client."""
+    return list(
+        PairTokenizer(cm.tokenizer, cm.max_length, cm.max_prompt_length)(
+            0, PreferenceRecord(prompt, "a", "b")
+        ).prompt_ids
+    )
+
+
 def _hf_greedy(causal_lm, cm, n: int) -> list[int]:
-    prompt_ids = PairTokenizer(cm.tokenizer, 1 << 30, 1 << 30).prompt_ids(PROMPT)
+    prompt_ids = _training_prompt(cm)
     ids = torch.tensor([prompt_ids])
     out = causal_lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n)
     return out[0, len(prompt_ids) :].tolist()
@@ -71,11 +80,13 @@ def test_global_variant_matches_peft_generate(cm, run_dir, tmp_path):
     assert ours == _hf_greedy(peft_model, cm, GREEDY.max_new_tokens)[: len(ours)]
 
 
-def test_personalized_greedy_tokens_are_the_policy_argmax(cm):
-    """The KV-cached loop picks, at every step, the argmax of a full forward pass through adapter and head."""
-    new = generate_ids(cm, PROMPT, "personalized", GREEDY)
+@pytest.mark.parametrize("prompt", [PROMPT, "a prompt far longer than the prompt budget of the run " * 4])
+def test_personalized_greedy_tokens_are_the_policy_argmax(cm, prompt):
+    """The KV-cached loop picks, at every step, the argmax of a full forward pass through adapter and head, from
+    the prompt exactly as training builds it (also when the prompt is cut to the client's budget)."""
+    new = generate_ids(cm, prompt, "personalized", GREEDY)
     assert new
-    prompt_ids = PairTokenizer(cm.tokenizer, 1 << 30, 1 << 30).prompt_ids(PROMPT)
+    prompt_ids = _training_prompt(cm, prompt)
     ids = torch.tensor([prompt_ids + new])
     with torch.no_grad():
         hidden = cm.model.local["adapter"](cm.model.decoder(input_ids=ids).last_hidden_state)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from fedpdpo.client.task import build_task
 from fedpdpo.config import load_config
 from fedpdpo.data import build_clients, check_file
 from fedpdpo.data.inspect import inspect_data, length_stats
@@ -39,7 +40,7 @@ def test_counts_problems_duplicates_domains(messy_file):
     dup = report["duplicates"]
     assert dup["duplicate_pairs"] == 1 and len(dup["duplicate_pair_examples"]) == 2
     assert (dup["unique_prompts"], dup["prompts_with_several_pairs"], dup["max_pairs_per_prompt"]) == (2, 1, 3)
-    assert "partition" not in report and "truncation" not in report
+    assert "partition" not in report
 
 
 def test_token_lengths_count_bytes_plus_end_token(messy_file):
@@ -66,14 +67,14 @@ def test_partition_preview_is_what_training_builds():
     report = inspect_data(TINY_DATA, tiny_tokenizer(), cfg)
     clients, _ = build_clients(cfg)
     preview = report["partition"]["clients"]
-    assert [(c["n_train"], c["n_test"], c["conflict"]) for c in preview] == [
-        (len(c.train), len(c.test), c.conflict) for c in clients
+    tasks = [build_task(c, tiny_tokenizer(), cfg) for c in clients]
+    assert [(c["n_train"], c["n_val"], c["n_test"], c["conflict"]) for c in preview] == [
+        (len(t.train), len(t.val), len(t.test), c.conflict) for t, c in zip(tasks, clients, strict=True)
     ]
     assert sum(c["conflict"] for c in preview) == 2  # conflict_fraction 0.5 of 4 clients
     for c in preview:
         assert 0.99 <= sum(share for _, share in c["domain_mix"]) <= 1.0 + 1e-9  # two domains, top 3 shown
-    trunc = report["truncation"]
-    assert trunc["max_length"] == 64 and 0.0 <= trunc["pairs_truncated"] <= 1.0
+        assert c["max_length"] == 64 and 0.0 <= c["responses_truncated"] <= 1.0
 
 
 def test_inspect_cli_json_and_table(messy_file, tmp_path, capsys):

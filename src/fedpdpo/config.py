@@ -82,7 +82,15 @@ class DataConfig:
     max_train_per_client: int = 0  # 0 = no cap
     max_test_per_client: int = 0
     on_bad_record: Literal["error", "skip"] = "error"
-    max_prompt_length: int = 32
+    # Prompt budget in tokens, chat template included (0 = chosen per client from its data, see data/lengths.py).
+    # Longer prompts lose tokens from the start of their content; the template is never cut.
+    max_prompt_length: int = 0
+    # Share of each client's training pairs held out as its validation pairs (decisions on the client's own data).
+    validation_fraction: float = 0.2
+    # Column names of the data, by standard name: {prompt = "question", chosen = "good", rejected = "bad"}.
+    fields: dict[str, str] = field(default_factory=dict)
+    # Which ``split`` value (or split of a datasets.DatasetDict) holds the held-out test pairs.
+    test_split: str = "test"
 
 
 @dataclass
@@ -143,7 +151,8 @@ class RunConfig:
     local_steps: int = 8
     batch_size: int = 4
     eval_batch_size: int = 16
-    max_length: int = 128
+    # Prompt + response tokens (0 = chosen per client from its data, see data/lengths.py).
+    max_length: int = 0
     lr: float = 5e-4
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -167,17 +176,30 @@ class RunConfig:
             "local_steps": self.local_steps,
             "batch_size": self.batch_size,
             "eval_batch_size": self.eval_batch_size,
-            "max_length": self.max_length,
             "lora.r": self.lora.r,
             "method.adapter_dim": self.method.adapter_dim,
-            "data.max_prompt_length": self.data.max_prompt_length,
         }
         for key, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"config key '{key}' must be > 0, got {value}")
-        if self.method.reward_layer < 0:
-            raise ConfigError(f"config key 'method.reward_layer' must be >= 0, got {self.method.reward_layer}")
-        if self.data.max_prompt_length >= self.max_length:
+        non_negative = {
+            "method.reward_layer": self.method.reward_layer,
+            "max_length": self.max_length,
+            "data.max_prompt_length": self.data.max_prompt_length,
+        }
+        for key, value in non_negative.items():
+            if value < 0:
+                raise ConfigError(f"config key '{key}' must be >= 0 (0 = automatic), got {value}")
+        if not 0.0 <= self.data.validation_fraction < 1.0:
+            raise ConfigError(
+                f"config key 'data.validation_fraction' must be in [0, 1), got {self.data.validation_fraction}"
+            )
+        unknown = sorted(set(self.data.fields) - {"prompt", "chosen", "rejected", "domain", "split"})
+        if unknown:
+            raise ConfigError(
+                f"config key 'data.fields' maps unknown field(s) {unknown}; map prompt, chosen, rejected, domain, split"
+            )
+        if self.max_length and self.data.max_prompt_length >= self.max_length:
             raise ConfigError(
                 f"config key 'data.max_prompt_length' ({self.data.max_prompt_length}) must be smaller than "
                 f"'max_length' ({self.max_length}) so that responses keep at least one token"
@@ -225,6 +247,11 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
         if value not in allowed:
             raise ConfigError(f"config key '{key}' must be one of {list(allowed)}, got {value!r}")
         return value
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a table, got {type(value).__name__} {value!r}")
+        return {_check_type(key, k, key_tp): _check_type(f"{key}.{k}", v, value_tp) for k, v in value.items()}
     if origin in (list,):
         (inner,) = typing.get_args(tp)
         if not isinstance(value, list):

@@ -81,14 +81,23 @@ def load_from_run(run_dir: str | Path, client_id: int) -> ClientModel:
         )
     model, tokenizer = build_model(cfg)  # same seed as training, so untrained local tensors match round 0
     model.set_tensors(load_file(global_path))
-    local = ClientStore(run_dir / "clients").load(client_id).local
+    store = ClientStore(run_dir / "clients")
+    local = store.load(client_id).local
+    task = store.task_info(client_id) or {}
+    max_length = int(task.get("max_length") or cfg.max_length)
+    max_prompt_length = int(task.get("max_prompt_length") or cfg.data.max_prompt_length)
+    if not (max_length and max_prompt_length):
+        raise FedPDPOError(
+            f"--run {run_dir}: client {client_id} has no {store.path(client_id) / 'task.json'} with the length limits "
+            "it chose from its data; the run did not evaluate this client yet"
+        )
     if local:
         model.set_tensors({n: v for n, v in local.items() if not n.startswith(PERSONAL)})
         model.set_tensors(personal_copies(local))  # Ditto: the client's model is its personal LoRA
     elif len(model.local):
         log.warning("client %d never trained in %s; its local modules are at their initial values", client_id, run_dir)
     model.eval()
-    return ClientModel(model, tokenizer, client_id, cfg.beta, cfg.max_length, cfg.data.max_prompt_length, str(run_dir))
+    return ClientModel(model, tokenizer, client_id, cfg.beta, max_length, max_prompt_length, str(run_dir))
 
 
 @dataclass
@@ -143,8 +152,8 @@ def export_client(
         "model": cfg.model,
         "base_dir": base_dir,
         "beta": cfg.beta,
-        "max_length": cfg.max_length,
-        "max_prompt_length": cfg.data.max_prompt_length,
+        "max_length": cm.max_length,
+        "max_prompt_length": cm.max_prompt_length,
         "lora": dataclasses.asdict(cfg.lora),
         "method": dataclasses.asdict(cfg.method),
         "local_modules": sorted(cm.model.local.keys()),

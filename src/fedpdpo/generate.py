@@ -56,13 +56,14 @@ def generate_ids(
     """Token ids of a response to ``prompt`` sampled from the client's ``variant`` policy (end token excluded)."""
     sampling = sampling or SamplingConfig()
     model, tokenizer = cm.model, cm.tokenizer
-    prompt_ids = PairTokenizer(tokenizer, 1 << 30, 1 << 30).prompt_ids(prompt)
+    pair_tok = PairTokenizer(tokenizer, cm.max_length, cm.max_prompt_length)
+    prompt_ids = pair_tok.prompt_ids(prompt)  # exactly as training built it
     device = _device(cm)
     gen = torch.Generator().manual_seed(sampling.seed)
     personal = variant == "personalized"
     head = model.local["head"].weight if personal and "head" in model.local else model.ref_head_weight
     adapter = model.local["adapter"] if personal and "adapter" in model.local else None
-    stop = {tokenizer.eos_token_id} - {None}
+    stop = {tokenizer.eos_token_id, pair_tok.end_id} - {None}
     new_ids: list[int] = []
     ids = torch.tensor([prompt_ids], device=device)
     cache = None

@@ -18,17 +18,20 @@ writes this directory; nothing in it is sent to the server.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 LOCAL_FILE = "local.safetensors"
+TASK_FILE = "task.json"  # the client's data sizes and length limits (chosen from its own data)
 OPTIMIZER_FILE = "optimizer.pt"
 REFERENCE_FILE = "reference.safetensors"
 VERSIONS_DIR = "rounds"
@@ -137,6 +140,17 @@ class ClientStore:
             state.personal_optimizer = blob.get("personal_optimizer")
             state.rounds_trained = int(blob["rounds_trained"])
         return state
+
+    def save_task_info(self, client_id: int, info: dict[str, Any]) -> None:
+        """Record the client's data sizes and length limits (``task.json``) when they are new or changed: export,
+        scoring and generation rebuild prompts with the client's own limits, which only its data determined."""
+        if self.task_info(client_id) != info:
+            text = json.dumps(info, indent=1, sort_keys=True, allow_nan=False)
+            atomic_write(self.path(client_id) / TASK_FILE, lambda p: Path(p).write_text(text, encoding="utf-8"))
+
+    def task_info(self, client_id: int) -> dict[str, Any] | None:
+        path = self.path(client_id) / TASK_FILE
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
     def save_reference(self, client_id: int, reference: dict[str, torch.Tensor]) -> None:
         """Cache the reference log-probs (deterministic, so written once and never versioned)."""

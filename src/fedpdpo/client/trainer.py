@@ -16,21 +16,12 @@ from dataclasses import dataclass, field
 import torch
 
 from fedpdpo.client.state import ClientState
+from fedpdpo.client.task import ClientTask
 from fedpdpo.config import RunConfig
 from fedpdpo.data.tokenize import PairBatch, TokenizedPair, collate, length_bucketed_batches
 from fedpdpo.losses import dpo_loss, fedpdpo_objective, pairwise_accuracy
 from fedpdpo.model.policy import FedPDPOModel
 from fedpdpo.transfer import to_wire
-
-
-@dataclass
-class ClientTask:
-    """One client's tokenized data, ready for training and evaluation."""
-
-    client_id: int
-    train: list[TokenizedPair]
-    test: list[TokenizedPair]
-    pad_id: int
 
 
 @dataclass

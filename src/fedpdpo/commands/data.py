@@ -11,16 +11,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     data_sub = data.add_subparsers(dest="data_command", required=True)
     validate = data_sub.add_parser("validate", help="check data files; prints FILE:LINE: problem lines")
     validate.add_argument("files", nargs="+")
+    validate.add_argument("--config", help="TOML run config whose data.fields (column mapping) applies")
     validate.set_defaults(func=cmd_validate)
     register_inspect(data_sub)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from fedpdpo.config import load_config
     from fedpdpo.data import check_file
 
+    fields = load_config(args.config).data.fields if args.config else None
     status = 0
     for path in args.files:
-        problems = check_file(path)
+        problems = check_file(path, fields)
         for line in problems:
             print(line)
         if problems:

@@ -26,7 +26,7 @@ __all__ = [
 
 
 def _load(path: str, cfg: RunConfig, reports: list[LoadReport]) -> list[PreferenceRecord]:
-    records, report = load_records(path, cfg.data.on_bad_record)
+    records, report = load_records(path, cfg.data.on_bad_record, fields=cfg.data.fields)
     reports.append(report)
     if report.n_skipped:
         log.warning(
@@ -48,7 +48,7 @@ def build_clients(cfg: RunConfig) -> tuple[list[ClientData], list[LoadReport]]:
     if cfg.data.test_path:
         train_pool, test_pool = records, _load(cfg.data.test_path, cfg, reports)
     else:
-        train_pool, test_pool = split_train_test(records, cfg.data.test_fraction, cfg.seed)
+        train_pool, test_pool = split_train_test(records, cfg.data.test_fraction, cfg.seed, cfg.data.test_split)
     clients = partition(
         train_pool,
         test_pool,

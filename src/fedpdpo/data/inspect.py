@@ -33,14 +33,10 @@ MAX_PROBLEMS = 20
 def token_lengths(records: list[PreferenceRecord], tokenizer) -> dict[str, list[int]]:
     """Untruncated token counts: prompt as rendered for training (chat template), responses with their end token."""
     untruncated = PairTokenizer(tokenizer, 1 << 30, 1 << 30)
-    prompt = [len(untruncated.prompt_ids(r.prompt)) for r in records]
-    end = 1 if tokenizer.eos_token_id is not None else 0
-
-    def count(texts: list[str]) -> list[int]:
-        return [len(ids) + end for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-
-    chosen = count([r.chosen for r in records])
-    rejected = count([r.rejected for r in records])
+    encoded = [untruncated.encode(r) for r in records]
+    prompt = [len(e.prompt) for e in encoded]
+    chosen = [len(e.chosen) for e in encoded]
+    rejected = [len(e.rejected) for e in encoded]
     pair = [p + max(c, r) for p, c, r in zip(prompt, chosen, rejected, strict=True)]
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "pair": pair}
 
@@ -83,8 +79,10 @@ def domain_mix(records: list[PreferenceRecord], top: int = 3) -> list[list[Any]]
     return [[d, round(n / len(records), 4)] for d, n in counts.most_common(top)]
 
 
-def partition_preview(path: str, cfg: RunConfig) -> list[dict[str, Any]]:
-    """Per-client sizes, domain mix and conflict flag of ``cfg``'s partition applied to ``path``."""
+def partition_preview(path: str, cfg: RunConfig, tokenizer) -> list[dict[str, Any]]:
+    """Per-client sizes, length limits, truncation, domain mix and conflict flag of ``cfg``'s partition applied to
+    ``path``, from the same client setup as training (:func:`fedpdpo.client.task.build_task`)."""
+    from fedpdpo.client.task import build_task
     from fedpdpo.data import build_clients
 
     cfg = copy.deepcopy(cfg)
@@ -92,14 +90,9 @@ def partition_preview(path: str, cfg: RunConfig) -> list[dict[str, Any]]:
     cfg.data.on_bad_record = "skip"  # problems are reported above; preview what training with skip would see
     clients, _ = build_clients(cfg)
     return [
-        {
-            "id": c.client_id,
-            "n_train": len(c.train),
-            "n_test": len(c.test),
-            "conflict": c.conflict,
-            "domains": len({r.domain for r in c.train}),
-            "domain_mix": domain_mix(c.train),
-        }
+        {"id": c.client_id}
+        | build_task(c, tokenizer, cfg).info
+        | {"conflict": c.conflict, "domains": len({r.domain for r in c.train}), "domain_mix": domain_mix(c.train)}
         for c in clients
     ]
 
@@ -107,8 +100,9 @@ def partition_preview(path: str, cfg: RunConfig) -> list[dict[str, Any]]:
 def inspect_data(path: str | Path, tokenizer, cfg: RunConfig | None = None) -> dict[str, Any]:
     """Everything :mod:`fedpdpo.data.inspect` reports about ``path``; ``cfg`` adds truncation and partition."""
     path = Path(path)
-    problems = check_file(path)
-    records, load_report = load_records(path, on_bad_record="skip", max_problems=0)
+    fields = cfg.data.fields if cfg is not None else None
+    problems = check_file(path, fields)
+    records, load_report = load_records(path, on_bad_record="skip", max_problems=0, fields=fields)
     lengths = token_lengths(records, tokenizer)
     domains = Counter(r.domain or "(none)" for r in records)
     report: dict[str, Any] = {
@@ -123,17 +117,11 @@ def inspect_data(path: str | Path, tokenizer, cfg: RunConfig | None = None) -> d
         "tokens": {name: length_stats(v) for name, v in lengths.items()},
     }
     if cfg is not None:
-        report["truncation"] = {
-            "max_prompt_length": cfg.data.max_prompt_length,
-            "max_length": cfg.max_length,
-            "prompts_truncated": sum(n > cfg.data.max_prompt_length for n in lengths["prompt"]) / len(records),
-            "pairs_truncated": sum(n > cfg.max_length for n in lengths["pair"]) / len(records),
-        }
         report["partition"] = {
             "method": cfg.partition.method,
             "num_clients": cfg.num_clients,
             "conflict_fraction": cfg.partition.conflict_fraction,
-            "clients": partition_preview(str(path), cfg),
+            "clients": partition_preview(str(path), cfg, tokenizer),
         }
     return report
 
@@ -169,15 +157,6 @@ def render_report(report: dict[str, Any]) -> Group:
             f"(at most {dup['max_pairs_per_prompt']})",
         ),
     ]
-    if "truncation" in report:
-        t = report["truncation"]
-        rows.append(
-            (
-                "truncated",
-                f"{t['prompts_truncated']:.1%} of prompts > {t['max_prompt_length']} tokens, "
-                f"{t['pairs_truncated']:.1%} of pairs > {t['max_length']} tokens",
-            )
-        )
     for key, value in rows:
         overview.add_row(key, escape(value))
     parts.append(overview)
@@ -208,14 +187,20 @@ def render_report(report: dict[str, Any]) -> Group:
             show_edge=False,
             title_justify="left",
         )
-        for col in ("client", "train", "test", "conflict", "domains", "domain mix (train)"):
+        columns = ("client", "train", "val", "test", "max len", "prompt", "cut prompts", "cut responses", "conflict")
+        for col in (*columns, "domains", "domain mix (train)"):
             table.add_column(col, justify="left" if col.startswith("domain mix") else "right")
         for c in p["clients"]:
             mix = escape(", ".join(f"{d} {share:.0%}" for d, share in c["domain_mix"]))
             table.add_row(
                 str(c["id"]),
                 str(c["n_train"]),
+                str(c["n_val"]),
                 str(c["n_test"]),
+                str(c["max_length"]),
+                str(c["max_prompt_length"]),
+                f"{c['prompts_truncated']:.0%}",
+                f"{c['responses_truncated']:.0%}",
                 "yes" if c["conflict"] else "",
                 str(c["domains"]),
                 mix,

@@ -1,74 +1,64 @@
-"""Length limits that need the tokenizer: a prompt longer than the whole ``max_length`` is a bad record.
+"""Sequence length limits, chosen per client from its own training pairs when the config leaves them at 0.
 
-Prompts longer than ``data.max_prompt_length`` are normal: the tokenizer keeps their last tokens (the end of a
-prompt matters most). A prompt that is longer than the entire sequence budget, though, is almost always a data
-mistake (a document or review put in the prompt field, fields shifted by a converter), and training on its last
-few tokens would hide that. Such records are reported like any other bad record: an error naming the file and
-line, or, with ``on_bad_record = "skip"``, dropped with a count and the first examples in the log.
+* ``data.max_prompt_length = 0`` (auto): the 90th percentile of the client's rendered prompt lengths (chat template
+  included), at most half of ``max_length`` (or of :data:`MAX_AUTO_LENGTH`), and never less than the template plus
+  one token of content.
+* ``max_length = 0`` (auto): the prompt budget plus the 90th percentile of the longer response of each pair (end
+  token included), at most :data:`MAX_AUTO_LENGTH`.
+
+So nine prompts in ten keep every token, and nine pairs in ten keep their whole responses. Each client decides from
+its own pairs (in a deployment nobody else sees them), so the same data gives the same limits in every engine.
+Prompts longer than their budget lose tokens from the start of their content; responses from their end; the
+shares of each are logged at the start of a run.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import logging
-from typing import Literal
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-from fedpdpo.data.partition import ClientData
-from fedpdpo.data.records import PreferenceRecord
-from fedpdpo.errors import DataError
+import numpy as np
 
-log = logging.getLogger(__name__)
+from fedpdpo.data.tokenize import EncodedPair, TokenizedPair
+from fedpdpo.errors import ConfigError
 
-
-def prompt_lengths(tokenizer, prompts: list[str]) -> dict[str, int]:
-    """Tokens of each distinct prompt text (without special tokens or chat template)."""
-    unique = sorted(set(prompts))
-    if not unique:
-        return {}
-    ids = tokenizer(unique, add_special_tokens=False)["input_ids"]
-    return {p: len(i) for p, i in zip(unique, ids, strict=True)}
+#: Upper bound of an automatic ``max_length`` (compute grows with it; set ``max_length`` to go further).
+MAX_AUTO_LENGTH = 384
+PERCENTILE = 90
 
 
-def check_prompt_lengths(
-    clients: list[ClientData],
-    tokenizer,
-    max_length: int,
-    on_bad_record: Literal["error", "skip"] = "error",
-    max_problems: int = 5,
-) -> list[ClientData]:
-    """``clients`` without records whose prompt exceeds ``max_length`` tokens (or a :class:`DataError`)."""
-    records = [r for c in clients for r in (*c.train, *c.test)]
-    lengths = prompt_lengths(tokenizer, [r.prompt for r in records])
+@dataclass(frozen=True)
+class Lengths:
+    max_length: int
+    max_prompt_length: int
 
-    def problem(r: PreferenceRecord) -> str:
-        n = lengths[r.prompt]
-        if n <= max_length:
-            return ""
-        return (
-            f"{r.source}: prompt is {n} tokens, longer than max_length={max_length}; "
-            "raise the config key 'max_length', shorten the prompt, or check the field mapping"
+
+def _p(values: Sequence[int]) -> int:
+    return math.ceil(float(np.percentile(np.asarray(values), PERCENTILE)))
+
+
+def resolve_lengths(pairs: Sequence[EncodedPair], max_length: int, max_prompt_length: int) -> Lengths:
+    """The limits for a client whose untruncated pairs are ``pairs`` (a configured value > 0 is kept as is)."""
+    template = max(len(p.prompt.head) + len(p.prompt.tail) for p in pairs)
+    prompt = max_prompt_length
+    if not prompt:
+        cap = (max_length or MAX_AUTO_LENGTH) // 2
+        prompt = max(min(_p([len(p.prompt) for p in pairs]), cap), template + 1)
+    total = max_length or min(prompt + _p([max(len(p.chosen), len(p.rejected)) for p in pairs]), MAX_AUTO_LENGTH)
+    total = max(total, prompt + 1) if not max_length else total
+    if prompt >= total:
+        raise ConfigError(
+            f"the prompt budget ({prompt} tokens, data.max_prompt_length) leaves no room for a response within "
+            f"max_length={total}; raise 'max_length' or lower 'data.max_prompt_length'"
         )
+    return Lengths(total, prompt)
 
-    problems = [p for r in records if (p := problem(r))]
-    if not problems:
-        return clients
-    if on_bad_record == "error":
-        raise DataError(problems[0] + " (use --on-bad-record skip to drop bad records)")
-    log.warning(
-        "skipped %d record(s) with a prompt longer than max_length=%d; first: %s",
-        len(problems),
-        max_length,
-        "; ".join(problems[:max_problems]),
-    )
-    kept = []
-    for c in clients:
-        train = [r for r in c.train if not problem(r)]
-        test = [r for r in c.test if not problem(r)]
-        if not train or not test:
-            which = "training" if not train else "test"
-            raise DataError(
-                f"client {c.client_id} has no {which} pairs left after skipping prompts longer than "
-                f"max_length={max_length}; raise 'max_length' or fix the data"
-            )
-        kept.append(dataclasses.replace(c, train=train, test=test))
-    return kept
+
+def truncation_shares(pairs: Sequence[TokenizedPair]) -> dict[str, float]:
+    """Share of pairs whose prompt, and whose longer response, was cut."""
+    n = max(1, len(pairs))
+    return {
+        "prompts_truncated": sum(p.prompt_truncated for p in pairs) / n,
+        "responses_truncated": sum(p.response_truncated for p in pairs) / n,
+    }

@@ -46,19 +46,20 @@ class ClientData:
 
 
 def split_train_test(
-    records: list[PreferenceRecord], test_fraction: float, seed: int
+    records: list[PreferenceRecord], test_fraction: float, seed: int, test_split: str = "test"
 ) -> tuple[list[PreferenceRecord], list[PreferenceRecord]]:
-    """Use the records' ``split`` field when it marks a test set, else a seeded random split.
+    """Use the records' ``split`` field when it marks a test set (the value ``test_split``), else a seeded random
+    split.
 
     Records without a ``split`` value next to ones that have it (e.g. IMDB with splits + TruthfulQA without, in
     the cross-domain setting) get the seeded random split, so every source keeps a test set.
     """
-    if any(r.split == "test" for r in records):
+    if any(r.split == test_split for r in records):
         marked = [r for r in records if r.split]
-        train, test = [r for r in marked if r.split != "test"], [r for r in marked if r.split == "test"]
+        train, test = [r for r in marked if r.split != test_split], [r for r in marked if r.split == test_split]
         unmarked = [r for r in records if not r.split]
         if unmarked:
-            extra_train, extra_test = split_train_test(unmarked, test_fraction, seed)
+            extra_train, extra_test = split_train_test(unmarked, test_fraction, seed, test_split)
             train, test = train + extra_train, test + extra_test
         return train, test
     order = np.random.default_rng(seed).permutation(len(records))

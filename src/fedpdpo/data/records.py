@@ -8,21 +8,24 @@ counted and the first few problems are kept for the log.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from fedpdpo.data.formats import STANDARD_FIELDS, FormatError, Text, normalize
 from fedpdpo.errors import DataError
-
-REQUIRED = ("prompt", "chosen", "rejected")
 
 
 @dataclass(frozen=True)
 class PreferenceRecord:
-    """One preference pair. ``extras`` keeps any other fields (provenance, labels) unchanged."""
+    """One preference pair. ``extras`` keeps any other fields (provenance, labels) unchanged.
 
-    prompt: str
+    ``prompt`` is text or a conversation (a tuple of ``(role, content)`` messages, see :mod:`fedpdpo.data.formats`);
+    the responses are text.
+    """
+
+    prompt: Text
     chosen: str
     rejected: str
     domain: str = ""
@@ -47,49 +50,18 @@ class LoadReport:
     problems: list[str] = field(default_factory=list)
 
 
-def validate_record(obj: Any) -> str | None:
+def validate_record(obj: Any, fields: Mapping[str, str] | None = None) -> str | None:
     """Return a description of what is wrong with ``obj`` as a preference record, or None if it is valid."""
-    if not isinstance(obj, dict):
-        return f"expected a JSON object, got {type(obj).__name__}"
-    for key in REQUIRED:
-        if key not in obj:
-            return f"missing field '{key}'"
-        value = obj[key]
-        if not isinstance(value, str):
-            return f"field '{key}' must be a string, got {type(value).__name__}"
-        if not value.strip():
-            return f"field '{key}' is empty"
-    for key in ("domain", "split"):
-        if key in obj and obj[key] is not None and not isinstance(obj[key], str):
-            return f"field '{key}' must be a string, got {type(obj[key]).__name__}"
-    for key in (*REQUIRED, "domain", "split"):
-        if isinstance(obj.get(key), str) and not _is_encodable(obj[key]):
-            return f"field '{key}' holds an invalid Unicode escape (a lone surrogate such as \\ud800); fix the text"
-    if obj["chosen"].strip() == obj["rejected"].strip():
-        return "fields 'chosen' and 'rejected' are identical (no preference to learn)"
+    try:
+        normalize(obj, fields)
+    except FormatError as exc:
+        return str(exc)
     return None
 
 
-def _is_encodable(text: str) -> bool:
-    """JSON may spell lone surrogates (``"\\ud800"``) that no tokenizer can encode."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _to_record(obj: dict[str, Any], source: str) -> PreferenceRecord:
-    extras = {k: v for k, v in obj.items() if k not in (*REQUIRED, "domain", "split")}
-    return PreferenceRecord(
-        prompt=obj["prompt"],
-        chosen=obj["chosen"],
-        rejected=obj["rejected"],
-        domain=obj.get("domain") or "",
-        split=obj.get("split") or "",
-        extras=extras,
-        source=source,
-    )
+def _to_record(row: dict[str, Any], source: str) -> PreferenceRecord:
+    extras = {k: v for k, v in row.items() if k not in STANDARD_FIELDS}
+    return PreferenceRecord(row["prompt"], row["chosen"], row["rejected"], row["domain"], row["split"], extras, source)
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
@@ -145,9 +117,13 @@ def _iter_table(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def load_records(
-    path: str | Path, on_bad_record: Literal["error", "skip"] = "error", max_problems: int = 5
+    path: str | Path,
+    on_bad_record: Literal["error", "skip"] = "error",
+    max_problems: int = 5,
+    fields: Mapping[str, str] | None = None,
 ) -> tuple[list[PreferenceRecord], LoadReport]:
-    """Load all valid records from ``path`` (``.jsonl``/``.json`` lines, ``.parquet``, or a datasets directory)."""
+    """Load all valid records from ``path`` (``.jsonl``/``.json`` lines, ``.parquet``, or a datasets directory),
+    in any of the formats of :mod:`fedpdpo.data.formats` (``fields`` renames columns first)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file {path} does not exist")
@@ -156,25 +132,26 @@ def load_records(
     records: list[PreferenceRecord] = []
     for where, obj in rows:
         report.n_read += 1
-        if isinstance(obj, DataError):
-            problem = str(obj)
-        else:
-            reason = validate_record(obj)
-            problem = f"{where}: {reason}" if reason else ""
-        if problem:
+        row, problem = None, str(obj) if isinstance(obj, DataError) else ""
+        if not problem:
+            try:
+                row = normalize(obj, fields)
+            except FormatError as exc:
+                problem = f"{where}: {exc}"
+        if row is None:
             if on_bad_record == "error":
                 raise DataError(problem + " (use --on-bad-record skip to drop bad records)")
             report.n_skipped += 1
             if len(report.problems) < max_problems:
                 report.problems.append(problem)
             continue
-        records.append(_to_record(obj, where))
+        records.append(_to_record(row, where))
     if not records:
         raise DataError(f"{path}: no valid preference records found ({report.n_skipped} skipped)")
     return records, report
 
 
-def check_file(path: str | Path) -> list[str]:
+def check_file(path: str | Path, fields: Mapping[str, str] | None = None) -> list[str]:
     """Every problem in a data file as ``FILE:LINE: problem`` lines (empty when the file is clean)."""
     path = Path(path)
     if not path.exists():
@@ -185,7 +162,7 @@ def check_file(path: str | Path) -> list[str]:
         for where, obj in rows:
             if isinstance(obj, DataError):
                 problems.append(str(obj))
-            elif reason := validate_record(obj):
+            elif reason := validate_record(obj, fields):
                 problems.append(f"{where}: {reason}")
     except DataError as exc:
         problems.append(str(exc))

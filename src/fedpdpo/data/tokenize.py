@@ -1,9 +1,9 @@
 """Tokenize preference pairs and collate them into padded batches.
 
-A pair becomes ``prompt_ids`` plus ``chosen_ids`` / ``rejected_ids``. The prompt is rendered with the tokenizer's
-chat template when it has one (the generation prompt is appended, so the response is the assistant turn) and
-truncated from the left to ``max_prompt_length`` (the end of a prompt matters most); responses are truncated from
-the right so that prompt + response fits ``max_length``. The end-of-turn token closes every untruncated response.
+A pair becomes ``prompt_ids`` plus ``chosen_ids`` / ``rejected_ids``. The prompt is built by
+:class:`~fedpdpo.data.prompts.PromptEncoder` (chat template kept whole; a long prompt loses tokens from the start of
+its content only) within ``max_prompt_length`` tokens; responses are cut from their end so that prompt + response
+fits ``max_length``. The end-of-turn token closes every response that was not cut.
 
 A batch stacks the B chosen sequences and then the B rejected ones (shape ``[2B, L]``), so one forward pass scores
 both sides; ``response_mask`` marks the tokens whose log-probability counts.
@@ -12,10 +12,12 @@ both sides; ``response_mask`` marks the tokens whose log-probability counts.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from fedpdpo.data.formats import Text
+from fedpdpo.data.prompts import PromptEncoder, PromptIds
 from fedpdpo.data.records import PreferenceRecord
 
 
@@ -25,6 +27,9 @@ class TokenizedPair:
     prompt_ids: tuple[int, ...]
     chosen_ids: tuple[int, ...]
     rejected_ids: tuple[int, ...]
+    # what the length limits cut (for the truncation shares logged at the start of a run)
+    prompt_truncated: bool = field(default=False, compare=False)
+    response_truncated: bool = field(default=False, compare=False)
 
     @property
     def length(self) -> int:
@@ -46,44 +51,56 @@ class PairBatch:
         return PairBatch(*(t.to(device) for t in (self.index, self.input_ids, self.attention_mask, self.response_mask)))
 
 
+@dataclass(frozen=True)
+class EncodedPair:
+    """A pair's token ids before any length limit (what the automatic lengths are chosen from)."""
+
+    prompt: PromptIds
+    chosen: tuple[int, ...]
+    rejected: tuple[int, ...]
+
+
 class PairTokenizer:
-    """Turns :class:`PreferenceRecord` objects into :class:`TokenizedPair` objects for one tokenizer."""
+    """Turns :class:`PreferenceRecord` objects into :class:`TokenizedPair` objects for one tokenizer and one pair of
+    length limits (``max_length`` for prompt + response, ``max_prompt_length`` for the prompt)."""
 
     def __init__(self, tokenizer, max_length: int, max_prompt_length: int) -> None:
         self.tokenizer = tokenizer
+        self.encoder = PromptEncoder(tokenizer)
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
-        self.use_chat_template = bool(getattr(tokenizer, "chat_template", None))
-        self.end_id = tokenizer.eos_token_id
+        self.end_id = self.encoder.end_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.end_id or 0)
 
-    def prompt_ids(self, prompt: str) -> list[int]:
-        if self.use_chat_template:
-            ids = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-            )
-            if isinstance(ids, dict) or hasattr(ids, "keys"):  # BatchEncoding in newer transformers
-                ids = ids["input_ids"]
-            ids = list(ids)
-        else:
-            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        return ids[-self.max_prompt_length :]
+    def prompt_ids(self, prompt: Text) -> list[int]:
+        """The prompt as training sees it (and ``fedpdpo generate`` samples from it)."""
+        return list(self.encoder.encode(prompt).ids(self.max_prompt_length)[0])
 
-    def response_ids(self, response: str, budget: int) -> list[int]:
-        ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
-        if self.end_id is not None:
-            ids = [*ids, self.end_id]
-        return ids[:budget]
+    def encode(self, record: PreferenceRecord) -> EncodedPair:
+        return EncodedPair(
+            self.encoder.encode(record.prompt),
+            self.encoder.response(record.chosen),
+            self.encoder.response(record.rejected),
+        )
 
-    def __call__(self, index: int, record: PreferenceRecord) -> TokenizedPair:
-        prompt = self.prompt_ids(record.prompt)
+    def cut(self, index: int, pair: EncodedPair) -> TokenizedPair:
+        """``pair`` within the length limits."""
+        prompt, prompt_cut = pair.prompt.ids(self.max_prompt_length)
         budget = self.max_length - len(prompt)
         return TokenizedPair(
             index,
-            tuple(prompt),
-            tuple(self.response_ids(record.chosen, budget)),
-            tuple(self.response_ids(record.rejected, budget)),
+            prompt,
+            pair.chosen[:budget],
+            pair.rejected[:budget],
+            prompt_cut,
+            max(len(pair.chosen), len(pair.rejected)) > budget,
         )
+
+    def response_ids(self, response: str, budget: int) -> list[int]:
+        return list(self.encoder.response(response)[:budget])
+
+    def __call__(self, index: int, record: PreferenceRecord) -> TokenizedPair:
+        return self.cut(index, self.encode(record))
 
     def encode_all(self, records: Sequence[PreferenceRecord]) -> list[TokenizedPair]:
         return [self(i, r) for i, r in enumerate(records)]

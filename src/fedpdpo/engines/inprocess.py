@@ -68,12 +68,13 @@ class InProcessTransport:
         replies = []
         for cid in client_ids:
             state = self.store.load(cid, as_of_round=server_round)
+            self.store.save_task_info(cid, s.tasks[cid].info)
             had_reference = bool(state.reference)
             metrics = evaluate(s.model, s.tasks[cid], state, shared, s.initial, s.cfg)
             if not had_reference:
                 self.store.save_reference(cid, state.reference)  # computed once, then cached
-            info = s.clients[cid].describe()
-            replies.append(EvalReply(cid, {k: info[k] for k in ("n_train", "n_test", "conflict", "domains")} | metrics))
+            info = s.tasks[cid].info | {"conflict": s.clients[cid].conflict, "domains": s.clients[cid].domains}
+            replies.append(EvalReply(cid, info | metrics))
         return replies
 
 

@@ -56,7 +56,7 @@ class FitReply:
 @dataclass
 class EvalReply:
     client_id: int
-    metrics: dict[str, Any]  # includes n_train, n_test, conflict, domains for the summary
+    metrics: dict[str, Any]  # includes the TASK_FIELDS, conflict and domains for the summary
 
 
 class ClientTransport(Protocol):
@@ -91,7 +91,17 @@ class ServerSpec:
         return wire_bytes(self.initial_shared, self.cfg.transfer_dtype)
 
 
-CLIENT_FIELDS = ("n_train", "n_test", "conflict", "domains")
+#: What a client reports about its data (sizes, the length limits it chose, truncation shares: client/task.py).
+TASK_FIELDS = (
+    "n_train",
+    "n_val",
+    "n_test",
+    "max_length",
+    "max_prompt_length",
+    "prompts_truncated",
+    "responses_truncated",
+)
+CLIENT_FIELDS = (*TASK_FIELDS, "conflict", "domains")
 
 
 def eval_to_rows(server_round: int, replies: list[EvalReply], train: dict[int, dict[str, float]]) -> list[dict]:

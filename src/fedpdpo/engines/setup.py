@@ -7,10 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from fedpdpo.client.trainer import ClientTask
+from fedpdpo.client.task import ClientTask, build_task
 from fedpdpo.config import RunConfig
-from fedpdpo.data import ClientData, PairTokenizer, build_clients
-from fedpdpo.data.lengths import check_prompt_lengths
+from fedpdpo.data import ClientData, build_clients
 from fedpdpo.model import FedPDPOModel, load_backbone
 from fedpdpo.strategies import Strategy, get_strategy
 
@@ -39,14 +38,6 @@ def build_model(cfg: RunConfig) -> tuple[FedPDPOModel, object]:
     return FedPDPOModel(backbone, cfg.lora, cfg.method), tokenizer
 
 
-def tokenize_clients(clients: list[ClientData], tokenizer, cfg: RunConfig) -> list[ClientTask]:
-    pair_tok = PairTokenizer(tokenizer, cfg.max_length, cfg.data.max_prompt_length)
-    return [
-        ClientTask(c.client_id, pair_tok.encode_all(c.train), pair_tok.encode_all(c.test), pair_tok.pad_id)
-        for c in clients
-    ]
-
-
 def build_setup(cfg: RunConfig) -> RunSetup:
     strategy = get_strategy(cfg.algorithm)
     cfg = strategy.configure(cfg)
@@ -55,8 +46,7 @@ def build_setup(cfg: RunConfig) -> RunSetup:
         torch.set_num_threads(cfg.threads)
     clients = strategy.prepare_clients(build_clients(cfg)[0])
     model, tokenizer = build_model(cfg)
-    clients = check_prompt_lengths(clients, tokenizer, cfg.max_length, cfg.data.on_bad_record)
-    tasks = tokenize_clients(clients, tokenizer, cfg)
+    tasks = [build_task(c, tokenizer, cfg) for c in clients]
     initial = model.initial_tensors()
     shared = strategy.shared_names(list(initial))
     if not shared and strategy.name != "local":

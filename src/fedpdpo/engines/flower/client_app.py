@@ -28,7 +28,8 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedpdpo.client.state import ClientStore
-from fedpdpo.client.trainer import ClientTask, evaluate, fit
+from fedpdpo.client.task import ClientTask, build_task
+from fedpdpo.client.trainer import evaluate, fit
 from fedpdpo.config import RunConfig
 from fedpdpo.data import ClientData, build_clients
 from fedpdpo.engines.flower.records import (
@@ -47,7 +48,7 @@ from fedpdpo.engines.flower.records import (
     tensors_to_record,
 )
 from fedpdpo.engines.flower.secagg import legacy_train
-from fedpdpo.engines.setup import build_model, tokenize_clients
+from fedpdpo.engines.setup import build_model
 from fedpdpo.errors import ConfigError
 from fedpdpo.model import FedPDPOModel
 from fedpdpo.strategies import get_strategy
@@ -102,7 +103,7 @@ def node_setup(cfg_text: str, pid: int) -> NodeSetup:
     if not 0 <= pid < len(proc.clients):
         raise ConfigError(f"partition-id {pid} is outside 0..{len(proc.clients) - 1} (num_clients)")
     if pid not in proc.tasks:
-        (proc.tasks[pid],) = tokenize_clients([proc.clients[pid]], proc.tokenizer, proc.cfg)
+        proc.tasks[pid] = build_task(proc.clients[pid], proc.tokenizer, proc.cfg)
     return NodeSetup(proc.model, proc.clients[pid], proc.tasks[pid], proc.initial)
 
 
@@ -168,11 +169,11 @@ def evaluate_(msg: Message, context: Context) -> Message:
     config, pid, setup, shared, cfg = _unpack(msg.content, context)
     store = _store(context, config)
     state = store.load(pid, as_of_round=int(config[KEY_ROUND]))
+    store.save_task_info(pid, setup.task.info)
     had_reference = bool(state.reference)
     metrics = evaluate(setup.model, setup.task, state, shared, setup.initial, cfg)
     if not had_reference:
         store.save_reference(pid, state.reference)  # computed once, then cached on the node
-    d = setup.client.describe()
-    info = ConfigRecord({"n_train": d["n_train"], "n_test": d["n_test"], "conflict": d["conflict"]})
-    info["domains"] = list(d["domains"])
+    info = ConfigRecord(dict(setup.task.info) | {"conflict": setup.client.conflict})
+    info["domains"] = list(setup.client.domains)
     return Message(RecordDict({METRICS: MetricRecord(metrics), INFO: info}), reply_to=msg)

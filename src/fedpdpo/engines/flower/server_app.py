@@ -39,7 +39,7 @@ from fedpdpo.engines.flower.records import (
     record_to_tensors,
 )
 from fedpdpo.engines.flower.secagg import secure_fit
-from fedpdpo.engines.server import EvalReply, FitReply, ServerSpec, run_server
+from fedpdpo.engines.server import TASK_FIELDS, EvalReply, FitReply, ServerSpec, run_server
 from fedpdpo.engines.setup import build_model
 from fedpdpo.errors import ConfigError
 from fedpdpo.model.backbone import resolve_model
@@ -221,8 +221,8 @@ class GridTransport:
         for cid, reply in sorted(replies.items()):
             info: ConfigRecord = reply.content.config_records[INFO]
             metrics: dict[str, Any] = dict(reply.content.metric_records[METRICS])
-            metrics |= {"n_train": int(info["n_train"]), "n_test": int(info["n_test"])}
-            self.n_train[cid] = metrics["n_train"]
+            metrics |= {k: info[k] for k in TASK_FIELDS if k in info}
+            self.n_train[cid] = int(metrics["n_train"])
             metrics |= {"conflict": bool(info["conflict"]), "domains": list(info["domains"])}
             out.append(EvalReply(cid, metrics))
         return out
