@@ -146,6 +146,9 @@ class RunConfig:
     model: str = "smollm2"
     seed: int = 0
     device: str = "auto"
+    # Arithmetic of the forward passes: "auto" = bf16 autocast where the hardware has bf16 units (CUDA, CPUs with
+    # AVX512-BF16 / AMX), else fp32; "fp32"; "bf16" (forced). Weights, optimizer and reductions stay fp32.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     num_clients: int = 3
     rounds: int = 3
     local_steps: int = 8

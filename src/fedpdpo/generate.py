@@ -19,6 +19,7 @@ import torch
 
 from fedpdpo.data.tokenize import PairBatch, PairTokenizer, TokenizedPair, collate
 from fedpdpo.export import ClientModel
+from fedpdpo.model.policy import FedPDPOModel
 
 Variant = Literal["personalized", "global", "base"]
 VARIANTS: tuple[Variant, ...] = ("personalized", "global", "base")
@@ -50,22 +51,26 @@ def _device(cm: ClientModel) -> torch.device:
 
 
 @torch.no_grad()
-def generate_ids(
-    cm: ClientModel, prompt: str, variant: Variant = "personalized", sampling: SamplingConfig | None = None
-) -> list[int]:
-    """Token ids of a response to ``prompt`` sampled from the client's ``variant`` policy (end token excluded)."""
-    sampling = sampling or SamplingConfig()
-    model, tokenizer = cm.model, cm.tokenizer
-    pair_tok = PairTokenizer(tokenizer, cm.max_length, cm.max_prompt_length)
-    prompt_ids = pair_tok.prompt_ids(prompt)  # exactly as training built it
-    device = _device(cm)
-    gen = torch.Generator().manual_seed(sampling.seed)
+def sample_responses(
+    model: FedPDPOModel,
+    prompt_ids: list[int],
+    variant: Variant,
+    n: int,
+    sampling: SamplingConfig,
+    stop: set[int],
+) -> list[list[int]]:
+    """``n`` responses to one prompt from ``model``'s ``variant`` policy, sampled together in one batch (the prompt
+    is the same in every row, so no padding); row ``k`` draws from a generator seeded ``sampling.seed + k``.
+    End tokens are not included. ``personalized`` uses the model's local head and adapter as loaded; ``global``
+    the shared LoRA with the original head; ``base`` the frozen backbone."""
+    device = next(model.parameters()).device
+    gens = [torch.Generator().manual_seed(sampling.seed + k) for k in range(n)]
     personal = variant == "personalized"
     head = model.local["head"].weight if personal and "head" in model.local else model.ref_head_weight
     adapter = model.local["adapter"] if personal and "adapter" in model.local else None
-    stop = {tokenizer.eos_token_id, pair_tok.end_id} - {None}
-    new_ids: list[int] = []
-    ids = torch.tensor([prompt_ids], device=device)
+    responses: list[list[int]] = [[] for _ in range(n)]
+    open_rows = set(range(n))
+    ids = torch.tensor([prompt_ids] * n, device=device)
     cache = None
     ctx = model.peft.disable_adapter() if variant == "base" else contextlib.nullcontext()
     with ctx:
@@ -75,12 +80,30 @@ def generate_ids(
             hidden = out.last_hidden_state[:, -1]
             if adapter is not None:
                 hidden = adapter(hidden)
-            token = sample_token((hidden @ head.T)[0], sampling.temperature, sampling.top_p, gen)
-            if token in stop:
+            logits = hidden @ head.T
+            tokens = []
+            for k in range(n):
+                token = sample_token(logits[k], sampling.temperature, sampling.top_p, gens[k]) if k in open_rows else 0
+                if token in stop:
+                    open_rows.discard(k)
+                elif k in open_rows:
+                    responses[k].append(token)
+                tokens.append(token)
+            if not open_rows:
                 break
-            new_ids.append(token)
-            ids = torch.tensor([[token]], device=device)
-    return new_ids
+            ids = torch.tensor([[t] for t in tokens], device=device)
+    return responses
+
+
+def generate_ids(
+    cm: ClientModel, prompt: str, variant: Variant = "personalized", sampling: SamplingConfig | None = None
+) -> list[int]:
+    """Token ids of a response to ``prompt`` sampled from the client's ``variant`` policy (end token excluded)."""
+    sampling = sampling or SamplingConfig()
+    pair_tok = PairTokenizer(cm.tokenizer, cm.max_length, cm.max_prompt_length)
+    prompt_ids = pair_tok.prompt_ids(prompt)  # exactly as training built it
+    stop = {cm.tokenizer.eos_token_id, pair_tok.end_id} - {None}
+    return sample_responses(cm.model, prompt_ids, variant, 1, sampling, stop)[0]
 
 
 def generate(

@@ -46,12 +46,33 @@ def device_of(cfg: RunConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (fp16 where bf16 is unsupported); fp32 on CPU, the fast path there."""
+def has_bf16(device: torch.device) -> bool:
+    """Whether ``device`` has bf16 arithmetic units (CUDA: Ampere or newer; CPU: AVX512-BF16 or AMX)."""
     if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
+        return torch.cuda.is_bf16_supported()
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def compute_dtype(cfg: RunConfig) -> torch.dtype | None:
+    """The autocast dtype of ``cfg.precision`` on this machine: bf16, or None for plain fp32.
+
+    ``auto`` takes bf16 only where the hardware computes it natively (elsewhere emulated bf16 is slower than fp32);
+    ``bf16`` forces it. Master weights, optimizer state, log-softmax, sequence sums and the DPO margin stay fp32.
+    """
+    if cfg.precision == "fp32":
+        return None
+    if cfg.precision == "bf16" or has_bf16(device_of(cfg)):
+        return torch.bfloat16
+    return None
+
+
+def autocast(cfg: RunConfig):
+    """Mixed precision for the forward passes of training, evaluation and the reference (see ``compute_dtype``)."""
+    dtype = compute_dtype(cfg)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_of(cfg).type, dtype=dtype)
 
 
 def _batches(pairs: list[TokenizedPair], batch_size: int, pad_id: int, device: torch.device):
@@ -65,7 +86,7 @@ def _fill_reference(
 ) -> None:
     """Write the reference log-probs (chosen, rejected) of ``pairs`` into rows ``pair.index`` of ``table``."""
     device = device_of(cfg)
-    with autocast(device):
+    with autocast(cfg):
         for batch in _batches(pairs, cfg.eval_batch_size, pad_id, device):
             ref = model.reference_logps(batch, cfg.perf).float().cpu()
             b = batch.num_pairs
@@ -193,7 +214,7 @@ def _run_steps(
         idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
         # de-duplicate when the client has fewer pairs than the batch size
         batch = collate([task.train[i] for i in dict.fromkeys(idx)], task.pad_id).to(device)
-        with autocast(device):
+        with autocast(cfg):
             need_ref = cfg.perf.fused_reference and bool(torch.isnan(ref_table[batch.index.cpu()]).any())
             out = model(batch, with_reference=need_ref, perf=cfg.perf)
             if need_ref:
@@ -319,7 +340,7 @@ def evaluate(
     implicit, explicit, logp_margin, losses = [], [], [], []
     chosen_rewards, rejected_rewards = [], []
     for batch in _batches(task.test, cfg.eval_batch_size, task.pad_id, device):
-        with autocast(device):
+        with autocast(cfg):
             out = model(batch, perf=cfg.perf)
         b = batch.num_pairs
         logps = out.logps.float()

@@ -233,6 +233,7 @@ def run_server(
         "seed": cfg.seed,
         "num_clients": cfg.num_clients,
         "eval_score": cfg.method.eval_score,
+        "precision": cfg.precision,
         "time_s": round(elapsed_before + time.perf_counter() - start, 2),
         "rejected_updates": rejected,
     }

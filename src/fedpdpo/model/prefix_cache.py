@@ -46,16 +46,19 @@ class PrefixCache:
     """
 
     def __init__(self) -> None:
-        self._store: dict[tuple[str, bytes], Any] = {}
+        self._store: dict[tuple[str, str, bytes], Any] = {}
         self.nbytes = 0
         self.hits = 0
         self.misses = 0
 
     @staticmethod
-    def key(ids: torch.Tensor, kind: str = "sequence") -> tuple[str, bytes]:
-        return kind, ids.detach().to("cpu", torch.int64).numpy().tobytes()
+    def key(ids: torch.Tensor, kind: str = "sequence") -> tuple[str, str, bytes]:
+        """``(kind, precision, token ids)``: a value computed under bf16 autocast is a different value."""
+        device = ids.device.type
+        precision = str(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else "fp32"
+        return kind, precision, ids.detach().to("cpu", torch.int64).numpy().tobytes()
 
-    def get(self, key: tuple[str, bytes]) -> Any:
+    def get(self, key: tuple[str, str, bytes]) -> Any:
         value = self._store.get(key)
         if key[0] == "sequence":  # hits and misses count whole sequences
             if value is None:
@@ -64,7 +67,7 @@ class PrefixCache:
                 self.hits += 1
         return value
 
-    def put(self, key: tuple[str, bytes], value: Any, budget_bytes: int) -> bool:
+    def put(self, key: tuple[str, str, bytes], value: Any, budget_bytes: int) -> bool:
         size = nbytes(value)
         if self.nbytes + size > budget_bytes:
             return False
@@ -77,7 +80,7 @@ class PrefixCache:
         self.nbytes = 0
 
     def count(self, kind: str = "sequence") -> int:
-        return sum(1 for k, _ in self._store if k == kind)
+        return sum(1 for key in self._store if key[0] == kind)
 
     def __len__(self) -> int:
         return self.count("sequence")

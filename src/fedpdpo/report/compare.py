@@ -289,6 +289,7 @@ def build_comparison(runs: Sequence[Run]) -> dict[str, Any]:
 
 def write_report(runs: Sequence[Run], out: str | Path) -> dict[str, Any]:
     """Write ``comparison.json``, the PNG plots and ``report.md`` for ``runs`` into ``out``."""
+    from fedpdpo.report.evaluation import evaluation_section
     from fedpdpo.report.markdown import render_report
     from fedpdpo.report.plots import plot_accuracy_by_round, plot_per_client
 
@@ -300,6 +301,11 @@ def write_report(runs: Sequence[Run], out: str | Path) -> dict[str, Any]:
         "per_client_accuracy": plot_per_client(comparison, out / "per_client_accuracy.png"),
     }
     comparison["plots"] = {k: p.name for k, p in plots.items()}
+    evaluation = [
+        line
+        for run in sorted(runs, key=lambda r: (r.algorithm, r.seed))
+        for line in evaluation_section(f"{run.algorithm} seed {run.seed}", run.summary, out)
+    ]
     (out / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n", encoding="utf-8")
-    (out / "report.md").write_text(render_report(comparison), encoding="utf-8")
+    (out / "report.md").write_text(render_report(comparison, evaluation), encoding="utf-8")
     return comparison

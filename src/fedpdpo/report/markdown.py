@@ -40,7 +40,8 @@ def _conflict_mark(client: dict[str, Any], n_seeds: int) -> str:
     return "" if n == 0 else "*" if n == n_seeds else "~"
 
 
-def render_report(comparison: dict[str, Any]) -> str:
+def render_report(comparison: dict[str, Any], evaluation: list[str] | None = None) -> str:
+    """The report; ``evaluation`` holds the sections of ``fedpdpo evaluate`` (judge, cross-client) when run."""
     algos = comparison["algorithms"]
     lines = ["# Comparison report", "", *_setup_lines(comparison["setup"]), ""]
     lines += [
@@ -87,6 +88,8 @@ def render_report(comparison: dict[str, Any]) -> str:
     if plots:
         lines += ["", "## Plots", ""]
         lines += [f"![{name}]({file})" for name, file in plots.items()]
+    if evaluation:
+        lines += ["", "## Behaviour and personalization (`fedpdpo evaluate`)", "", *evaluation]
     lines += ["", "## Runs", ""]
     for name in comparison["ranking"]:
         lines += [f"- {name}: " + ", ".join(f"`{p}`" for p in algos[name]["runs"])]

@@ -1,0 +1,208 @@
+"""After a run: how each client's model behaves (an independent judge) and whom it serves (cross-client accuracy).
+
+``fedpdpo evaluate --run DIR`` rebuilds the run's clients from its config (same data, same seed, same per-client
+limits), its final global tensors and each client's private state, and computes:
+
+* **cross-client accuracy**: client *i*'s model on client *j*'s held-out pairs, ranked by *i*'s own score. The
+  diagonal is each client's accuracy; the off-diagonal shows what personalization is (a client with the opposite
+  taste is *wrong* on the others' pairs). Summaries: mean of the diagonal, worst client, spread (max - min).
+* **judge**: responses sampled on each client's held-out prompts from its personalized policy, the global policy
+  (shared LoRA, original head) and the base model, scored by a judge the method did not train
+  (:mod:`fedpdpo.judge`). Which side a client prefers is read off the judge's scores of its own training pairs
+  (chosen minus rejected), so the table says, per client and model, the mean judge score oriented to the client's
+  taste, the share of samples on the client's side (for judges where 0 is neutral) and the win rate of each
+  model's samples against the base model's.
+
+Both go into ``DIR/evaluation.json`` and into ``summary.json`` (keys ``cross_client`` and ``judge``), which
+``fedpdpo report`` renders. The client data must be readable where this runs (simulation runs, or a node's own
+files).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from fedpdpo.client.state import ClientState, ClientStore, atomic_write
+from fedpdpo.client.trainer import evaluate, load_client
+from fedpdpo.config import load_config
+from fedpdpo.data.formats import flat
+from fedpdpo.data.tokenize import PairTokenizer
+from fedpdpo.engines.checkpoint import CLIENTS_DIR
+from fedpdpo.engines.server import GLOBAL_FILE
+from fedpdpo.engines.setup import RunSetup, build_setup
+from fedpdpo.errors import FedPDPOError
+from fedpdpo.generate import SamplingConfig, sample_responses
+from fedpdpo.judge import Judge, load_judge
+
+log = logging.getLogger(__name__)
+
+EVALUATION_FILE = "evaluation.json"
+MODELS = ("personalized", "global", "base")
+
+
+@dataclass
+class EvaluationSettings:
+    judge: str = "sentiment"
+    samples: int = 16  # responses per client and model
+    max_new_tokens: int = 96
+    temperature: float = 0.7
+    top_p: float = 0.9
+    seed: int = 0
+    matrix: bool = True
+    direction_pairs: int = 64  # training pairs per client from which its preferred side is read
+
+
+def _load_run(run_dir: Path) -> tuple[RunSetup, dict[str, torch.Tensor], ClientStore]:
+    if not (run_dir / "config.toml").is_file():
+        raise FedPDPOError(f"--run {run_dir}: no config.toml here; point --run at the --out directory of a run")
+    if not (run_dir / GLOBAL_FILE).is_file():
+        raise FedPDPOError(f"--run {run_dir}: no {GLOBAL_FILE}; the run has not finished")
+    setup = build_setup(load_config(run_dir / "config.toml"))
+    return setup, load_file(run_dir / GLOBAL_FILE), ClientStore(run_dir / CLIENTS_DIR)
+
+
+def cross_client_matrix(setup: RunSetup, global_: dict[str, torch.Tensor], store: ClientStore) -> dict[str, Any]:
+    """``accuracy[i][j]``: client i's model on client j's test pairs, by i's own score (and by the implicit one)."""
+    ids = [t.client_id for t in setup.tasks]
+    states = {i: store.load(i) for i in ids}
+    acc, implicit = [], []
+    for i in ids:
+        row, row_implicit = [], []
+        for j in ids:
+            state = ClientState(local=states[i].local, reference=states[j].reference)
+            metrics = evaluate(setup.model, setup.tasks[j], state, global_, setup.initial, setup.cfg)
+            row.append(round(metrics["accuracy"], 4))
+            row_implicit.append(round(metrics["accuracy_implicit"], 4))
+        acc.append(row)
+        implicit.append(row_implicit)
+    diagonal = [acc[k][k] for k in range(len(ids))]
+    off = [acc[i][j] for i in range(len(ids)) for j in range(len(ids)) if i != j]
+    return {
+        "clients": ids,
+        "conflict": [bool(setup.clients[i].conflict) for i in ids],
+        "accuracy": acc,
+        "accuracy_implicit": implicit,
+        "own_mean": round(float(np.mean(diagonal)), 4),
+        "others_mean": round(float(np.mean(off)), 4) if off else None,
+        "worst_client": round(float(min(diagonal)), 4),
+        "spread": round(float(max(diagonal) - min(diagonal)), 4),
+    }
+
+
+def _direction(judge: Judge, setup: RunSetup, cid: int, n: int) -> tuple[float, float]:
+    """(sign, size) of the judge's mean chosen-minus-rejected score on the client's training pairs."""
+    records = setup.clients[cid].train[:n]
+    prompts = [flat(r.prompt) for r in records]
+    diff = float(
+        np.mean(judge(prompts, [r.chosen for r in records])) - np.mean(judge(prompts, [r.rejected for r in records]))
+    )
+    return (float(np.sign(diff)), diff)
+
+
+def _prompts(setup: RunSetup, cid: int, k: int) -> list[tuple[Any, int]]:
+    """``k`` (prompt, sample index) slots over the client's distinct held-out prompts, in order of first use."""
+    distinct = list(dict.fromkeys(r.prompt for r in setup.clients[cid].test))
+    return [(distinct[s % len(distinct)], s // len(distinct)) for s in range(k)]
+
+
+def judge_clients(
+    setup: RunSetup, global_: dict[str, torch.Tensor], store: ClientStore, settings: EvaluationSettings
+) -> dict[str, Any]:
+    """Judge table: per client and model, oriented mean score, share on the client's side, win rate vs base."""
+    judge = load_judge(settings.judge)
+    model = setup.model
+    sampling = SamplingConfig(settings.max_new_tokens, settings.temperature, settings.top_p, settings.seed)
+    sampled: dict[tuple, list[str]] = {}  # (model, client for personalized, prompt key) -> texts (global/base shared)
+    rows = []
+    for task in setup.tasks:
+        cid = task.client_id
+        lengths = task.lengths
+        assert lengths is not None
+        pair_tok = PairTokenizer(setup.tokenizer, lengths.max_length, lengths.max_prompt_length)
+        stop = {setup.tokenizer.eos_token_id, pair_tok.end_id} - {None}
+        slots = _prompts(setup, cid, settings.samples)
+        by_prompt: dict[Any, int] = {}
+        for prompt, _ in slots:
+            by_prompt[prompt] = by_prompt.get(prompt, 0) + 1
+        state = store.load(cid)
+        texts: dict[str, list[str]] = {}
+        for variant in MODELS:
+            load_client(model, global_, state, setup.initial, personal=variant == "personalized")
+            out: list[str] = []
+            for prompt, count in by_prompt.items():
+                prompt_ids = pair_tok.prompt_ids(prompt)
+                key = (variant, cid if variant == "personalized" else None, tuple(prompt_ids), count)
+                if key not in sampled:
+                    sampling = SamplingConfig(
+                        settings.max_new_tokens, settings.temperature, settings.top_p, settings.seed
+                    )
+                    ids = sample_responses(model, prompt_ids, variant, count, sampling, stop)
+                    sampled[key] = [setup.tokenizer.decode(x, skip_special_tokens=True) for x in ids]
+                out.extend(sampled[key])
+            texts[variant] = out
+        prompts = [flat(p) for p, count in by_prompt.items() for _ in range(count)]
+        sign, diff = _direction(judge, setup, cid, settings.direction_pairs)
+        scores = {v: np.asarray(judge(prompts, texts[v])) for v in MODELS}
+        row: dict[str, Any] = {
+            "client": cid,
+            "conflict": bool(setup.clients[cid].conflict),
+            "preferred_direction": int(sign),
+            "train_margin": round(diff, 4),
+            "samples": len(prompts),
+        }
+        base = sign * scores["base"]
+        for v in MODELS:
+            oriented = sign * scores[v]
+            row[f"{v}/mean_score"] = round(float(scores[v].mean()), 4)
+            row[f"{v}/oriented_score"] = round(float(oriented.mean()), 4)
+            if judge.zero_is_neutral:
+                row[f"{v}/match"] = round(float((oriented > 0).mean()), 4)
+            wins = (oriented[:, None] > base[None, :]).mean() + 0.5 * (oriented[:, None] == base[None, :]).mean()
+            row[f"{v}/win_rate_vs_base"] = round(float(wins), 4)
+        row["examples"] = {v: texts[v][:2] for v in MODELS}
+        rows.append(row)
+        log.info(
+            "client %d (prefers %s): personalized %.2f, global %.2f, base %.2f (oriented judge score)",
+            cid,
+            {1: "higher", -1: "lower", 0: "neither"}[int(sign)],
+            row["personalized/oriented_score"],
+            row["global/oriented_score"],
+            row["base/oriented_score"],
+        )
+    return {
+        "judge": judge.name,
+        "zero_is_neutral": judge.zero_is_neutral,
+        "settings": asdict(settings),
+        "clients": rows,
+    }
+
+
+def evaluate_run(run_dir: str | Path, settings: EvaluationSettings | None = None) -> dict[str, Any]:
+    """Cross-client matrix and judge table of a finished run; written to evaluation.json and summary.json."""
+    settings = settings or EvaluationSettings()
+    run_dir = Path(run_dir).resolve()
+    setup, global_, store = _load_run(run_dir)
+    result: dict[str, Any] = {}
+    if settings.matrix:
+        result["cross_client"] = cross_client_matrix(setup, global_, store)
+    if settings.samples > 0:
+        result["judge"] = judge_clients(setup, global_, store, settings)
+    text = json.dumps(result, indent=2, allow_nan=False) + "\n"
+    atomic_write(run_dir / EVALUATION_FILE, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        summary.update({k: v for k, v in result.items()})
+        if "judge" in summary:
+            summary["judge"] = {k: v for k, v in result["judge"].items() if k != "settings"}
+        body = json.dumps(summary, indent=2, allow_nan=False) + "\n"
+        atomic_write(summary_path, lambda p: Path(p).write_text(body, encoding="utf-8"))
+    return result

@@ -1,0 +1,126 @@
+"""Report sections for ``fedpdpo evaluate``'s results: the judge table and the cross-client accuracy matrix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # after use(): the backend must be chosen before pyplot is imported
+
+MODELS = ("personalized", "global", "base")
+SIDE = {1: "higher", -1: "lower", 0: "neither"}
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def judge_lines(judge: dict[str, Any]) -> list[str]:
+    neutral = judge.get("zero_is_neutral", False)
+    lines = [
+        f"Judge: {judge['judge']}. Samples per client and model: {judge['clients'][0]['samples']}. "
+        "Each client's side is read from its own training pairs (judge score of chosen minus rejected); "
+        "'oriented' scores are multiplied by that side's sign, so higher is better for every client.",
+        "",
+    ]
+    head = "| client | prefers | train margin | oriented score: personalized / global / base |"
+    sep = "|---:|---|---:|---|"
+    if neutral:
+        head += " on the client's side %: personalized / global / base |"
+        sep += "---|"
+    head += " win rate vs base %: personalized / global |"
+    sep += "---|"
+    lines += [head, sep]
+    for row in judge["clients"]:
+        cid = f"{row['client']}{' (conflict)' if row['conflict'] else ''}"
+        cells = [
+            cid,
+            f"{SIDE[row['preferred_direction']]} scores",
+            f"{row['train_margin']:+.3f}",
+            " / ".join(f"{row[f'{m}/oriented_score']:+.3f}" for m in MODELS),
+        ]
+        if neutral:
+            cells.append(" / ".join(_pct(row.get(f"{m}/match")) for m in MODELS))
+        cells.append(" / ".join(_pct(row[f"{m}/win_rate_vs_base"]) for m in ("personalized", "global")))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def matrix_lines(matrix: dict[str, Any]) -> list[str]:
+    ids = matrix["clients"]
+    label = [f"{c}{'*' if conflict else ''}" for c, conflict in zip(ids, matrix["conflict"], strict=True)]
+    lines = [
+        "Row i, column j: client i's personalized model on client j's held-out pairs (% ranked right by i's own "
+        "score); `*` marks clients with swapped preferences. "
+        f"Own pairs (diagonal) {_pct(matrix['own_mean'])} %, others' pairs {_pct(matrix['others_mean'])} %, "
+        f"worst client {_pct(matrix['worst_client'])} %, spread {_pct(matrix['spread'])} points.",
+        "",
+        "| model \\ pairs of | " + " | ".join(f"client {x}" for x in label) + " |",
+        "|---|" + "---:|" * len(ids),
+    ]
+    for i, row in enumerate(matrix["accuracy"]):
+        cells = [f"**{_pct(v)}**" if i == j else _pct(v) for j, v in enumerate(row)]
+        lines.append(f"| client {label[i]} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot_judge(judge: dict[str, Any], path: Path, title: str) -> Path:
+    """Oriented judge score per client: personalized, global and base samples side by side."""
+    rows = judge["clients"]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(rows)), 3.8))
+    width = 0.27
+    for k, model in enumerate(MODELS):
+        x = [i + (k - 1) * width for i in range(len(rows))]
+        ax.bar(x, [r[f"{model}/oriented_score"] for r in rows], width, label=model)
+    ax.axhline(0, color="grey", linewidth=0.8)
+    labels = [f"client {r['client']}{chr(10) + '(conflict)' if r['conflict'] else ''}" for r in rows]
+    ax.set_xticks(range(len(rows)), labels, fontsize=8)
+    ax.set_ylabel("judge score toward the client's side")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_matrix(matrix: dict[str, Any], path: Path, title: str) -> Path:
+    acc = matrix["accuracy"]
+    n = len(acc)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * n, 0.8 + 0.6 * n))
+    im = ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn")
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{100 * acc[i][j]:.0f}", ha="center", va="center", fontsize=8)
+    labels = [f"{c}{'*' if f else ''}" for c, f in zip(matrix["clients"], matrix["conflict"], strict=True)]
+    ax.set_xticks(range(n), labels)
+    ax.set_yticks(range(n), labels)
+    ax.set_xlabel("held-out pairs of client")
+    ax.set_ylabel("model of client")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def evaluation_section(name: str, summary: dict[str, Any], out: Path) -> list[str]:
+    """Markdown (and PNGs written to ``out``) for one run's evaluation, or nothing when it was not evaluated."""
+    if "judge" not in summary and "cross_client" not in summary:
+        return []
+    slug = name.replace("/", "-").replace(" ", "")
+    lines = [f"### {name}", ""]
+    if "judge" in summary:
+        plot = plot_judge(summary["judge"], out / f"judge_{slug}.png", f"{name}: generated samples")
+        lines += ["#### What the models generate (independent judge)", "", *judge_lines(summary["judge"]), ""]
+        lines += [f"![judge {name}]({plot.name})", ""]
+    if "cross_client" in summary:
+        plot = plot_matrix(summary["cross_client"], out / f"matrix_{slug}.png", f"{name}: cross-client accuracy")
+        lines += ["#### Cross-client accuracy", "", *matrix_lines(summary["cross_client"]), ""]
+        lines += [f"![matrix {name}]({plot.name})", ""]
+    return lines

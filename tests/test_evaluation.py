@@ -1,0 +1,92 @@
+"""``fedpdpo evaluate``: the judge interface, the judge table and the cross-client accuracy matrix."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedpdpo.cli import main
+from fedpdpo.config import load_config
+from fedpdpo.engines.inprocess import run_inprocess
+from fedpdpo.errors import ConfigError
+from fedpdpo.evaluation import EvaluationSettings, evaluate_run
+from fedpdpo.judge import Judge, load_judge
+from tests.conftest import TINY_CONFIG
+
+
+def length_judge(prompts, responses):
+    """A judge for the test: longer responses score higher."""
+    return [float(len(r)) for r in responses]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("evaluated")
+    run_inprocess(load_config(TINY_CONFIG, ["rounds=1", "local_steps=3"]), out, quiet=True)
+    return out
+
+
+def test_load_judge_specs(tmp_path):
+    assert load_judge("sentiment")([""], ["What a wonderful film."])[0] > 0.5
+    custom = load_judge("tests.test_evaluation:length_judge")
+    assert isinstance(custom, Judge) and custom(["p", "p"], ["a", "abc"]) == [1.0, 3.0]
+    with pytest.raises(ConfigError, match="cannot import"):
+        load_judge("tests.test_evaluation:nope")
+    with pytest.raises(ConfigError, match=r"no config\.json"):
+        load_judge(str(tmp_path))
+    with pytest.raises(ConfigError, match="use 'sentiment'"):
+        load_judge("vibes")
+    bad = Judge("bad", lambda p, r: [0.0])
+    with pytest.raises(ConfigError, match="returned 1 scores for 2"):
+        bad(["p", "p"], ["a", "b"])
+
+
+def test_reward_model_directory_as_judge(tmp_path):
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from fedpdpo.model.backbone import tiny_tokenizer
+
+    torch.manual_seed(0)
+    tok = tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_labels=1, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    judge = load_judge(str(tmp_path / "rm"))
+    scores = judge(["q", "q", "q"], ["good", "bad", "good"])
+    assert len(scores) == 3 and scores[0] == pytest.approx(scores[2]) and scores[0] != scores[1]
+
+
+def test_matrix_diagonal_is_each_clients_own_accuracy_and_judge_reads_each_side(run_dir):
+    settings = EvaluationSettings(judge="sentiment", samples=3, max_new_tokens=6)
+    result = evaluate_run(run_dir, settings)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    matrix = summary["cross_client"]
+    own = [c["accuracy"] for c in summary["clients"]]
+    assert [matrix["accuracy"][i][i] for i in range(len(own))] == pytest.approx(own, abs=1e-4)
+    assert matrix["worst_client"] == pytest.approx(min(own), abs=1e-4)
+    assert matrix["spread"] == pytest.approx(max(own) - min(own), abs=1e-4)
+    rows = {r["client"]: r for r in summary["judge"]["clients"]}
+    for c in summary["clients"]:  # tiny data: chosen "I loved it", rejected "I hated it"; conflict clients swap
+        assert rows[c["id"]]["preferred_direction"] == (-1 if c["conflict"] else 1)
+        assert rows[c["id"]]["samples"] == 3
+        for model in ("personalized", "global", "base"):
+            assert 0.0 <= rows[c["id"]][f"{model}/match"] <= 1.0
+            assert 0.0 <= rows[c["id"]][f"{model}/win_rate_vs_base"] <= 1.0
+    assert json.loads((run_dir / "evaluation.json").read_text()) == result
+
+
+def test_cli_evaluate_with_a_custom_judge_and_report(run_dir, capsys):
+    argv = ["evaluate", "--run", str(run_dir), "--judge", "tests.test_evaluation:length_judge"]
+    assert main([*argv, "--samples", "2", "--max-new-tokens", "4"]) == 0
+    brief = json.loads(capsys.readouterr().out)
+    assert set(brief) == {"cross_client", "judge"}
+    assert json.loads((run_dir / "summary.json").read_text())["judge"]["judge"] == "tests.test_evaluation:length_judge"
+    assert main(["report", str(run_dir)]) == 0
+    report = (run_dir / "report.md").read_text()
+    assert "What the models generate" in report and "Cross-client accuracy" in report
+    assert main(["evaluate", "--run", str(run_dir), "--samples", "-1"]) == 2
