@@ -32,8 +32,8 @@ def first_line(exc: BaseException) -> str:
 
 
 #: OSError numbers that mean the environment stopped a write, not a bug: a full disk or quota, a read-only file system,
-#: no permission. They are user errors like a bad config: one line, exit 2.
-ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES})
+#: no permission, a file system without locks (some network mounts). User errors like a bad config: one line, exit 2.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.ENOLCK})
 
 
 def environment_error(exc: OSError) -> FedPDPOError | None:
