@@ -12,6 +12,13 @@ TINY_CONFIG = ROOT / "configs" / "tiny.toml"
 TINY_DATA = ROOT / "data" / "tiny_pairs.jsonl"
 
 
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for a ``python -m fedpdpo.cli`` subprocess that runs this checkout's code (src/ first, whatever
+    fedpdpo the interpreter has installed) offline."""
+    path = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
+    return os.environ | {"PYTHONPATH": path, "HF_HUB_OFFLINE": "1"} | extra
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _offline_env(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -27,3 +34,19 @@ def tiny_cfg():
     from fedpdpo.config import load_config
 
     return load_config(TINY_CONFIG)
+
+
+def interrupt_at_checkpoint(monkeypatch: pytest.MonkeyPatch, server_round: int) -> None:
+    """Make the next run stop like a Ctrl-C just before it checkpoints ``server_round``: the directory is then what a
+    kill leaves (the checkpoint of the round before, clients' state of this round maybe written)."""
+    from fedpdpo.engines import server
+
+    real = server.save_checkpoint
+
+    def save(out, ckpt):
+        if ckpt.server_round == server_round:
+            monkeypatch.setattr(server, "save_checkpoint", real)
+            raise KeyboardInterrupt
+        real(out, ckpt)
+
+    monkeypatch.setattr(server, "save_checkpoint", save)

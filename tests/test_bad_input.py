@@ -4,7 +4,6 @@ no half-written output (a new --out directory is not even created; an existing r
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 
 from fedpdpo.cli import main
 from fedpdpo.data import load_records
-from tests.conftest import ROOT, TINY_CONFIG, TINY_DATA
+from tests.conftest import TINY_CONFIG, TINY_DATA, subprocess_env
 
 GOOD_LINES = TINY_DATA.read_bytes().splitlines()
 BAD_LINE = len(GOOD_LINES) + 1  # every bad record is appended after the good ones
@@ -155,9 +154,8 @@ def test_data_validate(tmp_path, capsys):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = os.environ | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "fedpdpo.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env())
 
 
 def test_cli_malformed_jsonl_is_one_line_without_traceback(tmp_path):

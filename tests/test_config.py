@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -55,3 +57,75 @@ def test_shipped_configs_load_and_name_existing_data(path):
         if data_file.parent.is_dir():
             assert data_file.is_file(), f"{path.name}: data file {data_file} is missing"
     assert cfg.rounds >= 1 and cfg.local_steps >= 1
+
+
+# -- every value is range-checked, NaN and infinity never pass ----------------------------------------------------
+
+
+def _numeric_keys() -> dict[str, type]:
+    from fedpdpo.config import RunConfig, _flatten_values
+
+    values = _flatten_values(RunConfig())
+    return {k: type(v) for k, v in values if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def test_every_numeric_key_has_a_range():
+    from fedpdpo.config import RANGES
+
+    assert sorted(_numeric_keys()) == sorted(RANGES)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("key", [k for k, t in _numeric_keys().items() if t is float])
+def test_non_finite_floats_are_rejected_for_every_key(key, value):
+    with pytest.raises(ConfigError, match=f"config key '{key}' must be a finite number"):
+        load_config(TINY_CONFIG, [f"{key}={value}"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("max_grad_norm=-1", "'max_grad_norm' must be > 0, got -1.0"),
+        ("weight_decay=-0.1", "'weight_decay' must be >= 0"),
+        ("seed=-1", "'seed' must be in [0, 4294967296)"),
+        ("lora.dropout=1.0", "'lora.dropout' must be in [0, 1)"),
+        ("method.local_lr_scale=0", "'method.local_lr_scale' must be > 0"),
+        ("threads=-2", "'threads' must be >= 0"),
+        ("perf.prefix_cache_mb=-1", "'perf.prefix_cache_mb' must be >= 0"),
+        ('device="cuda:x"', "config key 'device' must be"),
+        ('model=" "', "config key 'model' is empty"),
+        ('lora.target_modules=[""]', "'lora.target_modules' must name at least one module"),
+    ],
+)
+def test_out_of_range_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(TINY_CONFIG, [override])
+
+
+def test_json_output_is_strict():
+    from fedpdpo.jsonio import dumps
+
+    assert json.loads(dumps({"a": float("nan"), "b": [float("inf"), 1.5]})) == {"a": None, "b": [None, 1.5]}
+
+
+# -- paths are saved absolute, with the text as given ---------------------------------------------------------------
+
+
+def test_relative_paths_are_saved_absolute_with_the_original_text(tmp_path, monkeypatch):
+    from fedpdpo.config import save_config
+
+    monkeypatch.chdir(ROOT)
+    cfg = load_config(TINY_CONFIG, ['data.test_path="data/tiny_pairs.jsonl"'])
+    assert cfg.data.path == cfg.data.test_path == str(TINY_DATA)
+    assert cfg.given_paths == {
+        "data.path": f"'../data/tiny_pairs.jsonl' in {TINY_CONFIG}",
+        "data.test_path": f"'data/tiny_pairs.jsonl' relative to the working directory {ROOT}",
+    }
+    save_config(cfg, tmp_path / "config.toml")
+    text = (tmp_path / "config.toml").read_text()
+    assert "#   data.test_path = 'data/tiny_pairs.jsonl' relative to the working directory" in text
+    monkeypatch.chdir(tmp_path)  # what a resume from elsewhere reads
+    again = load_config(tmp_path / "config.toml")
+    assert again == cfg and again.given_paths == cfg.given_paths
+    with pytest.raises(ConfigError, match="unknown config key 'given_paths'"):
+        load_config(TINY_CONFIG, ["given_paths=1"])

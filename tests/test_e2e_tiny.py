@@ -18,15 +18,20 @@ def tiny_run(tmp_path_factory):
     return out
 
 
+def _not_json(constant: str):
+    raise AssertionError(f"{constant} is not JSON")
+
+
 def test_outputs_and_summary_schema(tiny_run):
     cfg = tomllib.loads((tiny_run / "config.toml").read_text())
     assert cfg["algorithm"] == "fedpdpo" and cfg["num_clients"] == 2
-    rows = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    lines = (tiny_run / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line, parse_constant=_not_json) for line in lines]
     assert {(r["round"], r["client"]) for r in rows} == {(r, c) for r in range(3) for c in range(2)}
     assert not any("train_loss" in r for r in rows if r["round"] == 0)
     trained = [r for r in rows if r["round"] > 0]
     assert all({"train_loss", "accuracy", "reward_margin", "train/rewards/accuracies"} <= r.keys() for r in trained)
-    summary = json.loads((tiny_run / "summary.json").read_text())
+    summary = json.loads((tiny_run / "summary.json").read_text(), parse_constant=_not_json)  # strict: no NaN
     for key in ("algorithm", "model", "rounds", "seed", "mean_accuracy", "clients", "communication"):
         assert key in summary
     for c in summary["clients"]:

@@ -124,3 +124,15 @@ def test_generate_and_score_cli(run_dir, capsys):
     assert len(lines) == 4 and lines[-1]["summary"]["pairs"] == 3
     assert 0.0 <= lines[-1]["summary"]["accuracy_explicit"] <= 1.0
     assert main(["score", *base, "--prompt", PROMPT]) == 2  # no --response: a one-line user error
+
+
+def test_score_skips_bad_pairs_as_its_error_message_suggests(run_dir, tmp_path, capsys):
+    from fedpdpo.cli import main
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_bytes(b'{"prompt": "p", "chosen": \n' + TINY_DATA.read_bytes())
+    base = ["score", "--run", str(run_dir), "--client", "0", "--json", "--pairs", str(pairs), "--limit", "2"]
+    assert main(base) == 2
+    assert "use --on-bad-record skip" in capsys.readouterr().err
+    assert main([*base, "--on-bad-record", "skip"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["summary"]["pairs"] == 2

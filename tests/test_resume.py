@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +29,7 @@ from fedpdpo.engines.checkpoint import (
 from fedpdpo.errors import FedPDPOError
 from fedpdpo.strategies import STRATEGIES, get_strategy
 from fedpdpo.strategies.base import ClientUpdate
-from tests.conftest import ROOT, TINY_CONFIG
+from tests.conftest import ROOT, TINY_CONFIG, interrupt_at_checkpoint, subprocess_env
 
 ROUNDS = 3
 RUN = [sys.executable, "-m", "fedpdpo.cli", "run", "--quiet"]
@@ -187,7 +187,7 @@ def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
 
 
 def _env() -> dict[str, str]:
-    return os.environ | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess_env(OMP_NUM_THREADS="1")
 
 
 def _metrics_lines(out: Path) -> int:
@@ -289,3 +289,79 @@ def test_resume_of_a_directory_without_a_run(tmp_path, capsys):
 def test_resume_refuses_config_changes(tmp_path, capsys):
     assert main(["run", "--resume", str(tmp_path), "--set", "rounds=9"]) == 2
     assert "drop --set" in capsys.readouterr().err
+
+
+# -- resume checks the checkpoint's fingerprint ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def killed(tmp_path, monkeypatch) -> Path:
+    """A tiny run of 2 rounds stopped before its round-2 checkpoint (like a kill): resumable from round 1."""
+    out = tmp_path / "run"
+    interrupt_at_checkpoint(monkeypatch, server_round=2)
+    assert main(["run", "--quiet", "--config", str(TINY_CONFIG), "--out", str(out)]) == 130
+    assert load_checkpoint(out).server_round == 1
+    return out
+
+
+def _edit(path: Path, old: str, new: str) -> str:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+    return text
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ("lr = 0.005", "lr = 0.002", "config key 'lr' changed from 0.005 to 0.002 since the checkpoint"),
+        ("seed = 0", "seed = 3", "config key 'seed' changed from 0 to 3"),
+        ("rounds = 2", "rounds = 4", "to run more rounds, pass --rounds N"),
+    ],
+)
+def test_resume_refuses_an_edited_config(killed, old, new, expected, capsys):
+    text = _edit(killed / "config.toml", old, new)
+    assert main(["run", "--quiet", "--resume", str(killed)]) == 2
+    assert expected in capsys.readouterr().err
+    (killed / "config.toml").write_text(text)
+    assert main(["run", "--quiet", "--resume", str(killed)]) == 0
+
+
+def test_resume_refuses_lost_or_replaced_client_state(killed, tmp_path, capsys):
+    client = killed / "clients" / "client_1"
+    shutil.move(client, tmp_path / "saved")
+    assert main(["run", "--quiet", "--resume", str(killed)]) == 2
+    assert "cannot resume" in (err := capsys.readouterr().err) and "clients/client_1 is missing or changed" in err
+    shutil.copytree(tmp_path / "saved", client)
+    local = ClientStore(killed / "clients").local_file(1, as_of_round=1)  # what round 2 starts from
+    local.write_bytes(local.read_bytes()[:-8] + b"\0" * 8)  # same size, other values
+    assert main(["run", "--quiet", "--resume", str(killed)]) == 2
+    assert "clients/client_1 is missing or changed" in capsys.readouterr().err
+
+
+def test_corrupt_client_files_are_named(tmp_path):
+    store = ClientStore(tmp_path)
+    store.save(0, _state(1.0, 1), server_round=1)
+    (store.path(0) / "reference.safetensors").write_bytes(b"\0\0\0")
+    with pytest.raises(FedPDPOError, match=r"reference\.safetensors is unreadable .*delete it"):
+        store.load(0)
+
+
+def test_rounds_extends_a_killed_run_to_the_same_result_as_a_longer_run(killed, uninterrupted):
+    """--rounds is the one change a resume accepts; the run then ends as if started with that many rounds."""
+    assert main(["run", "--quiet", "--resume", str(killed), "--rounds", str(ROUNDS)]) == 0
+    assert "rounds = 3" in (killed / "config.toml").read_text()
+    _assert_same_run(_baseline(uninterrupted), killed)
+
+
+def test_a_relative_data_path_resumes_from_another_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "run"
+    interrupt_at_checkpoint(monkeypatch, server_round=1)
+    args = ["run", "--quiet", "--config", str(TINY_CONFIG), "--out", str(out)]
+    assert main([*args, "--set", 'data.path="data/tiny_pairs.jsonl"']) == 130
+    saved = (out / "config.toml").read_text()
+    assert f'path = "{ROOT / "data" / "tiny_pairs.jsonl"}"' in saved
+    assert "#   data.path = 'data/tiny_pairs.jsonl' relative to the working directory" in saved
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--quiet", "--resume", "run"]) == 0

@@ -13,7 +13,7 @@ import os
 import sys
 import warnings
 
-from fedpdpo.errors import FedPDPOError
+from fedpdpo.errors import FedPDPOError, environment_error
 
 #: Subcommand modules, each with ``register(subparsers)``.
 COMMANDS = ["run", "data", "export", "generate", "evaluate", "compare", "report", "deploy"]
@@ -60,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fedpdpo: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # a full disk or a read-only --out is the user's to fix, not a bug to trace
+        error = environment_error(exc)
+        if error is None or args.debug:
+            raise
+        print(f"fedpdpo: error: {error}", file=sys.stderr)
+        return error.exit_code
     except KeyboardInterrupt:
         print("fedpdpo: interrupted", file=sys.stderr)
         return 130

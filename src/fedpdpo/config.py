@@ -8,6 +8,8 @@ are errors that name the dotted key, because a silently ignored typo (``lr`` vs 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import tomllib
 import types
 import typing
@@ -171,31 +173,29 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     perf: PerfSettings = field(default_factory=PerfSettings)
 
+    # The data and model paths as written in the config file or on the command line, before ``load_config`` made
+    # them absolute (dotted key -> text). Not a setting: saved as comments in config.toml, for the reader.
+    given_paths: dict[str, str] = field(default_factory=dict, compare=False, repr=False, metadata={"saved": False})
+
     def validate(self) -> None:
-        """Check value ranges; raise :class:`ConfigError` naming the key."""
-        positive = {
-            "num_clients": self.num_clients,
-            "rounds": self.rounds,
-            "local_steps": self.local_steps,
-            "batch_size": self.batch_size,
-            "eval_batch_size": self.eval_batch_size,
-            "lora.r": self.lora.r,
-            "method.adapter_dim": self.method.adapter_dim,
-        }
-        for key, value in positive.items():
-            if value <= 0:
-                raise ConfigError(f"config key '{key}' must be > 0, got {value}")
-        non_negative = {
-            "method.reward_layer": self.method.reward_layer,
-            "max_length": self.max_length,
-            "data.max_prompt_length": self.data.max_prompt_length,
-        }
-        for key, value in non_negative.items():
-            if value < 0:
-                raise ConfigError(f"config key '{key}' must be >= 0 (0 = automatic), got {value}")
-        if not 0.0 <= self.data.validation_fraction < 1.0:
+        """Check every value's range; raise :class:`ConfigError` naming the key.
+
+        NaN and infinity are never valid: ``lr = nan`` would otherwise pass every ``<=`` check and only fail rounds
+        later, after the run directory was written.
+        """
+        for key, value in _flatten_values(self):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"config key '{key}' must be a finite number, got {value}")
+        for key, allowed in RANGES.items():
+            value = _get(self, key)
+            if not allowed.contains(value):
+                raise ConfigError(f"config key '{key}' must be {allowed.describe()}, got {value}")
+        for key in ("model", "partition.label"):
+            if not _get(self, key).strip():
+                raise ConfigError(f"config key '{key}' is empty")
+        if not self.lora.target_modules or not all(m.strip() for m in self.lora.target_modules):
             raise ConfigError(
-                f"config key 'data.validation_fraction' must be in [0, 1), got {self.data.validation_fraction}"
+                f"config key 'lora.target_modules' must name at least one module, got {self.lora.target_modules}"
             )
         unknown = sorted(set(self.data.fields) - {"prompt", "chosen", "rejected", "domain", "split"})
         if unknown:
@@ -207,19 +207,6 @@ class RunConfig:
                 f"config key 'data.max_prompt_length' ({self.data.max_prompt_length}) must be smaller than "
                 f"'max_length' ({self.max_length}) so that responses keep at least one token"
             )
-        if not 0.0 < self.client_fraction <= 1.0:
-            raise ConfigError(f"config key 'client_fraction' must be in (0, 1], got {self.client_fraction}")
-        if not 0.0 <= self.partition.conflict_fraction <= 1.0:
-            raise ConfigError(
-                f"config key 'partition.conflict_fraction' must be in [0, 1], got {self.partition.conflict_fraction}"
-            )
-        if not 0.0 < self.data.test_fraction < 1.0:
-            raise ConfigError(f"config key 'data.test_fraction' must be in (0, 1), got {self.data.test_fraction}")
-        for key, value in {"lr": self.lr, "beta": self.beta, "partition.alpha": self.partition.alpha}.items():
-            if value <= 0:
-                raise ConfigError(f"config key '{key}' must be > 0, got {value}")
-        if self.privacy.clipping_norm < 0 or self.privacy.noise_multiplier < 0:
-            raise ConfigError("config keys 'privacy.clipping_norm' and 'privacy.noise_multiplier' must be >= 0")
         if self.privacy.noise_multiplier > 0 and self.privacy.clipping_norm <= 0:
             raise ConfigError("config key 'privacy.noise_multiplier' > 0 needs 'privacy.clipping_norm' > 0")
         if self.privacy.secagg and self.privacy.clipping_norm > 0:
@@ -233,13 +220,106 @@ class RunConfig:
             raise ConfigError("config key 'privacy.secagg' needs at least 2 clients per round")
         if not self.data.path:
             raise ConfigError("config key 'data.path' is empty: point it at a JSONL, parquet or HF dataset directory")
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+        if any(not p for p in self.data.extra_paths):
+            raise ConfigError("config key 'data.extra_paths' holds an empty path")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"config key 'device' must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.method.eval_score in ("explicit", "combined") and not self.method.reward_head:
             raise ConfigError(
                 f"config key 'method.eval_score' is {self.method.eval_score!r} but 'method.reward_head' is false; "
                 'use eval_score = "implicit"'
             )
+
+
+@dataclass(frozen=True)
+class Range:
+    """An interval of allowed values; ``None`` bounds are open to infinity."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def contains(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self) -> str:
+        low, high = _number(self.low), _number(self.high)
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {low}"
+        return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+
+
+def _number(x: float | None) -> str:
+    return str(int(x)) if x is not None and float(x).is_integer() else f"{x}"
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+FRACTION = Range(0, 1)
+
+#: The allowed range of every numeric config key (a test checks that none is missing).
+RANGES: dict[str, Range] = {
+    "seed": Range(0, 2**32, high_open=True),  # what every RNG accepts (numpy's limit)
+    "num_clients": POSITIVE,
+    "rounds": POSITIVE,
+    "local_steps": POSITIVE,
+    "batch_size": POSITIVE,
+    "eval_batch_size": POSITIVE,
+    "max_length": NON_NEGATIVE,  # 0 = chosen per client from its data
+    "lr": POSITIVE,
+    "weight_decay": NON_NEGATIVE,
+    "max_grad_norm": POSITIVE,
+    "beta": POSITIVE,
+    "client_fraction": Range(0, 1, low_open=True),
+    "threads": NON_NEGATIVE,
+    "lora.r": POSITIVE,
+    "lora.alpha": POSITIVE,
+    "lora.dropout": Range(0, 1, high_open=True),
+    "lora.last_n_layers": NON_NEGATIVE,
+    "method.label_smoothing": Range(0, 0.5, high_open=True),  # at 0.5 the DPO loss ignores the labels
+    "method.reward_weight": NON_NEGATIVE,
+    "method.eval_reward_weight": NON_NEGATIVE,
+    "method.adapter_dim": POSITIVE,
+    "method.reward_layer": NON_NEGATIVE,
+    "method.local_lr_scale": POSITIVE,
+    "method.reward_lr_scale": POSITIVE,
+    "method.proximal_mu": NON_NEGATIVE,
+    "method.head_steps": NON_NEGATIVE,
+    "method.ditto_lambda": NON_NEGATIVE,
+    "data.test_fraction": Range(0, 1, low_open=True, high_open=True),
+    "data.max_train_per_client": NON_NEGATIVE,
+    "data.max_test_per_client": NON_NEGATIVE,
+    "data.max_prompt_length": NON_NEGATIVE,  # 0 = chosen per client from its data
+    "data.validation_fraction": Range(0, 1, high_open=True),
+    "partition.alpha": POSITIVE,
+    "partition.conflict_fraction": FRACTION,
+    "privacy.clipping_norm": NON_NEGATIVE,
+    "privacy.noise_multiplier": NON_NEGATIVE,
+    "perf.prefix_cache_mb": NON_NEGATIVE,
+}
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _flatten_values(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """``(dotted key, value)`` of every saved setting, nested dataclasses flattened."""
+    items = []
+    for f in dataclasses.fields(obj):
+        if not f.metadata.get("saved", True):
+            continue
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            items.extend(_flatten_values(value, f"{prefix}{f.name}."))
+        else:
+            items.append((f"{prefix}{f.name}", value))
+    return items
 
 
 def _check_type(key: str, value: Any, tp: Any) -> Any:
@@ -273,7 +353,7 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
 
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls) if f.metadata.get("saved", True)}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
@@ -306,6 +386,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
+    """Build and validate a config from TOML data plus ``--set`` overrides.
+
+    Relative paths still in ``data`` after the overrides (those given on the command line) are made absolute
+    against the working directory, which is what they meant when given: a saved run must not depend on where it is
+    resumed from.
+    """
     merged = _deep_copy(data)
     for text in overrides or []:
         path, value = parse_override(text)
@@ -315,8 +401,10 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {text!r}: '{part}' is not a table")
         node[path[-1]] = value
+    given = _resolve_paths(merged, Path.cwd(), f"relative to the working directory {Path.cwd()}")
     cfg = _build(RunConfig, merged)
     cfg.validate()
+    cfg.given_paths = given
     return cfg
 
 
@@ -326,30 +414,78 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    base = path.resolve().parent
-    data_section = data.get("data")
-    if isinstance(data_section, dict):
+    given = _resolve_paths(data, path.resolve().parent, f"in {path.resolve()}", model=False)
+    cfg = config_from_dict(data, overrides)
+    cfg.given_paths = _read_notes(text) | given | cfg.given_paths
+    return cfg
+
+
+def _absolute(text: str, base: Path) -> str:
+    p = Path(text).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def _resolve_paths(data: dict[str, Any], base: Path, where: str, model: bool = True) -> dict[str, str]:
+    """Make the relative data paths (and, with ``model``, a relative model path) in ``data`` absolute against
+    ``base``, in place; return the original text of each, by dotted key, as a note saying where it was given.
+
+    A model path in a config file stays relative to the working directory (as it always was), so only the command
+    line's pass resolves it; a built-in model name (no separator, no ``.gguf``) is not a path.
+    """
+    given: dict[str, str] = {}
+
+    def resolve(key: str, value: Any) -> Any:
+        if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+            return value
+        given[key] = f"{value!r} {where}"
+        return _absolute(value, base)
+
+    section = data.get("data")
+    if isinstance(section, dict):
         for attr in ("path", "test_path"):
-            value = data_section.get(attr)
-            if isinstance(value, str) and value and not Path(value).is_absolute():
-                data_section[attr] = str((base / value).resolve())
-        extra = data_section.get("extra_paths")
-        if isinstance(extra, list):
-            data_section["extra_paths"] = [
-                str((base / v).resolve()) if isinstance(v, str) and not Path(v).is_absolute() else v for v in extra
+            if attr in section:
+                section[attr] = resolve(f"data.{attr}", section[attr])
+        if isinstance(section.get("extra_paths"), list):
+            section["extra_paths"] = [
+                resolve(f"data.extra_paths[{i}]", v) for i, v in enumerate(section["extra_paths"])
             ]
-    return config_from_dict(data, overrides)
+    name = data.get("model")
+    if model and isinstance(name, str) and ("/" in name or name.endswith(".gguf")):
+        data["model"] = resolve("model", name)
+    return given
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The saved settings (what config.toml holds), as nested dicts."""
+    return {key: value for key, value in dataclasses.asdict(cfg).items() if key != "given_paths"}
+
+
+NOTES_HEADER = "# Paths as given, before they were made absolute:"
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(tomli_w.dumps(config_to_dict(cfg)), encoding="utf-8")
+    """Write ``cfg`` as TOML, with the original text of paths it made absolute as comments at the top."""
+    notes = [f"#   {key} = {text}" for key, text in sorted(cfg.given_paths.items())]
+    header = [NOTES_HEADER, *notes, ""] if notes else []
+    Path(path).write_text("\n".join(header) + tomli_w.dumps(config_to_dict(cfg)), encoding="utf-8")
+
+
+def _read_notes(text: str) -> dict[str, str]:
+    """The notes :func:`save_config` wrote, so that a saved config keeps them when it is saved again."""
+    lines = text.splitlines()
+    if not lines or lines[0] != NOTES_HEADER:
+        return {}
+    notes = {}
+    for line in lines[1:]:
+        if not line.startswith("#   "):
+            break
+        key, _, note = line[4:].partition(" = ")
+        notes[key] = note
+    return notes
 
 
 def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +31,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedpdpo.client.state import ClientStore
+from fedpdpo.client.state import ClientStore, read_checked
 from fedpdpo.client.trainer import PERSONAL, personal_copies
 from fedpdpo.config import LoraSettings, MethodConfig, RunConfig, load_config
 from fedpdpo.engines.server import GLOBAL_FILE
 from fedpdpo.errors import FedPDPOError
+from fedpdpo.jsonio import dumps
 from fedpdpo.model.backbone import load_backbone
 from fedpdpo.model.policy import FedPDPOModel
+from fedpdpo.rundir import check_out_path, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +83,7 @@ def load_from_run(run_dir: str | Path, client_id: int) -> ClientModel:
             "older fedpdpo; run it again"
         )
     model, tokenizer = build_model(cfg)  # same seed as training, so untrained local tensors match round 0
-    model.set_tensors(load_file(global_path))
+    model.set_tensors(read_checked(global_path, load_file, "the run directory is damaged: run it again"))
     store = ClientStore(run_dir / "clients")
     local = store.load(client_id).local
     task = store.task_info(client_id) or {}
@@ -115,34 +118,63 @@ def export_client(
     save_base: bool = False,
     overwrite: bool = False,
 ) -> ExportResult:
-    """Write client ``client_id`` of ``run_dir`` as a PEFT adapter directory plus its local modules (see module doc)."""
+    """Write client ``client_id`` of ``run_dir`` as a PEFT adapter directory plus its local modules (see module doc).
+
+    The export is written next to ``out`` and renamed into place when complete, so ``out`` (an earlier export with
+    ``overwrite``) is replaced only by a whole new export, never left half-written.
+    """
     run_dir, out = Path(run_dir).resolve(), Path(out).resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    check_out_path(out)
+    if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FedPDPOError(f"--out {out} exists and is not empty; choose a new directory or pass --overwrite")
         if not (out / EXPORT_INFO).is_file():  # --overwrite replaces an earlier export, never an arbitrary directory
             raise FedPDPOError(f"--out {out} is not a fedpdpo export (no {EXPORT_INFO}); refusing to replace it")
-        shutil.rmtree(out)
     cfg = _run_config(run_dir)
     cm = load_from_run(run_dir, client_id)
-    out.mkdir(parents=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        files, merged_kind = _write_export(tmp, out, run_dir, client_id, cfg, cm, merged, save_base)
+        replace_dir(out, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ExportResult(out, files, merged_kind)
 
+
+def _write_export(
+    tmp: Path,
+    out: Path,
+    run_dir: Path,
+    client_id: int,
+    cfg: RunConfig,
+    cm: ClientModel,
+    merged: bool,
+    save_base: bool,
+) -> tuple[list[str], str]:
+    """Write the export into ``tmp``, with paths inside it as they will be once it is renamed to ``out``."""
     base_dir = ""
     if save_base or cfg.model == "tiny":
         # The tiny backbone exists only inside fedpdpo; saving it lets plain PEFT/transformers load the adapter.
         backbone, tokenizer = load_backbone(cfg.model)
-        backbone.save_pretrained(out / "base")
-        tokenizer.save_pretrained(out / "base")
+        backbone.save_pretrained(tmp / "base")
+        tokenizer.save_pretrained(tmp / "base")
         base_dir = "base"
     peft_cfg = cm.model.peft.peft_config["default"]
     peft_cfg.base_model_name_or_path = (
-        str(out / base_dir) if base_dir else (cm.model.peft.get_base_model().config.name_or_path or cfg.model)
+        str(tmp / base_dir) if base_dir else (cm.model.peft.get_base_model().config.name_or_path or cfg.model)
     )
-    cm.model.peft.save_pretrained(out)
-    cm.tokenizer.save_pretrained(out)
+    cm.model.peft.save_pretrained(tmp)  # PEFT reads the base model's config here, so it must name the existing copy
+    if base_dir:  # ... and then where that copy will be once ``tmp`` is renamed to ``out``
+        adapter_config = tmp / "adapter_config.json"
+        saved = json.loads(adapter_config.read_text(encoding="utf-8"))
+        saved["base_model_name_or_path"] = str(out / base_dir)
+        adapter_config.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    cm.tokenizer.save_pretrained(tmp)
     local = {k: v.detach().cpu().contiguous() for k, v in cm.model.local.state_dict().items()}
     if local:
-        save_file(local, out / LOCAL_FILE)
+        save_file(local, tmp / LOCAL_FILE)
     info = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -158,21 +190,29 @@ def export_client(
         "method": dataclasses.asdict(cfg.method),
         "local_modules": sorted(cm.model.local.keys()),
     }
-    base_spec = str(out / base_dir) if base_dir else cfg.model
-    merged_kind = save_merged(out, cm, base_spec, out / "merged") if merged else ""
+    base_spec = str(tmp / base_dir) if base_dir else cfg.model
+    merged_kind = save_merged(tmp, cm, base_spec, tmp / "merged") if merged else ""
     info["merged"] = merged_kind
-    (out / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    return ExportResult(out, files, merged_kind)
+    (tmp / EXPORT_INFO).write_text(dumps(info, indent=2) + "\n", encoding="utf-8")
+    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+    return files, merged_kind
+
+
+#: Keys of fedpdpo_client.json that loading an export reads.
+INFO_KEYS = ("client", "model", "beta", "max_length", "max_prompt_length", "lora", "method")
+DAMAGED = "the export is damaged: export the client again"
 
 
 def _read_info(adir: Path) -> dict[str, Any]:
     path = adir / EXPORT_INFO
     if not path.is_file():
         raise FedPDPOError(f"{adir}: no {EXPORT_INFO}; it is not a directory written by `fedpdpo export`")
-    info = json.loads(path.read_text(encoding="utf-8"))
-    if info.get("format") != FORMAT or info.get("format_version") != FORMAT_VERSION:
-        raise FedPDPOError(f"{path}: unsupported export format {info.get('format')!r} v{info.get('format_version')}")
+    info = read_checked(path, lambda p: json.loads(p.read_text(encoding="utf-8")), DAMAGED)
+    if not isinstance(info, dict) or info.get("format") != FORMAT or info.get("format_version") != FORMAT_VERSION:
+        found = (info.get("format"), info.get("format_version")) if isinstance(info, dict) else (None, None)
+        raise FedPDPOError(f"{path}: unsupported export format {found[0]!r} v{found[1]}")
+    if missing := [k for k in INFO_KEYS if k not in info]:
+        raise FedPDPOError(f"{path}: no '{missing[0]}' field; {DAMAGED}")
     return info
 
 
@@ -188,7 +228,8 @@ def load_personalized(adir: str | Path) -> ClientModel:
     info = _read_info(adir)
     backbone, tokenizer = load_backbone(_base_spec(adir, info))
     model = FedPDPOModel(backbone, LoraSettings(**info["lora"]), MethodConfig(**info["method"]))
-    result = set_peft_model_state_dict(model.peft, load_file(adir / "adapter_model.safetensors"))
+    adapter = read_checked(adir / "adapter_model.safetensors", load_file, DAMAGED)
+    result = set_peft_model_state_dict(model.peft, adapter)
     missing = [k for k in result.missing_keys if ".lora_" in k]
     if missing or result.unexpected_keys:
         raise FedPDPOError(
@@ -196,7 +237,7 @@ def load_personalized(adir: str | Path) -> ClientModel:
             f"{list(result.unexpected_keys)[:3]})"
         )
     if len(model.local):
-        model.local.load_state_dict(load_file(adir / LOCAL_FILE), strict=True)
+        model.local.load_state_dict(read_checked(adir / LOCAL_FILE, load_file, DAMAGED), strict=True)
     model.eval()
     return ClientModel(
         model,

@@ -25,10 +25,14 @@ import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from fedpdpo.errors import FedPDPOError, environment_error, first_line
+
+T = TypeVar("T")
 
 LOCAL_FILE = "local.safetensors"
 TASK_FILE = "task.json"  # the client's data sizes and length limits (chosen from its own data)
@@ -69,6 +73,16 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def read_checked(path: Path, load: Callable[[Path], T], remedy: str) -> T:
+    """``load(path)``; a corrupt file is a one-line error naming it and what to do, not a deserializer traceback."""
+    try:
+        return load(path)
+    except Exception as exc:  # safetensors and torch.load raise many types for truncated or foreign bytes
+        if isinstance(exc, OSError) and environment_error(exc) is not None:
+            raise  # a full disk or a missing permission, which the CLI reports as such
+        raise FedPDPOError(f"{path} is unreadable ({first_line(exc)}); {remedy}") from exc
 
 
 @dataclass
@@ -127,15 +141,17 @@ class ClientStore:
         state = ClientState()
         ref = self.path(client_id) / REFERENCE_FILE
         if ref.is_file():
-            state.reference = load_file(ref)
+            remedy = "it caches the frozen model's log-probs: delete it to recompute them"
+            state.reference = read_checked(ref, load_file, remedy)
         version = self.latest_version(client_id, as_of_round)
         if version is None:
             return state
         d = self.version_dir(client_id, version)
+        damaged = "the client's saved state is damaged: restore it from a backup or run again in a new --out directory"
         if (d / LOCAL_FILE).is_file():
-            state.local = load_file(d / LOCAL_FILE)
+            state.local = read_checked(d / LOCAL_FILE, load_file, damaged)
         if (d / OPTIMIZER_FILE).is_file():
-            blob = torch.load(d / OPTIMIZER_FILE, weights_only=True)
+            blob = read_checked(d / OPTIMIZER_FILE, lambda p: torch.load(p, weights_only=True), damaged)
             state.optimizer = blob["optimizer"]
             state.personal_optimizer = blob.get("personal_optimizer")
             state.rounds_trained = int(blob["rounds_trained"])

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
+from pathlib import Path
 
 from fedpdpo.errors import FedPDPOError
+from fedpdpo.jsonio import dumps
 
 
 def _ints(text: str) -> list[int]:
@@ -33,12 +34,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from fedpdpo.report.compare import run_comparison
+    from fedpdpo.rundir import locked_dir
 
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     seeds = _ints(args.seeds)
     if not algorithms or not seeds:
         raise FedPDPOError("--algorithms and --seeds must each name at least one value")
-    comparison = run_comparison(args.config, algorithms, seeds, args.out, args.set or [], quiet=args.quiet)
+    with locked_dir(Path(args.out)):  # one comparison per directory; each run also locks its own
+        comparison = run_comparison(args.config, algorithms, seeds, args.out, args.set or [], quiet=args.quiet)
     table = {
         a: {
             "mean_accuracy": round(comparison["algorithms"][a]["mean_accuracy"], 4),
@@ -46,5 +49,5 @@ def cmd_compare(args: argparse.Namespace) -> int:
         }
         for a in comparison["ranking"]
     }
-    print(json.dumps({"out": args.out, "ranking": table}))
+    print(dumps({"out": args.out, "ranking": table}))
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,18 +20,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     from fedpdpo.config import load_config
     from fedpdpo.data import check_file
+    from fedpdpo.errors import DataError
 
     fields = load_config(args.config).data.fields if args.config else None
-    status = 0
+    found = 0
     for path in args.files:
         problems = check_file(path, fields)
         for line in problems:
             print(line)
-        if problems:
-            status = 2
-        else:
+        found += len(problems)
+        if not problems:
             print(f"{path}: ok", file=sys.stderr)
-    return status
+    if found:
+        raise DataError(f"{found} problem(s) in the data (listed above as FILE:LINE: problem)")
+    return 0
 
 
 def register_inspect(data_sub: argparse._SubParsersAction) -> None:
@@ -49,26 +52,28 @@ def register_inspect(data_sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    import json
-
     from rich.console import Console
 
+    from fedpdpo.client.state import atomic_write
     from fedpdpo.config import load_config
     from fedpdpo.data.inspect import inspect_data, render_report
     from fedpdpo.errors import ConfigError
+    from fedpdpo.jsonio import dumps
     from fedpdpo.model.backbone import load_backbone
+    from fedpdpo.rundir import check_file_target
 
     if args.set and not args.partition:
         raise ConfigError("--set needs --partition CONFIG")
+    if args.json not in (None, "-"):
+        check_file_target(Path(args.json), "--json")
     cfg = load_config(args.partition, args.set) if args.partition else None
     model = args.model or (cfg.model if cfg else "smollm2")
     tokenizer = load_backbone(model)[1]
     report = inspect_data(args.file, tokenizer, cfg) | {"tokenizer": model}
     if args.json == "-":
-        print(json.dumps(report, indent=2))
+        print(dumps(report, indent=2))
         return 0
     Console().print(render_report(report))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(report, fh, indent=2)
+        atomic_write(Path(args.json), lambda p: Path(p).write_text(dumps(report, indent=2) + "\n", encoding="utf-8"))
     return 0

@@ -10,6 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
+from fedpdpo.errors import FedPDPOError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     deploy = sub.add_parser("deploy", help="files for a multi-machine Flower deployment (docs/deployment.md)")
@@ -28,7 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_app(args: argparse.Namespace) -> int:
     from fedpdpo.engines.flower.deploy import write_flower_app
+    from fedpdpo.rundir import check_out_path
 
+    check_out_path(Path(args.dir), "deploy app")
     path = write_flower_app(Path(args.dir).resolve())
     print(json.dumps({"app": str(path), "pyproject": str(path / "pyproject.toml")}))
     return 0
@@ -36,7 +40,13 @@ def cmd_app(args: argparse.Namespace) -> int:
 
 def cmd_certs(args: argparse.Namespace) -> int:
     from fedpdpo.engines.flower.certs import make_certs
+    from fedpdpo.rundir import check_out_path
 
+    check_out_path(Path(args.dir), "deploy certs")
+    if args.days < 1:
+        raise FedPDPOError(f"--days must be at least 1, got {args.days}")
+    if bad := [h for h in args.host if not 0 < len(h.strip()) <= 64]:
+        raise FedPDPOError(f"--host {bad[0]!r}: give an IP address or DNS name of 1 to 64 characters")
     files = make_certs(Path(args.dir).resolve(), tuple(args.host), days=args.days)
     print(json.dumps({k: str(v) for k, v in vars(files).items()}))
     return 0

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 from pathlib import Path
 
 from rich.markup import escape
 from rich.text import Text
 
 from fedpdpo.errors import FedPDPOError
+from fedpdpo.jsonio import dumps
+
+log = logging.getLogger(__name__)
 
 
 def _add_source(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +54,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     score.add_argument("--prompt", help="the prompt the responses answer")
     score.add_argument("--response", action="append", help="a response to score (repeatable)")
     score.add_argument("--pairs", metavar="FILE", help="preference pairs (JSONL/parquet) to score instead")
-    score.add_argument("--limit", type=int, default=20, help="with --pairs: score at most this many pairs (0 = all)")
+    score.add_argument(
+        "--limit", type=int, default=20, help="with --pairs: score at most this many pairs (default 20; 0 = all)"
+    )
+    score.add_argument(
+        "--on-bad-record", choices=["error", "skip"], default="error", help="with --pairs: what to do with bad pairs"
+    )
     score.set_defaults(func=cmd_score)
 
 
@@ -75,7 +85,13 @@ def read_prompts(path: str) -> list[str]:
     file = Path(path)
     if not file.is_file():
         raise FedPDPOError(f"--prompts {path}: no such file")
-    lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = file.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise FedPDPOError(f"--prompts {path}: not valid UTF-8 (byte {exc.start}); re-encode it as UTF-8") from None
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise FedPDPOError(f"--prompts {path}: the file holds no prompts")
     if file.suffix != ".jsonl":
         return lines
     prompts = []
@@ -84,10 +100,21 @@ def read_prompts(path: str) -> list[str]:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise FedPDPOError(f"{path}:{i}: malformed JSON: {exc.msg}") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-            raise FedPDPOError(f"{path}:{i}: expected an object with a string field 'prompt'")
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
+            raise FedPDPOError(f"{path}:{i}: expected an object with a non-empty string field 'prompt'")
         prompts.append(obj["prompt"])
     return prompts
+
+
+def _check_texts(flag: str, texts: list[str]) -> None:
+    """Empty text has no tokens to condition on or to score; say so instead of failing inside the model."""
+    for text in texts:
+        if not text.strip():
+            raise FedPDPOError(f"{flag} is empty; give the text itself")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise FedPDPOError(f"{flag} holds a character that is not valid Unicode (a lone surrogate)") from None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -97,8 +124,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from fedpdpo.generate import SamplingConfig, generate
 
     prompts = args.prompt or read_prompts(args.prompts)
-    if args.max_new_tokens <= 0 or not 0 < args.top_p <= 1 or args.temperature < 0:
-        raise FedPDPOError("need --max-new-tokens > 0, 0 < --top-p <= 1 and --temperature >= 0")
+    _check_texts("--prompt", prompts)
+    if args.max_new_tokens <= 0 or not 0 < args.top_p <= 1 or not 0 <= args.temperature < math.inf:
+        raise FedPDPOError("need --max-new-tokens > 0, 0 < --top-p <= 1 and a finite --temperature >= 0")
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     variants = ["personalized"] + ["global"] * args.with_global + ["base"] * args.with_base
     cm = load_client_model(args)
@@ -109,7 +137,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for variant in variants:
             text = generate(cm, prompt, variant, sampling)
             if args.json:
-                print(json.dumps({"client": cm.client_id, "prompt": prompt, "model": variant, "text": text}))
+                print(dumps({"client": cm.client_id, "prompt": prompt, "model": variant, "text": text}))
             else:
                 console.print(Panel(Text(text) if text else "[dim](empty)[/]", title=variant, title_align="left"))
     return 0
@@ -120,15 +148,20 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     if args.pairs and (args.prompt or args.response):
         raise FedPDPOError("give either --pairs FILE or --prompt TEXT --response TEXT ..., not both")
-    if not args.pairs and not (args.prompt and args.response):
+    if not args.pairs and not (args.prompt is not None and args.response):
         raise FedPDPOError("give --prompt TEXT and at least one --response TEXT, or --pairs FILE")
+    if args.limit < 0:
+        raise FedPDPOError(f"--limit must be >= 0 (0 = all pairs), got {args.limit}")
+    if not args.pairs:
+        _check_texts("--prompt", [args.prompt])
+        _check_texts("--response", args.response)
     cm = load_client_model(args)
     if args.pairs:
         return _score_pairs(cm, args)
     rows = score(cm, args.prompt, args.response)
     if args.json:
         for r in rows:
-            print(json.dumps({"client": cm.client_id, "prompt": args.prompt} | _row_dict(r)))
+            print(dumps({"client": cm.client_id, "prompt": args.prompt} | _row_dict(r)))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -170,7 +203,9 @@ def _score_pairs(cm, args: argparse.Namespace) -> int:
     from fedpdpo.generate import score
     from fedpdpo.losses import pairwise_accuracy
 
-    records, _ = load_records(args.pairs)
+    records, report = load_records(args.pairs, args.on_bad_record)
+    if report.n_skipped:
+        log.warning("%s: skipped %d bad record(s) of %d", args.pairs, report.n_skipped, report.n_read)
     if args.limit:
         records = records[: args.limit]
     table = Table(title=f"client {cm.client_id}: {escape(args.pairs)} ({len(records)} pairs)", show_edge=False)
@@ -187,7 +222,7 @@ def _score_pairs(cm, args: argparse.Namespace) -> int:
         if args.json:
             row = {"client": cm.client_id, "source": rec.source, "implicit_margin": implicit}
             row |= {"explicit_margin": explicit, "chosen": _row_dict(chosen), "rejected": _row_dict(rejected)}
-            print(json.dumps(row))
+            print(dumps(row))
         else:
             shown = "-" if explicit is None else f"{explicit:+.4f}"
             table.add_row(_short(rec.prompt, 30), _short(rec.chosen, 40), f"{implicit:+.4f}", shown)
@@ -197,7 +232,7 @@ def _score_pairs(cm, args: argparse.Namespace) -> int:
     if explicit_margins:
         summary["accuracy_explicit"] = pairwise_accuracy(torch.tensor(explicit_margins)).item()
     if args.json:
-        print(json.dumps({"client": cm.client_id, "summary": summary}))
+        print(dumps({"client": cm.client_id, "summary": summary}))
     else:
         table.caption = "chosen ranked above rejected: " + ", ".join(
             f"{k.removeprefix('accuracy_')} {v:.1%}" for k, v in summary.items() if k != "pairs"

@@ -17,11 +17,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from fedpdpo.report.compare import find_runs, write_report
+    from fedpdpo.rundir import locked_dir
 
     if args.out is None and len(args.runs) > 1:
         raise FedPDPOError("several run directories given: say where the report goes with --out")
     out = Path(args.out or args.runs[0])
     runs = find_runs(args.runs)
-    write_report(runs, out)
+    with locked_dir(out):  # not while a run or another report writes there
+        write_report(runs, out)
     print(out / "report.md")
     return 0

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
-from fedpdpo.errors import FedPDPOError
+from fedpdpo.errors import FedPDPOError, environment_error
+from fedpdpo.jsonio import dumps
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,9 +15,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     run.add_argument("--out", help="output directory for config.toml, metrics.jsonl, summary.json")
     run.add_argument(
-        "--resume", metavar="DIR", help="continue the run in DIR after its last checkpoint (uses DIR/config.toml)"
+        "--resume",
+        metavar="DIR",
+        help="continue the run in DIR, or an interrupted --overwrite of it, after its last checkpoint (uses its "
+        "config.toml)",
     )
-    run.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    run.add_argument(
+        "--rounds",
+        type=int,
+        metavar="N",
+        help="with --resume: raise the run's number of rounds to N (the only setting a resume may change)",
+    )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a run already in --out, once the new run has finished (it runs in OUT.overwrite until then)",
+    )
     run.add_argument("--on-bad-record", choices=["error", "skip"], help="what to do with invalid data records")
     run.add_argument("--quiet", action="store_true", help="no progress bar or tables")
     run.add_argument(
@@ -44,8 +57,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def resume_config(args: argparse.Namespace):
-    """The saved config of the run in ``--resume DIR``: a resumed run must use exactly the settings it started with."""
+    """The saved config of the run in ``--resume DIR``: a resumed run must use exactly the settings it started with.
+
+    When an ``--overwrite`` of DIR was interrupted, that newer run (in DIR.overwrite) is the one continued.
+    """
     from fedpdpo.config import load_config
+    from fedpdpo.rundir import resume_source
 
     conflicting = [
         flag
@@ -61,50 +78,38 @@ def resume_config(args: argparse.Namespace):
         raise FedPDPOError(f"--resume uses the run's own config.toml; drop {', '.join(conflicting)}")
     if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
         raise FedPDPOError("--resume DIR writes to DIR; drop --out or give the same directory")
-    saved = os.path.join(args.resume, "config.toml")
-    if not os.path.isfile(saved):
+    saved = resume_source(args.resume) / "config.toml"
+    if not saved.is_file():
         raise FedPDPOError(f"--resume {args.resume}: no run to resume there (no config.toml); start it with --config")
     return load_config(saved), args.resume
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from fedpdpo.config import load_config
-    from fedpdpo.engines.inprocess import run_inprocess
+    from fedpdpo.engines.setup import check_device
 
     if args.resume:
         cfg, args.out = resume_config(args)
     else:
         if not args.config or not args.out:
             raise FedPDPOError("fedpdpo run needs --config FILE and --out DIR (or --resume DIR)")
+        if args.rounds is not None:
+            raise FedPDPOError("--rounds works with --resume only; for a new run use --set rounds=N")
         overrides = list(args.set or [])
         if args.on_bad_record:
             overrides.append(f'data.on_bad_record="{args.on_bad_record}"')
         cfg = load_config(args.config, overrides)
+    check_device(cfg.device)
     if args.json_logs:
         from fedpdpo.report.progress import use_json_logs
 
         use_json_logs()
-    if args.engine == "inprocess":
-        if cfg.privacy.clipping_norm > 0 or cfg.privacy.secagg:
-            raise FedPDPOError("[privacy] (DP clipping and noise, SecAgg+) needs --engine flower-sim or flower-deploy")
-        summary = run_inprocess(cfg, args.out, quiet=args.quiet, overwrite=args.overwrite, resume=bool(args.resume))
-    else:
-        from fedpdpo.engines.flower import run_flower
-
-        if args.resume:
-            raise FedPDPOError(f"--resume works with --engine inprocess only, not {args.engine}")
-        summary = run_flower(
-            args.engine,
-            cfg,
-            args.out,
-            quiet=args.quiet,
-            overwrite=args.overwrite,
-            min_fit_replies=args.min_fit_replies,
-            reply_timeout=args.reply_timeout,
-            sim_cpus=args.sim_cpus,
-            sim_gpus=args.sim_gpus,
-            tls=args.tls,
-        )
+    try:
+        summary = _run(args, cfg)
+    except OSError as exc:
+        if (error := environment_error(exc)) is None:
+            raise
+        raise FedPDPOError(f"{error}{_resume_hint(args.out)}") from exc
     result = {
         "out": os.path.abspath(args.out),
         "algorithm": summary["algorithm"],
@@ -112,5 +117,41 @@ def cmd_run(args: argparse.Namespace) -> int:
         "mean_accuracy": summary["mean_accuracy"],
         "time_s": summary["time_s"],
     }
-    print(json.dumps(result))
+    print(dumps(result))
     return 0
+
+
+def _run(args: argparse.Namespace, cfg) -> dict:
+    from fedpdpo.engines.inprocess import run_inprocess
+
+    if args.engine == "inprocess":
+        if cfg.privacy.clipping_norm > 0 or cfg.privacy.secagg:
+            raise FedPDPOError("[privacy] (DP clipping and noise, SecAgg+) needs --engine flower-sim or flower-deploy")
+        return run_inprocess(
+            cfg, args.out, quiet=args.quiet, overwrite=args.overwrite, resume=bool(args.resume), rounds=args.rounds
+        )
+    from fedpdpo.engines.flower import run_flower
+
+    if args.resume:
+        raise FedPDPOError(f"--resume works with --engine inprocess only, not {args.engine}")
+    return run_flower(
+        args.engine,
+        cfg,
+        args.out,
+        quiet=args.quiet,
+        overwrite=args.overwrite,
+        min_fit_replies=args.min_fit_replies,
+        reply_timeout=args.reply_timeout,
+        sim_cpus=args.sim_cpus,
+        sim_gpus=args.sim_gpus,
+        tls=args.tls,
+    )
+
+
+def _resume_hint(out: str) -> str:
+    """What to run after the disk was full, when the run got far enough to be continued."""
+    from fedpdpo.rundir import resume_source
+
+    if (resume_source(out) / "config.toml").is_file():
+        return f"; free some space, then continue with `fedpdpo run --resume {out}`"
+    return "; free some space and run the command again"

@@ -158,12 +158,16 @@ def check_file(path: str | Path, fields: Mapping[str, str] | None = None) -> lis
         return [f"{path}: does not exist"]
     rows = _iter_jsonl(path) if path.is_file() and path.suffix != ".parquet" else _iter_table(path)
     problems = []
+    n_rows = 0
     try:
         for where, obj in rows:
+            n_rows += 1
             if isinstance(obj, DataError):
                 problems.append(str(obj))
             elif reason := validate_record(obj, fields):
                 problems.append(f"{where}: {reason}")
     except DataError as exc:
-        problems.append(str(exc))
+        return [*problems, str(exc)]
+    if not n_rows:  # load_records, and so every run, refuses such a file
+        problems.append(f"{path}: no preference records (the file is empty or holds only blank lines)")
     return problems

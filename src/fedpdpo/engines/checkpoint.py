@@ -7,7 +7,9 @@ and after every round, so a kill at any moment leaves the last complete checkpoi
 * the strategy's server-side state (its instance attributes, e.g. FedAdam's moments);
 * the process RNG states (torch, numpy, random), for anything that draws from global generators;
 * how many lines of ``metrics.jsonl`` belong to the checkpointed rounds (later lines are dropped on resume), the
-  per-client descriptions, the updates rejected so far, and the elapsed time.
+  per-client descriptions, the updates rejected so far, and the elapsed time;
+* a fingerprint of the resolved config and of each client's state as of the round, which a resume compares with
+  the directory (:mod:`fedpdpo.engines.fingerprint`).
 
 Clients' private state is not in this file: each client versions its own state by round (see
 :mod:`fedpdpo.client.state`) and a client training in round ``r`` loads its state as of round ``r - 1``, so the
@@ -48,6 +50,8 @@ class ServerCheckpoint:
     elapsed_s: float
     rejected: list[dict[str, Any]] = field(default_factory=list)
     rng: dict[str, Any] = field(default_factory=dict)
+    # what the run looked like at this checkpoint (config, clients' state), checked on resume: engines/fingerprint.py
+    fingerprint: dict[str, Any] = field(default_factory=dict)
 
 
 def capture_rng() -> dict[str, Any]:
@@ -93,6 +97,7 @@ def save_checkpoint(out: Path, ckpt: ServerCheckpoint) -> None:
         "metrics_lines": ckpt.metrics_lines,
         "elapsed_s": ckpt.elapsed_s,
         "rng": ckpt.rng,
+        "fingerprint": json.dumps(ckpt.fingerprint),
     }
     atomic_write(out / CHECKPOINT_FILE, lambda p: torch.save(blob, p))
 
@@ -123,6 +128,7 @@ def load_checkpoint(out: Path) -> ServerCheckpoint | None:
         elapsed_s=float(blob["elapsed_s"]),
         rejected=json.loads(blob["rejected"]),
         rng=blob["rng"],
+        fingerprint=json.loads(blob.get("fingerprint", "{}")),
     )
 
 

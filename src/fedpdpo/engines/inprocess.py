@@ -7,6 +7,7 @@ number of clients.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -17,12 +18,14 @@ import torch
 from fedpdpo.client.state import ClientStore
 from fedpdpo.client.trainer import evaluate, fit
 from fedpdpo.config import RunConfig
-from fedpdpo.engines.checkpoint import CLIENTS_DIR, clear_run_state
+from fedpdpo.engines.checkpoint import CLIENTS_DIR, clear_run_state, load_checkpoint
+from fedpdpo.engines.fingerprint import EXTENSIBLE, check_resume, clients_fingerprint
 from fedpdpo.engines.server import EvalReply, FitReply, ServerSpec, run_server
 from fedpdpo.engines.setup import RunSetup, build_setup
 from fedpdpo.errors import FedPDPOError
 from fedpdpo.model.backbone import resolve_model
-from fedpdpo.report.writer import prepare_out_dir, write_config
+from fedpdpo.report.writer import write_config
+from fedpdpo.rundir import preflight, run_directory
 
 log = logging.getLogger(__name__)
 
@@ -79,28 +82,78 @@ class InProcessTransport:
 
 
 def run_inprocess(
-    cfg: RunConfig, out: str | Path, quiet: bool = False, overwrite: bool = False, resume: bool = False
+    cfg: RunConfig,
+    out: str | Path,
+    quiet: bool = False,
+    overwrite: bool = False,
+    resume: bool = False,
+    rounds: int | None = None,
 ) -> dict[str, Any]:
     """Run a whole federated job and write config.toml, metrics.jsonl and summary.json to ``out``.
 
     Config, data and model are checked (``build_setup``) before anything is written, so a bad input leaves no
-    partial run behind and ``--overwrite`` deletes the old run only once the new one can start. With ``resume``,
-    ``cfg`` is the run's own ``config.toml`` and the run continues after its last checkpoint.
+    partial run behind, and ``overwrite`` replaces an old run only with a finished new one (:mod:`fedpdpo.rundir`).
+    With ``resume``, ``cfg`` is the run's own ``config.toml``; the run continues after its last checkpoint once the
+    directory is found as the checkpoint left it, and ``rounds`` (if given) raises its number of rounds.
     """
     out = Path(out).resolve()
-    setup = build_setup(cfg)
-    if resume:
-        if setup.cfg != cfg:
+    if not resume:
+        preflight(out, overwrite)
+        setup = build_setup(cfg)
+        with run_directory(out, overwrite=overwrite) as target:
+            clear_run_state(target)
+            write_config(target, setup.cfg)
+            return _run(setup, target, quiet, resume=False)
+    with run_directory(out, resume=True) as target:
+        resumed = _checked_resume(cfg, target, rounds)
+        setup = build_setup(resumed)
+        if setup.cfg != resumed:
             raise FedPDPOError(
                 f"cannot resume {out}: algorithm '{cfg.algorithm}' changes its saved config.toml when applied again, "
                 "so the resumed run would differ; start it again in a new --out directory"
             )
-    else:
-        prepare_out_dir(out, overwrite=overwrite)
-        clear_run_state(out)
-        write_config(out, setup.cfg)
-    spec = ServerSpec(setup.cfg, setup.strategy, setup.initial_global(), resolve_model(cfg.model), "inprocess")
+        if resumed.rounds != cfg.rounds:
+            write_config(target, resumed)  # --rounds: the run's own record of its length, before the first new round
+        return _run(setup, target, quiet, resume=True)
+
+
+def _run(setup: RunSetup, out: Path, quiet: bool, resume: bool) -> dict[str, Any]:
     store = ClientStore(out / CLIENTS_DIR)
+    clients = range(setup.cfg.num_clients)
+    spec = ServerSpec(
+        setup.cfg,
+        setup.strategy,
+        setup.initial_global(),
+        resolve_model(setup.cfg.model),
+        "inprocess",
+        fingerprint=lambda server_round: {"clients": clients_fingerprint(store, clients, server_round)},
+    )
     summary = run_server(spec, InProcessTransport(setup, store), out, quiet=quiet, resume=resume)
-    store.finalize(range(setup.cfg.num_clients))  # finished: drop what only resuming needed
+    store.finalize(clients)  # finished: drop what only resuming needed
     return summary
+
+
+def _checked_resume(cfg: RunConfig, out: Path, rounds: int | None) -> RunConfig:
+    """``cfg`` with ``rounds`` applied, once the run in ``out`` is found as its last checkpoint left it."""
+    if rounds is not None and rounds < cfg.rounds:
+        raise FedPDPOError(
+            f"--rounds {rounds}: the run in {out} already has {cfg.rounds} rounds; --rounds can only raise it"
+        )
+    ckpt = load_checkpoint(out)
+    if ckpt is None:
+        log.info("%s has no checkpoint yet: the run starts again from round 0", out)
+    else:
+        allow = EXTENSIBLE if rounds is not None else ()
+        check_resume(ckpt.fingerprint, cfg, out, ClientStore(out / CLIENTS_DIR), ckpt.server_round, allow)
+    if rounds is None or rounds == cfg.rounds:
+        return cfg
+    if ckpt is not None and ckpt.server_round >= cfg.rounds:
+        log.warning(
+            "the run had finished, so its clients' optimizer states were dropped; the %d extra round(s) start them "
+            "afresh (a run started with rounds=%d would differ)",
+            rounds - cfg.rounds,
+            rounds,
+        )
+    cfg = copy.deepcopy(cfg)
+    cfg.rounds = rounds
+    return cfg

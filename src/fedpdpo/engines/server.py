@@ -30,6 +30,7 @@ from fedpdpo.engines.checkpoint import (
     save_checkpoint,
     strategy_state,
 )
+from fedpdpo.engines.fingerprint import config_fingerprint
 from fedpdpo.errors import FedPDPOError
 from fedpdpo.report.progress import RunProgress
 from fedpdpo.report.writer import append_metrics, build_summary, read_metrics, write_summary
@@ -86,6 +87,8 @@ class ServerSpec:
     engine: str
     # Fewer accepted updates than this in a round (clients crashed, timed out, were rejected): keep the old global.
     min_fit_replies: int = 1
+    # Extra checkpoint fingerprint after a round (the in-process engine adds its clients' state files).
+    fingerprint: Callable[[int], dict[str, Any]] | None = None
 
     def uplink_bytes(self) -> int:
         return wire_bytes(self.initial_shared, self.cfg.transfer_dtype)
@@ -189,6 +192,8 @@ def run_server(
             elapsed_s=elapsed_before + time.perf_counter() - start,
             rejected=rejected,
             rng=capture_rng(),
+            fingerprint={"config": config_fingerprint(cfg)}
+            | (spec.fingerprint(server_round) if spec.fingerprint else {}),
         )
         save_checkpoint(out, ckpt)
 

@@ -10,6 +10,7 @@ import torch
 from fedpdpo.client.task import ClientTask, build_task
 from fedpdpo.config import RunConfig
 from fedpdpo.data import ClientData, build_clients
+from fedpdpo.errors import ConfigError
 from fedpdpo.model import FedPDPOModel, load_backbone
 from fedpdpo.strategies import Strategy, get_strategy
 
@@ -38,10 +39,26 @@ def build_model(cfg: RunConfig) -> tuple[FedPDPOModel, object]:
     return FedPDPOModel(backbone, cfg.lora, cfg.method), tokenizer
 
 
+def check_device(device: str) -> None:
+    """Refuse a CUDA device this machine does not have before anything is written (it would fail at round 0)."""
+    if not device.startswith("cuda"):
+        return
+    index = int(device.partition(":")[2] or 0)
+    if not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        raise ConfigError(f'config key \'device\' is {device!r}, but {why}; use device = "auto" or "cpu"')
+    if index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"config key 'device' is {device!r}, but this machine has {torch.cuda.device_count()} CUDA device(s) "
+            '(cuda:0 ...); use another index or device = "auto"'
+        )
+
+
 def build_setup(cfg: RunConfig) -> RunSetup:
     strategy = get_strategy(cfg.algorithm)
     cfg = strategy.configure(cfg)
     cfg.validate()
+    check_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     clients = strategy.prepare_clients(build_clients(cfg)[0])

@@ -18,6 +18,7 @@ import importlib.metadata
 import logging
 import os
 import shutil
+import struct
 import tempfile
 from functools import cache
 from pathlib import Path
@@ -31,7 +32,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from fedpdpo.errors import ConfigError
+from fedpdpo.errors import ConfigError, environment_error, first_line
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,21 @@ def resolve_model(name: str) -> str:
     return name
 
 
+def _load_path(path: Path) -> tuple[torch.nn.Module, object]:
+    """A model the user pointed at; a file that cannot be loaded is their input error, named with the path."""
+    ggufs = [path] if path.suffix == ".gguf" else sorted(path.glob("*.gguf"))
+    if not (path / "config.json").is_file() and not ggufs:
+        raise ConfigError(f"config key 'model': {path} holds neither config.json nor a .gguf file")
+    try:
+        if (path / "config.json").is_file():
+            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
+        return _load_gguf(ggufs[0])
+    except (OSError, ValueError, KeyError, IndexError, RuntimeError, EOFError, struct.error) as exc:  # bad files
+        if isinstance(exc, OSError) and environment_error(exc) is not None:
+            raise  # a full disk or a missing permission, which the CLI reports as such
+        raise ConfigError(f"config key 'model': cannot load {path}: {first_line(exc)}") from exc
+
+
 def load_backbone(name: str) -> tuple[torch.nn.Module, object]:
     """Return ``(model, tokenizer)`` in fp32 on the CPU with every parameter frozen."""
     if name == "tiny":
@@ -143,14 +159,7 @@ def load_backbone(name: str) -> tuple[torch.nn.Module, object]:
                 f"config key 'model': {name!r} is neither a built-in model (smollm2, gemma3-270m, tiny) "
                 "nor an existing path"
             )
-        ggufs = [path] if path.suffix == ".gguf" else sorted(path.glob("*.gguf"))
-        if (path / "config.json").is_file():
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        elif ggufs:
-            model, tokenizer = _load_gguf(ggufs[0])
-        else:
-            raise ConfigError(f"config key 'model': {path} holds neither config.json nor a .gguf file")
+        model, tokenizer = _load_path(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()

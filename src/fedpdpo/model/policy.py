@@ -22,7 +22,8 @@ from torch import nn
 
 from fedpdpo.config import LoraSettings, MethodConfig, PerfSettings
 from fedpdpo.data.tokenize import PairBatch
-from fedpdpo.errors import ConfigError
+from fedpdpo.errors import ConfigError, first_line
+from fedpdpo.model.lora_targets import check_target_modules
 from fedpdpo.model.modules import BottleneckAdapter, PersonalHead, RewardHead
 from fedpdpo.model.prefix_cache import PrefixCache, shared_prefix_cache
 
@@ -63,7 +64,11 @@ def lora_config(model: nn.Module, cfg: LoraSettings) -> LoraConfig:
 
 
 def add_lora(model: nn.Module, cfg: LoraSettings):
-    return get_peft_model(model, lora_config(model, cfg))
+    check_target_modules(model, cfg.target_modules)
+    try:
+        return get_peft_model(model, lora_config(model, cfg))
+    except ValueError as exc:  # PEFT's refusals of a LoRA setting the names check above does not foresee
+        raise ConfigError(f"config key 'lora': {first_line(exc)}") from exc
 
 
 def response_logps(

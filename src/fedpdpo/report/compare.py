@@ -20,14 +20,16 @@ import logging
 import statistics
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedpdpo.client.state import atomic_write
 from fedpdpo.config import RunConfig, config_to_dict, load_config
 from fedpdpo.engines.checkpoint import CHECKPOINT_FILE
-from fedpdpo.errors import FedPDPOError
+from fedpdpo.errors import FedPDPOError, first_line
+from fedpdpo.jsonio import dumps
 from fedpdpo.strategies import get_strategy
 
 log = logging.getLogger(__name__)
@@ -100,10 +102,54 @@ def load_run(path: Path) -> Run:
     summary_path = path / "summary.json"
     if not summary_path.is_file():
         raise FedPDPOError(f"{path} is not a finished run (no summary.json)")
-    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    summary = _parse(summary_path, json.loads)
+    check_summary(summary_path, summary)
     config_path = path / "config.toml"
-    config = tomllib.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-    return Run(path, summary, config)
+    if not config_path.is_file():
+        raise FedPDPOError(f"{path} is not a fedpdpo run (no config.toml next to its summary.json)")
+    return Run(path, summary, _parse(config_path, tomllib.loads))
+
+
+def _parse(path: Path, parse: Callable[[str], Any]) -> Any:
+    try:
+        return parse(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+        raise FedPDPOError(f"{path} is unreadable ({first_line(exc)}); run it again, or leave it out") from None
+
+
+#: What a report reads from each summary.json, with the types it needs.
+SUMMARY_FIELDS = {
+    "algorithm": str,
+    "seed": int,
+    "mean_accuracy": (int, float),
+    "mean_accuracy_by_round": dict,
+    "clients": list,
+    "communication": dict,
+    "time_s": (int, float),
+}
+
+
+def check_summary(path: Path, summary: Any) -> None:
+    """Refuse a summary.json that fedpdpo did not write (or that was cut short) before any number is read from it."""
+    if problem := _summary_problem(summary):
+        raise FedPDPOError(f"{path} is not a fedpdpo run summary ({problem}); run it again, or leave it out")
+
+
+def _summary_problem(summary: Any) -> str:
+    if not isinstance(summary, dict):
+        return "it is not a JSON object"
+    for key, tp in SUMMARY_FIELDS.items():
+        if not isinstance(summary.get(key), tp) or isinstance(summary.get(key), bool):
+            return f"field '{key}' is missing or of the wrong type"
+    for client in summary["clients"]:
+        if not isinstance(client, dict) or not all(
+            isinstance(client.get(k), int | float) for k in ("accuracy", "accuracy_implicit")
+        ):
+            return "an entry of 'clients' lacks its accuracies"
+    needed = {"shared_parameters", "uplink_bytes_per_client_round", "downlink_bytes_per_client_round"}
+    if not needed <= set(summary["communication"]):
+        return "field 'communication' is incomplete"
+    return ""
 
 
 def find_runs(paths: Sequence[str | Path]) -> list[Run]:
@@ -306,6 +352,8 @@ def write_report(runs: Sequence[Run], out: str | Path) -> dict[str, Any]:
         for run in sorted(runs, key=lambda r: (r.algorithm, r.seed))
         for line in evaluation_section(f"{run.algorithm} seed {run.seed}", run.summary, out)
     ]
-    (out / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n", encoding="utf-8")
-    (out / "report.md").write_text(render_report(comparison, evaluation), encoding="utf-8")
+    atomic_write(out / "comparison.json", lambda p: Path(p).write_text(dumps(comparison, indent=2) + "\n"))
+    atomic_write(
+        out / "report.md", lambda p: Path(p).write_text(render_report(comparison, evaluation), encoding="utf-8")
+    )
     return comparison

@@ -7,7 +7,6 @@ log collectors and scripts; stdout keeps the single JSON result line.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -24,13 +23,15 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from fedpdpo.jsonio import dumps
+
 #: Where JSON event lines go when :func:`use_json_logs` is on (process-wide: the engines create RunProgress).
 _json_stream: TextIO | None = None
 
 
 def emit_json(event: str, **fields: Any) -> None:
     if _json_stream is not None:
-        _json_stream.write(json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n")
+        _json_stream.write(dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n")
         _json_stream.flush()
 
 
@@ -40,7 +41,7 @@ class JsonLogFormatter(logging.Formatter):
         entry |= {"logger": record.name, "message": record.getMessage()}
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
+        return dumps(entry)
 
 
 def use_json_logs(stream: TextIO | None = None) -> None:

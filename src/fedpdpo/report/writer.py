@@ -9,25 +9,7 @@ from typing import Any
 
 from fedpdpo.client.state import atomic_write
 from fedpdpo.config import RunConfig, save_config
-from fedpdpo.errors import FedPDPOError
-
-RUN_FILES = ("metrics.jsonl", "summary.json", "config.toml")
-
-
-def prepare_out_dir(out: Path, overwrite: bool = False) -> None:
-    """Refuse to mix two runs in one directory: an existing run is kept unless ``overwrite``."""
-    if out.exists() and not out.is_dir():
-        raise FedPDPOError(f"--out {out} exists and is not a directory")
-    existing = [f for f in RUN_FILES if (out / f).exists()]
-    if existing and not overwrite:
-        raise FedPDPOError(
-            f"--out {out} already holds a run ({', '.join(existing)}); choose a new directory, "
-            "or pass --resume to continue it or --overwrite to replace it"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        for f in RUN_FILES:
-            (out / f).unlink(missing_ok=True)
+from fedpdpo.jsonio import dumps
 
 
 def write_config(out: Path, cfg: RunConfig) -> None:
@@ -37,7 +19,7 @@ def write_config(out: Path, cfg: RunConfig) -> None:
 def append_metrics(out: Path, rows: list[dict[str, Any]]) -> None:
     with (out / "metrics.jsonl").open("a", encoding="utf-8") as fh:
         for row in rows:
-            fh.write(json.dumps(row, sort_keys=True) + "\n")
+            fh.write(dumps(row, sort_keys=True) + "\n")
 
 
 def read_metrics(out: Path) -> list[dict[str, Any]]:
@@ -92,4 +74,4 @@ def build_summary(
 
 
 def write_summary(out: Path, summary: dict[str, Any]) -> None:
-    atomic_write(out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2) + "\n"))
+    atomic_write(out / "summary.json", lambda p: Path(p).write_text(dumps(summary, indent=2) + "\n"))

@@ -27,7 +27,7 @@ import tomli_w
 from fedpdpo.config import RunConfig, save_config
 from fedpdpo.engines.flower.certs import TlsFiles, make_certs
 from fedpdpo.errors import FedPDPOError
-from fedpdpo.report.writer import prepare_out_dir
+from fedpdpo.rundir import preflight, run_directory
 
 CONNECTION = "fedpdpo"
 
@@ -55,6 +55,7 @@ APP_PYPROJECT = {
                     "set": "",
                     "engine": "flower-deploy",
                     "overwrite": False,
+                    "lock": True,
                     "min-fit-replies": 1,
                     "reply-timeout": 0.0,
                     "node-wait": 120.0,
@@ -231,9 +232,20 @@ def run_loopback(
     reply_timeout: float = 0.0,
     timeout: float | None = None,
 ) -> dict[str, Any]:
-    """Run the job on a loopback deployment (logs in ``OUT/deploy/logs``); returns the summary."""
+    """Run the job on a loopback deployment (logs in ``OUT/deploy/logs``); returns the summary.
+
+    This launcher holds the run directory (:mod:`fedpdpo.rundir`) for the whole deployment, so its ServerApp is told
+    not to lock it again.
+    """
     out = Path(out).resolve()
-    prepare_out_dir(out, overwrite=overwrite)
+    preflight(out, overwrite)
+    with run_directory(out, overwrite=overwrite) as target:
+        return _run_loopback(cfg, target, tls, min_fit_replies, reply_timeout, timeout)
+
+
+def _run_loopback(
+    cfg: RunConfig, out: Path, tls: bool, min_fit_replies: int, reply_timeout: float, timeout: float | None
+) -> dict[str, Any]:
     workdir = out / "deploy"
     workdir.mkdir(exist_ok=True)
     config_file = workdir / "run.toml"
@@ -242,7 +254,7 @@ def run_loopback(
         "config": str(config_file),
         "out": str(out),
         "engine": "flower-deploy",
-        "overwrite": True,  # checked above, before any process started
+        "lock": False,  # held by this launcher
         "min-fit-replies": min_fit_replies,
         "reply-timeout": float(reply_timeout),
     }

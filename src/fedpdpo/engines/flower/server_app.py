@@ -43,7 +43,8 @@ from fedpdpo.engines.server import TASK_FIELDS, EvalReply, FitReply, ServerSpec,
 from fedpdpo.engines.setup import build_model
 from fedpdpo.errors import ConfigError
 from fedpdpo.model.backbone import resolve_model
-from fedpdpo.report.writer import prepare_out_dir, write_config
+from fedpdpo.report.writer import write_config
+from fedpdpo.rundir import run_directory
 from fedpdpo.strategies import get_strategy
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class ServerParams:
     out: str  # [out] run directory on the SuperLink machine
     engine: str = "flower-deploy"  # [engine] recorded in summary.json
     overwrite: bool = False  # [overwrite]
+    lock: bool = True  # [lock] false when the launcher already holds the run directory (simulation, loopback)
     min_fit_replies: int = 1  # [min-fit-replies] fewer accepted updates: the round keeps the old global
     reply_timeout: float = 0.0  # [reply-timeout] seconds to wait for one round's replies; 0 = no limit
     node_wait: float = 120.0  # [node-wait] seconds to wait at the start for a node per client
@@ -71,6 +73,7 @@ class ServerParams:
             out=str(rc["out"]),
             engine=str(rc.get("engine", "flower-deploy")),
             overwrite=bool(rc.get("overwrite", False)),
+            lock=bool(rc.get("lock", True)),
             min_fit_replies=int(rc.get("min-fit-replies", 1)),
             reply_timeout=float(rc.get("reply-timeout", 0.0)),
             node_wait=float(rc.get("node-wait", 120.0)),
@@ -229,9 +232,18 @@ class GridTransport:
 
 
 def serve(grid: Grid, params: ServerParams) -> dict[str, Any]:
-    """Set up the server side (no client data needed: only the model, for the round-0 shared tensors) and run."""
+    """Set up the server side (no client data needed: only the model, for the round-0 shared tensors) and run.
+
+    The ServerApp holds the run directory (:mod:`fedpdpo.rundir`) unless its launcher does (``params.lock`` false).
+    """
     out = Path(params.out).resolve()
-    prepare_out_dir(out, overwrite=params.overwrite)
+    if not params.lock:
+        return _serve(grid, params, out)
+    with run_directory(out, overwrite=params.overwrite) as target:
+        return _serve(grid, params, target)
+
+
+def _serve(grid: Grid, params: ServerParams, out: Path) -> dict[str, Any]:
     clear_run_state(out)
     strategy = get_strategy(params.cfg.algorithm)
     cfg = strategy.configure(params.cfg)

@@ -15,7 +15,7 @@ from typing import Any
 from fedpdpo.config import RunConfig
 from fedpdpo.engines.flower.server_app import ServerParams, make_server_app
 from fedpdpo.errors import FedPDPOError
-from fedpdpo.report.writer import prepare_out_dir
+from fedpdpo.rundir import preflight, run_directory
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +49,17 @@ def run_flower_sim(
     from fedpdpo.engines.flower.client_app import app as client_app
 
     out = Path(out).resolve()
-    prepare_out_dir(out, overwrite=overwrite)  # fail before Ray starts
-    params = ServerParams(cfg, str(out), "flower-sim", overwrite=True, min_fit_replies=min_fit_replies, quiet=quiet)
+    preflight(out, overwrite)  # fail before Ray starts
     result: dict[str, Any] = {}
-
-    server_app = make_server_app(params, on_done=result.update)
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=cfg.num_clients,
-        backend_config=backend_config(resources or SimResources()),
-    )
-    if not result:
-        raise FedPDPOError("the Flower simulation ended without finishing the run; see the log above")
+    with run_directory(out, overwrite=overwrite) as target:  # the server runs in this process, which holds the run
+        params = ServerParams(cfg, str(target), "flower-sim", min_fit_replies=min_fit_replies, quiet=quiet, lock=False)
+        server_app = make_server_app(params, on_done=result.update)
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=cfg.num_clients,
+            backend_config=backend_config(resources or SimResources()),
+        )
+        if not result:
+            raise FedPDPOError("the Flower simulation ended without finishing the run; see the log above")
     return result
