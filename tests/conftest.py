@@ -10,6 +10,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "tiny.toml"
 TINY_DATA = ROOT / "data" / "tiny_pairs.jsonl"
+#: For subprocesses: this checkout's package first (a virtualenv's editable install may point at another checkout).
+PYTHONPATH = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -16,7 +16,7 @@ from fedpdpo.data import ClientData, PreferenceRecord, load_records
 from fedpdpo.data.lengths import check_prompt_lengths
 from fedpdpo.errors import DataError
 from fedpdpo.model.backbone import tiny_tokenizer
-from tests.conftest import ROOT, TINY_CONFIG, TINY_DATA
+from tests.conftest import PYTHONPATH, TINY_CONFIG, TINY_DATA
 
 GOOD_LINES = TINY_DATA.read_bytes().splitlines()
 BAD_LINE = len(GOOD_LINES) + 1  # every bad record is appended after the good ones
@@ -173,7 +173,7 @@ def test_data_validate(tmp_path, capsys):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = os.environ | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    env = os.environ | {"PYTHONPATH": PYTHONPATH, "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "fedpdpo.cli", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 

@@ -31,12 +31,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedpdpo.client.state import ClientStore
-from fedpdpo.client.trainer import PERSONAL, personal_copies
 from fedpdpo.config import LoraSettings, MethodConfig, RunConfig, load_config
 from fedpdpo.engines.server import GLOBAL_FILE
 from fedpdpo.errors import FedPDPOError
 from fedpdpo.model.backbone import load_backbone
+from fedpdpo.model.naming import is_lora, personal_copies, without_personal_copies
 from fedpdpo.model.policy import FedPDPOModel
+from fedpdpo.strategies import get_strategy
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +61,11 @@ class ClientModel:
 
 
 def _run_config(run_dir: Path) -> RunConfig:
+    """The config the run's model was built from: its ``config.toml`` with its strategy's module switches."""
     if not (run_dir / "config.toml").is_file():
         raise FedPDPOError(f"--run {run_dir}: no config.toml here; point --run at the --out directory of a run")
-    return load_config(run_dir / "config.toml")
+    cfg = load_config(run_dir / "config.toml")
+    return get_strategy(cfg.algorithm).configure(cfg)
 
 
 def load_from_run(run_dir: str | Path, client_id: int) -> ClientModel:
@@ -83,7 +86,7 @@ def load_from_run(run_dir: str | Path, client_id: int) -> ClientModel:
     model.set_tensors(load_file(global_path))
     local = ClientStore(run_dir / "clients").load(client_id).local
     if local:
-        model.set_tensors({n: v for n, v in local.items() if not n.startswith(PERSONAL)})
+        model.set_tensors(without_personal_copies(local))
         model.set_tensors(personal_copies(local))  # Ditto: the client's model is its personal LoRA
     elif len(model.local):
         log.warning("client %d never trained in %s; its local modules are at their initial values", client_id, run_dir)
@@ -180,7 +183,7 @@ def load_personalized(adir: str | Path) -> ClientModel:
     backbone, tokenizer = load_backbone(_base_spec(adir, info))
     model = FedPDPOModel(backbone, LoraSettings(**info["lora"]), MethodConfig(**info["method"]))
     result = set_peft_model_state_dict(model.peft, load_file(adir / "adapter_model.safetensors"))
-    missing = [k for k in result.missing_keys if ".lora_" in k]
+    missing = [k for k in result.missing_keys if is_lora(k)]
     if missing or result.unexpected_keys:
         raise FedPDPOError(
             f"{adir}: adapter does not fit the model (missing {missing[:3]}, unexpected "

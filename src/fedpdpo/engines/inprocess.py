@@ -20,7 +20,7 @@ from fedpdpo.config import RunConfig
 from fedpdpo.engines.checkpoint import CLIENTS_DIR, clear_run_state
 from fedpdpo.engines.server import EvalReply, FitReply, ServerSpec, run_server
 from fedpdpo.engines.setup import RunSetup, build_setup
-from fedpdpo.errors import FedPDPOError
+from fedpdpo.instructions import Instructions
 from fedpdpo.model.backbone import resolve_model
 from fedpdpo.report.writer import prepare_out_dir, write_config
 
@@ -39,6 +39,7 @@ class InProcessTransport:
         server_round: int,
         client_ids: list[int],
         shared: dict[str, torch.Tensor],
+        instructions: Instructions,
         on_step: Callable[[float], None],
     ) -> list[FitReply]:
         s = self.setup
@@ -54,6 +55,7 @@ class InProcessTransport:
                     s.initial,
                     s.cfg,
                     server_round,
+                    instructions=instructions,
                     on_step=lambda _step, m: on_step(m["loss"]),
                 )
             except FloatingPointError as exc:  # rejected for this round; the client keeps its previous state
@@ -83,21 +85,16 @@ def run_inprocess(
     """Run a whole federated job and write config.toml, metrics.jsonl and summary.json to ``out``.
 
     Config, data and model are checked (``build_setup``) before anything is written, so a bad input leaves no
-    partial run behind and ``--overwrite`` deletes the old run only once the new one can start. With ``resume``,
-    ``cfg`` is the run's own ``config.toml`` and the run continues after its last checkpoint.
+    partial run behind and ``--overwrite`` deletes the old run only once the new one can start. ``config.toml`` is
+    ``cfg`` as given: the strategy derives everything else from it again, so with ``resume`` (``cfg`` is the run's
+    own ``config.toml``) the run continues after its last checkpoint exactly as it would have gone on.
     """
     out = Path(out).resolve()
     setup = build_setup(cfg)
-    if resume:
-        if setup.cfg != cfg:
-            raise FedPDPOError(
-                f"cannot resume {out}: algorithm '{cfg.algorithm}' changes its saved config.toml when applied again, "
-                "so the resumed run would differ; start it again in a new --out directory"
-            )
-    else:
+    if not resume:
         prepare_out_dir(out, overwrite=overwrite)
         clear_run_state(out)
-        write_config(out, setup.cfg)
+        write_config(out, cfg)
     spec = ServerSpec(setup.cfg, setup.strategy, setup.initial_global(), resolve_model(cfg.model), "inprocess")
     store = ClientStore(out / CLIENTS_DIR)
     summary = run_server(spec, InProcessTransport(setup, store), out, quiet=quiet, resume=resume)

@@ -28,9 +28,9 @@ from fedpdpo.engines.checkpoint import (
     restore_rng,
     rewind_metrics,
     save_checkpoint,
-    strategy_state,
 )
 from fedpdpo.errors import FedPDPOError
+from fedpdpo.instructions import FitPlan, Instructions
 from fedpdpo.report.progress import RunProgress
 from fedpdpo.report.writer import append_metrics, build_summary, read_metrics, write_summary
 from fedpdpo.strategies import ClientUpdate, Strategy
@@ -65,9 +65,11 @@ class ClientTransport(Protocol):
         server_round: int,
         client_ids: list[int],
         shared: dict[str, torch.Tensor],
+        instructions: Instructions,
         on_step: Callable[[float], None],
     ) -> list[FitReply]:
-        """Train ``client_ids`` from ``shared``; call ``on_step(loss)`` per local step (or per client, remotely)."""
+        """Train ``client_ids`` from ``shared`` as the strategy's ``instructions`` say; call ``on_step(loss)`` per
+        local step (or per client, remotely)."""
         ...
 
     def evaluate(
@@ -120,6 +122,16 @@ def rejection_reason(reply: FitReply) -> str:
     return ""
 
 
+def planned_steps(strategy: Strategy, cfg: RunConfig, rounds: range) -> int:
+    """Local steps of the federated passes of ``rounds``, over the clients the strategy samples (the progress
+    total: each such step reports once)."""
+    return sum(
+        len(strategy.sample_clients(r, cfg.num_clients, cfg.client_fraction, cfg.seed))
+        * FitPlan.parse(strategy.fit_instructions(r), cfg.local_steps).local_steps
+        for r in rounds
+    )
+
+
 def run_server(
     spec: ServerSpec, transport: ClientTransport, out: Path, quiet: bool = False, resume: bool = False
 ) -> dict[str, Any]:
@@ -134,7 +146,6 @@ def run_server(
     cfg, strategy = spec.cfg, spec.strategy
     all_clients = list(range(cfg.num_clients))
     global_ = {k: v.clone() for k, v in spec.initial_shared.items()}
-    n_sampled = max(1, round(cfg.client_fraction * cfg.num_clients))
     client_info: dict[int, dict[str, Any]] = {}
     rejected: list[dict[str, Any]] = []
     metrics_lines, elapsed_before, first_round = 0, 0.0, 0
@@ -145,7 +156,7 @@ def run_server(
         if sorted(ckpt.global_shared) != sorted(global_):
             raise FedPDPOError(f"{out / CHECKPOINT_FILE} holds other shared tensors than this run's configuration")
         global_ = ckpt.global_shared
-        vars(strategy).update(ckpt.strategy_state)
+        strategy.load_state_dict(ckpt.strategy_state)
         client_info, rejected = ckpt.client_info, ckpt.rejected
         metrics_lines, elapsed_before, first_round = ckpt.metrics_lines, ckpt.elapsed_s, ckpt.server_round + 1
         restore_rng(ckpt.rng)
@@ -173,7 +184,7 @@ def run_server(
         ckpt = ServerCheckpoint(
             server_round=server_round,
             global_shared=global_,
-            strategy_state=strategy_state(strategy),
+            strategy_state=strategy.state_dict(),
             client_info=client_info,
             metrics_lines=metrics_lines,
             elapsed_s=elapsed_before + time.perf_counter() - start,
@@ -182,16 +193,18 @@ def run_server(
         )
         save_checkpoint(out, ckpt)
 
-    remaining = cfg.rounds - max(first_round - 1, 0)
-    with RunProgress(remaining * n_sampled * cfg.local_steps, quiet=quiet) as progress:
+    rounds = range(max(first_round, 1), cfg.rounds + 1)
+    with RunProgress(planned_steps(strategy, cfg, rounds), quiet=quiet) as progress:
         if first_round == 0:
             progress.describe("round 0 eval")
             evaluate_all(0, {})
             checkpoint(0)
-        for server_round in range(max(first_round, 1), cfg.rounds + 1):
+        for server_round in rounds:
             sampled = strategy.sample_clients(server_round, cfg.num_clients, cfg.client_fraction, cfg.seed)
+            instructions = strategy.fit_instructions(server_round)
             progress.describe(f"round {server_round}/{cfg.rounds} fit")
-            replies = transport.fit(server_round, sampled, to_wire(global_, cfg.transfer_dtype), progress.step)
+            shared = to_wire(global_, cfg.transfer_dtype)
+            replies = transport.fit(server_round, sampled, shared, instructions, progress.step)
             updates, train = [], {}
             for reply in replies:
                 reason = rejection_reason(reply)

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RunSetup:
-    cfg: RunConfig  # as configured by the strategy
+    cfg: RunConfig  # the model's config: the run's config with the strategy's module switches (``configure``)
     strategy: Strategy
     model: FedPDPOModel
     tokenizer: object
@@ -32,8 +32,19 @@ class RunSetup:
         return {n: self.initial[n].clone() for n in self.shared_names}
 
 
+def resolve(cfg: RunConfig) -> tuple[Strategy, RunConfig]:
+    """The run's strategy (with the parameters ``cfg`` sets for it) and the config its model is built from.
+
+    ``cfg`` itself is not changed: it is what ``config.toml`` records and what a resumed run starts from again."""
+    strategy = get_strategy(cfg.algorithm, cfg)
+    model_cfg = strategy.configure(cfg)
+    model_cfg.validate()
+    return strategy, model_cfg
+
+
 def build_model(cfg: RunConfig) -> tuple[FedPDPOModel, object]:
-    """Backbone + LoRA + local modules, initialised from ``cfg.seed`` (identical in every process)."""
+    """Backbone + LoRA + the local modules ``cfg.method`` switches on, initialised from ``cfg.seed`` (identical in
+    every process); ``cfg`` is a model config (see :func:`resolve`)."""
     backbone, tokenizer = load_backbone(cfg.model)
     torch.manual_seed(cfg.seed)
     return FedPDPOModel(backbone, cfg.lora, cfg.method), tokenizer
@@ -48,9 +59,7 @@ def tokenize_clients(clients: list[ClientData], tokenizer, cfg: RunConfig) -> li
 
 
 def build_setup(cfg: RunConfig) -> RunSetup:
-    strategy = get_strategy(cfg.algorithm)
-    cfg = strategy.configure(cfg)
-    cfg.validate()
+    strategy, cfg = resolve(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     clients = strategy.prepare_clients(build_clients(cfg)[0])

@@ -168,9 +168,6 @@ class FedPDPOModel(nn.Module):
         """Every parameter that training updates: LoRA tensors and local modules, by name."""
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
-    def lora_names(self) -> list[str]:
-        return [n for n in self.trainable() if ".lora_" in n]
-
     def get_tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
         params = dict(self.named_parameters())
         return {n: params[n].detach().to("cpu", copy=True) for n in names}
