@@ -78,7 +78,7 @@ def _fill_reference(
     device = device_of(cfg)
     with autocast(device):
         for batch in _batches(pairs, cfg.eval_batch_size, pad_id, device):
-            ref = model.reference_logps(batch, cfg.perf).float().cpu()
+            ref = model.reference_logps(batch).float().cpu()
             b = batch.num_pairs
             table[batch.index.cpu(), 0] = ref[:b]
             table[batch.index.cpu(), 1] = ref[b:]
@@ -184,7 +184,7 @@ def _run_steps(
         batch = collate([task.train[i] for i in dict.fromkeys(idx)], task.pad_id).to(device)
         with autocast(device):
             need_ref = cfg.perf.fused_reference and bool(torch.isnan(ref_table[batch.index.cpu()]).any())
-            out = model(batch, with_reference=need_ref, perf=cfg.perf)
+            out = model(batch, with_reference=need_ref)
             if need_ref:
                 _store_reference(batch, out.ref_logps, ref_table)
             result = fedpdpo_objective(
@@ -315,7 +315,7 @@ def evaluate(
     chosen_rewards, rejected_rewards = [], []
     for batch in _batches(task.test, cfg.eval_batch_size, task.pad_id, device):
         with autocast(device):
-            out = model(batch, perf=cfg.perf)
+            out = model(batch)
         b = batch.num_pairs
         logps = out.logps.float()
         ref = _ref_for(batch, ref_table, device)

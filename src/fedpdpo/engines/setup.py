@@ -47,7 +47,7 @@ def build_model(cfg: RunConfig) -> tuple[FedPDPOModel, object]:
     every process); ``cfg`` is a model config (see :func:`resolve`)."""
     backbone, tokenizer = load_backbone(cfg.model)
     torch.manual_seed(cfg.seed)
-    return FedPDPOModel(backbone, cfg.lora, cfg.method), tokenizer
+    return FedPDPOModel(backbone, cfg.lora, cfg.method, cfg.perf), tokenizer
 
 
 def tokenize_clients(clients: list[ClientData], tokenizer, cfg: RunConfig) -> list[ClientTask]:
