@@ -19,7 +19,7 @@ from fedpdpo.client.state import ClientState
 from fedpdpo.config import RunConfig
 from fedpdpo.data.tokenize import PairBatch, TokenizedPair, collate, length_bucketed_batches
 from fedpdpo.instructions import FitPlan
-from fedpdpo.losses import dpo_loss, fedpdpo_objective, pairwise_accuracy
+from fedpdpo.losses import LossOutput, fedpdpo_objective, pairwise_accuracy
 from fedpdpo.model.naming import PERSONAL, optimizer_groups, personal_copies
 from fedpdpo.model.policy import FedPDPOModel
 from fedpdpo.transfer import to_wire
@@ -125,6 +125,21 @@ def _ref_for(batch: PairBatch, table: torch.Tensor, device: torch.device) -> tor
     return torch.cat([rows[:, 0], rows[:, 1]]).to(device)
 
 
+def objective(logps: torch.Tensor, ref: torch.Tensor, rewards: torch.Tensor | None, cfg: RunConfig) -> LossOutput:
+    """The run's objective on pairs laid out [chosen..., rejected...]: what training minimises and what evaluation
+    reports, through the same function (as TRL computes train and eval losses), so both honour ``loss_type`` and
+    ``label_smoothing`` and carry the same metric names."""
+    return fedpdpo_objective(
+        logps.float(),
+        ref,
+        None if rewards is None else rewards.float(),
+        cfg.beta,
+        cfg.method.reward_weight,
+        cfg.method.loss_type,
+        cfg.method.label_smoothing,
+    )
+
+
 def load_client(
     model: FedPDPOModel,
     shared: dict[str, torch.Tensor],
@@ -187,15 +202,7 @@ def _run_steps(
             out = model(batch, with_reference=need_ref)
             if need_ref:
                 _store_reference(batch, out.ref_logps, ref_table)
-            result = fedpdpo_objective(
-                out.logps.float(),
-                _ref_for(batch, ref_table, device),
-                None if out.rewards is None else out.rewards.float(),
-                cfg.beta,
-                cfg.method.reward_weight,
-                cfg.method.loss_type,
-                cfg.method.label_smoothing,
-            )
+            result = objective(out.logps, _ref_for(batch, ref_table, device), out.rewards, cfg)
         loss = result.loss
         if anchor is not None:
             loss = loss + 0.5 * run.mu * sum(((p - a) ** 2).sum() for p, a in anchor)
@@ -299,7 +306,9 @@ def evaluate(
     initial: dict[str, torch.Tensor],
     cfg: RunConfig,
 ) -> dict[str, float]:
-    """Held-out preference accuracy of the client's personalized model, by implicit, explicit and combined score.
+    """Held-out metrics of the client's personalized model: the training objective's metrics under the same names
+    (:func:`objective` over all test pairs: ``loss``, ``loss/dpo``, ``rewards/margins``, ...) and the preference
+    accuracy by implicit, explicit and combined score.
 
     * implicit: ``beta * h`` (DPO's reward margin); explicit: ``r(x, y_w) - r(x, y_l)``;
       combined: ``beta * h + alpha * (r(x, y_w) - r(x, y_l))``; ``logp``: length-normalised policy log-prob margin.
@@ -311,35 +320,35 @@ def evaluate(
     ensure_reference(model, task, state, cfg, ("test",))
     model.eval()
     ref_table = state.reference["test"]
-    implicit, explicit, logp_margin, losses = [], [], [], []
-    chosen_rewards, rejected_rewards = [], []
+    sides: dict[str, list[torch.Tensor]] = {"logps": [], "ref": [], "rewards": []}  # per batch, [chosen, rejected]
+    logp_margin, explicit = [], []
     for batch in _batches(task.test, cfg.eval_batch_size, task.pad_id, device):
         with autocast(device):
             out = model(batch)
         b = batch.num_pairs
         logps = out.logps.float()
-        ref = _ref_for(batch, ref_table, device)
-        loss, r_c, r_r = dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], cfg.beta, cfg.method.loss_type)
-        losses.append(loss.cpu())
-        chosen_rewards.append(r_c.cpu())
-        rejected_rewards.append(r_r.cpu())
-        implicit.append((r_c - r_r).cpu())
+        sides["logps"].append(logps.cpu())
+        sides["ref"].append(_ref_for(batch, ref_table, device).cpu())
         per_tok = logps / out.n_tokens.clamp_min(1).float()
         logp_margin.append((per_tok[:b] - per_tok[b:]).cpu())
         if out.rewards is not None:
+            sides["rewards"].append(out.rewards.float().cpu())
             explicit.append((out.rewards[:b] - out.rewards[b:]).float().cpu())
-    imp = torch.cat(implicit)
-    metrics = {
-        "accuracy_implicit": pairwise_accuracy(imp).item(),
+
+    def pairs(key: str) -> torch.Tensor:
+        """All test pairs laid out [chosen..., rejected...], as the objective takes a batch."""
+        halves = [t.chunk(2) for t in sides[key]]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves])
+
+    result = objective(pairs("logps"), pairs("ref"), pairs("rewards") if explicit else None, cfg)
+    metrics = result.metrics | {
+        "accuracy_implicit": pairwise_accuracy(result.margins).item(),
         "accuracy_logp": pairwise_accuracy(torch.cat(logp_margin)).item(),
-        "reward_margin": imp.mean().item(),
-        "rewards/chosen": torch.cat(chosen_rewards).mean().item(),
-        "rewards/rejected": torch.cat(rejected_rewards).mean().item(),
-        "eval_loss": torch.cat(losses).mean().item(),
+        "reward_margin": result.metrics["rewards/margins"],
     }
     if explicit:
         exp = torch.cat(explicit)
-        combined = imp + cfg.method.eval_reward_weight * exp
+        combined = result.margins + cfg.method.eval_reward_weight * exp
         metrics["accuracy_explicit"] = pairwise_accuracy(exp).item()
         metrics["accuracy_combined"] = pairwise_accuracy(combined).item()
         metrics["explicit_margin"] = exp.mean().item()
