@@ -1,6 +1,6 @@
 """Take a client's personalized model out of a run: a standard PEFT adapter plus the client's local modules.
 
-A finished run directory holds the resolved ``config.toml``, the final global shared tensors
+A finished run directory holds its ``config.toml``, the final global shared tensors
 (``global.safetensors``, the LoRA) and each client's private tensors (``clients/client_<id>/``, read with
 :class:`~fedpdpo.client.state.ClientStore`).
 :func:`export_client` turns one client's view of that into a directory that the Hugging Face ecosystem understands::

@@ -1,4 +1,4 @@
-"""Run outputs: resolved ``config.toml``, ``metrics.jsonl`` (a line per client per round) and ``summary.json``."""
+"""Run outputs: ``config.toml`` (as given), ``metrics.jsonl`` (a line per client per round), ``summary.json``."""
 
 from __future__ import annotations
 
