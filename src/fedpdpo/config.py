@@ -191,9 +191,9 @@ class RunConfig:
             )
         if not 0.0 < self.data.test_fraction < 1.0:
             raise ConfigError(f"config key 'data.test_fraction' must be in (0, 1), got {self.data.test_fraction}")
-        for key, value in {"lr": self.lr, "beta": self.beta, "partition.alpha": self.partition.alpha}.items():
-            if value <= 0:
-                raise ConfigError(f"config key '{key}' must be > 0, got {value}")
+        for key, rate in {"lr": self.lr, "beta": self.beta, "partition.alpha": self.partition.alpha}.items():
+            if rate <= 0:
+                raise ConfigError(f"config key '{key}' must be > 0, got {rate}")
         if self.privacy.clipping_norm < 0 or self.privacy.noise_multiplier < 0:
             raise ConfigError("config keys 'privacy.clipping_norm' and 'privacy.noise_multiplier' must be >= 0")
         if self.privacy.noise_multiplier > 0 and self.privacy.clipping_norm <= 0:
@@ -252,7 +252,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
             known = ", ".join(sorted(names))
             raise ConfigError(f"unknown config key '{dotted}' (known keys here: {known})")
         tp = hints[key]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{dotted}' must be a table [{dotted}]")
             kwargs[key] = _build(tp, value, prefix=f"{dotted}.")

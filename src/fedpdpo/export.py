@@ -230,7 +230,7 @@ def save_merged(adir: Path, cm: ClientModel, base_spec: str, target: Path) -> st
     else:
         if "head" in local:
             merged.config.tie_word_embeddings = False
-            head = local["head"].weight.detach().cpu().clone()
+            head = local["head"].get_parameter("weight").detach().cpu().clone()
             merged.get_output_embeddings().weight = torch.nn.Parameter(head, requires_grad=False)
         kind = "personalized"
     merged.save_pretrained(target)

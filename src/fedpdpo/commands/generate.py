@@ -94,13 +94,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.panel import Panel
 
-    from fedpdpo.generate import SamplingConfig, generate
+    from fedpdpo.generate import VARIANTS, SamplingConfig, generate
 
     prompts = args.prompt or read_prompts(args.prompts)
     if args.max_new_tokens <= 0 or not 0 < args.top_p <= 1 or args.temperature < 0:
         raise FedPDPOError("need --max-new-tokens > 0, 0 < --top-p <= 1 and --temperature >= 0")
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
-    variants = ["personalized"] + ["global"] * args.with_global + ["base"] * args.with_base
+    wanted = {"personalized": True, "global": args.with_global, "base": args.with_base}
+    variants = [v for v in VARIANTS if wanted[v]]
     cm = load_client_model(args)
     console = Console()
     for prompt in prompts:
@@ -180,7 +181,7 @@ def _score_pairs(cm, args: argparse.Namespace) -> int:
     for rec in records:
         chosen, rejected = score(cm, rec.prompt, [rec.chosen, rec.rejected])
         implicit = chosen.implicit - rejected.implicit
-        explicit = None if chosen.explicit is None else chosen.explicit - rejected.explicit
+        explicit = None if chosen.explicit is None or rejected.explicit is None else chosen.explicit - rejected.explicit
         implicit_margins.append(implicit)
         if explicit is not None:
             explicit_margins.append(explicit)

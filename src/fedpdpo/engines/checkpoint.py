@@ -52,7 +52,9 @@ class ServerCheckpoint:
 
 def capture_rng() -> dict[str, Any]:
     """The global RNG states, as tensors and plain values (loadable with ``torch.load(weights_only=True)``)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    legacy = np.random.get_state()
+    assert isinstance(legacy, tuple)  # the legacy layout, numpy's default
+    kind, keys, pos, has_gauss, cached = legacy
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos)}

@@ -99,7 +99,7 @@ CLIENT_FIELDS = ("n_train", "n_test", "conflict", "domains")
 def eval_to_rows(server_round: int, replies: list[EvalReply], train: dict[int, dict[str, float]]) -> list[dict]:
     rows = []
     for reply in sorted(replies, key=lambda r: r.client_id):
-        row = {"round": server_round, "client": reply.client_id}
+        row: dict[str, Any] = {"round": server_round, "client": reply.client_id}
         row.update({k: v for k, v in reply.metrics.items() if k != "domains"})
         row.update(train.get(reply.client_id, {}))
         rows.append(row)
@@ -213,6 +213,7 @@ def run_server(
                     rejected.append({"round": server_round, "client": reply.client_id, "reason": reason})
                     train[reply.client_id] = {"train/failed": 1.0}
                     continue
+                assert reply.tensors is not None  # a reply without tensors has a rejection reason
                 updates.append(ClientUpdate(reply.client_id, reply.num_examples, from_wire(reply.tensors)))
                 train[reply.client_id] = train_metrics(reply)
             if len(updates) >= spec.min_fit_replies:

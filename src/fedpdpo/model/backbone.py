@@ -21,6 +21,7 @@ import shutil
 import tempfile
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -28,6 +29,7 @@ from transformers import (
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
 )
 
@@ -129,7 +131,7 @@ def resolve_model(name: str) -> str:
     return name
 
 
-def load_backbone(name: str) -> tuple[torch.nn.Module, object]:
+def load_backbone(name: str) -> tuple[PreTrainedModel, Any]:
     """Return ``(model, tokenizer)`` in fp32 on the CPU with every parameter frozen."""
     if name == "tiny":
         tokenizer = tiny_tokenizer()

@@ -13,8 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
+from transformers import PreTrainedModel
 
 from fedpdpo.config import LoraSettings, MethodConfig, PerfSettings
 from fedpdpo.data.tokenize import PairBatch
@@ -37,11 +38,11 @@ class PolicyOutput:
     ref_logps: torch.Tensor | None = None  # [2B] reference log-probs, when asked for
 
 
-def _num_layers(model: nn.Module) -> int:
+def _num_layers(model: PreTrainedModel) -> int:
     return int(model.config.num_hidden_layers)
 
 
-def lora_config(model: nn.Module, cfg: LoraSettings) -> LoraConfig:
+def lora_config(model: PreTrainedModel, cfg: LoraSettings) -> LoraConfig:
     """The ``peft.LoraConfig`` of the shared adapter (also handed to TRL by the benchmark, so both train the same)."""
     layers = None
     if cfg.last_n_layers:
@@ -58,7 +59,7 @@ def lora_config(model: nn.Module, cfg: LoraSettings) -> LoraConfig:
     )
 
 
-def add_lora(model: nn.Module, cfg: LoraSettings):
+def add_lora(model: PreTrainedModel, cfg: LoraSettings) -> PeftModel:
     return get_peft_model(model, lora_config(model, cfg))
 
 
@@ -103,7 +104,7 @@ class FedPDPOModel(nn.Module):
     """
 
     def __init__(
-        self, backbone: nn.Module, lora: LoraSettings, method: MethodConfig, perf: PerfSettings | None = None
+        self, backbone: PreTrainedModel, lora: LoraSettings, method: MethodConfig, perf: PerfSettings | None = None
     ) -> None:
         super().__init__()
         perf = perf or PerfSettings()
@@ -163,7 +164,7 @@ class FedPDPOModel(nn.Module):
         hidden = self._hidden(batch, prefix)
         if "adapter" in self.local:
             hidden = self.local["adapter"](hidden)
-        head = self.local["head"].weight if "head" in self.local else self.ref_head_weight
+        head = self.local["head"].get_parameter("weight") if "head" in self.local else self.ref_head_weight
         logps, n_tokens = self._logps(hidden, batch, head)
         rewards = None
         if "reward_head" in self.local:

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from fedpdpo.config import PerfSettings
 from fedpdpo.data.tokenize import PairBatch
@@ -98,7 +99,7 @@ _latest: tuple[tuple, PrefixCache] | None = None
 
 
 @torch.no_grad()
-def prefix_fingerprint(decoder: nn.Module, split_layer: int) -> tuple:
+def prefix_fingerprint(decoder: PreTrainedModel, split_layer: int) -> tuple:
     """What a prefix hidden state depends on: the model config, the attention kernel and the frozen weights below
     ``split_layer`` (by float64 sums of each tensor: cheap, and different for any two checkpoints in practice)."""
     config = decoder.config
@@ -108,7 +109,7 @@ def prefix_fingerprint(decoder: nn.Module, split_layer: int) -> tuple:
     return (type(decoder).__name__, split_layer, getattr(config, "_attn_implementation", None), settings, sums)
 
 
-def shared_prefix_cache(decoder: nn.Module, split_layer: int) -> PrefixCache:
+def shared_prefix_cache(decoder: PreTrainedModel, split_layer: int) -> PrefixCache:
     """The process's cache for this frozen prefix: the latest one is kept, so consecutive runs on the same backbone
     (the runs of a comparison, every client of an in-process run) share it; another backbone starts a new one."""
     global _latest
@@ -126,7 +127,7 @@ class _Done(nn.Module):
 
 
 @contextlib.contextmanager
-def run_only(decoder: nn.Module, keep: range, final_norm: bool) -> Iterator[None]:
+def run_only(decoder: PreTrainedModel, keep: range, final_norm: bool) -> Iterator[None]:
     """Within the block, ``decoder`` runs only the layers in ``keep`` (the others pass hidden states through).
 
     The decoder's own forward still builds the attention masks and rotary positions, and layer indices stay the
@@ -154,7 +155,7 @@ class FrozenPrefix:
     :class:`PrefixCache` for this prefix (bounded by ``perf.prefix_cache_mb``), else the batch runs in one pass.
     """
 
-    def __init__(self, decoder: nn.Module, split_layer: int, perf: PerfSettings) -> None:
+    def __init__(self, decoder: PreTrainedModel, split_layer: int, perf: PerfSettings) -> None:
         self.decoder, self.split_layer = decoder, split_layer
         self.cached, self.budget_bytes = perf.prefix_cache, perf.prefix_cache_mb << 20
         self.cache = shared_prefix_cache(decoder, split_layer) if split_layer else PrefixCache()
