@@ -33,9 +33,11 @@ test-slow: install
 bench: install
 	$(PY) benchmarks/bench_local_dpo.py
 
+# ruff (style, imports, bugbear) and mypy (types of src/, configured in pyproject.toml; offline).
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks scripts
 	$(VENV)/bin/ruff format --check src tests benchmarks scripts
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -10,13 +10,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "tiny.toml"
 TINY_DATA = ROOT / "data" / "tiny_pairs.jsonl"
+#: For subprocesses: this checkout's package first (a virtualenv's editable install may point at another checkout).
+PYTHONPATH = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
     """Environment for a ``python -m fedpdpo.cli`` subprocess that runs this checkout's code (src/ first, whatever
     fedpdpo the interpreter has installed) offline."""
-    path = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
-    return os.environ | {"PYTHONPATH": path, "HF_HUB_OFFLINE": "1"} | extra
+    return os.environ | {"PYTHONPATH": PYTHONPATH, "HF_HUB_OFFLINE": "1"} | extra
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -10,7 +10,8 @@ import pytest
 
 from fedpdpo.cli import main
 from fedpdpo.errors import FedPDPOError
-from fedpdpo.report.compare import Run, build_comparison, run_comparison
+from fedpdpo.report.compare import Run, build_comparison, load_run
+from fedpdpo.sweep import run_comparison
 from tests.conftest import TINY_CONFIG
 
 FAST = ["rounds=1", "local_steps=2"]
@@ -76,6 +77,37 @@ def test_compare_resumes_an_interrupted_run_from_its_checkpoint(compared: Path):
     assert after["mean_accuracy"] == before["mean_accuracy"]
 
 
+def test_interrupted_compare_resumes(tmp_path: Path):
+    """Killed while running ``centralized`` (whose strategy used to rewrite its saved config, so resuming aborted),
+    the same command again continues that run and ends like an uninterrupted comparison."""
+    import sys
+
+    from tests.test_resume import _kill_when
+
+    algorithms, overrides = ["centralized", "fedrep"], ["rounds=3", "local_steps=2"]
+    cmd = [sys.executable, "-m", "fedpdpo.cli", "compare", "--quiet", "--config", str(TINY_CONFIG)]
+    cmd += ["--algorithms", ",".join(algorithms), *[a for s in overrides for a in ("--set", s)], "--out"]
+    run = tmp_path / "killed" / "centralized" / "seed0"
+    _kill_when(
+        [*cmd, str(tmp_path / "killed")],
+        lambda: (run / "checkpoint.pt").is_file() and (run / "metrics.jsonl").read_text().count("\n") >= 4,
+    )
+    assert not (run / "summary.json").exists()
+    resumed = run_comparison(TINY_CONFIG, algorithms, [0], tmp_path / "killed", overrides, quiet=True)
+    fresh = run_comparison(TINY_CONFIG, algorithms, [0], tmp_path / "fresh", overrides, quiet=True)
+    for algo in algorithms:
+        a, b = (tmp_path / d / algo / "seed0" for d in ("killed", "fresh"))
+        assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
+    for comparison in (resumed, fresh):
+        for algo in algorithms:
+            comparison["algorithms"][algo].pop("runs")
+            for key in ("time_s_mean", "time_s_total"):
+                comparison["algorithms"][algo].pop(key)
+    assert resumed == fresh
+    assert resumed["fairness_differences"] == []  # centralized ran every client's steps on its one client
+    assert load_run(tmp_path / "fresh" / "centralized" / "seed0").step_budget == 3 * 2 * 2
+
+
 def test_compare_never_deletes_an_interrupted_run_of_another_config(compared: Path, tmp_path: Path):
     import shutil
 
@@ -107,7 +139,11 @@ def test_report_rebuilds_from_run_dirs(compared: Path, tmp_path: Path):
 
 
 def _run(algo: str, seed: int, accs: list[float], conflict: int, lr: float = 0.01, steps: int = 4) -> Run:
-    clients = [{"id": i, "accuracy": a, "accuracy_implicit": a, "conflict": i == conflict} for i, a in enumerate(accs)]
+    clients = [
+        {"id": i, "accuracy": a, "accuracy_implicit": a, "conflict": i == conflict, "local_steps": steps}
+        | {"rounds_trained": 1}
+        for i, a in enumerate(accs)
+    ]
     summary = {
         "algorithm": algo,
         "seed": seed,
@@ -123,7 +159,7 @@ def _run(algo: str, seed: int, accs: list[float], conflict: int, lr: float = 0.0
         },
         "time_s": 3.0,
     }
-    config = {"num_clients": 3, "client_fraction": 1.0, "rounds": 1, "local_steps": steps, "lr": lr}
+    config = {"num_clients": 3, "client_fraction": 1.0, "rounds": 1, "local_steps": 4, "lr": lr}
     return Run(Path(f"/x/{algo}/seed{seed}"), summary, config)
 
 
@@ -141,8 +177,15 @@ def test_aggregation_over_seeds_and_fairness_check():
     assert [cl["conflict_in_seeds"] for cl in a["clients"]] == [[0], [1], []]
     assert c["algorithms"]["b"]["std_accuracy"] == pytest.approx(statistics.stdev([0.7, 0.8]))
     assert c["fairness_differences"] == []
+    assert c["algorithms"]["a"]["step_budget"] == 12 and c["algorithms"]["a"]["communication_bytes_total"] == 60
     unfair = build_comparison([*runs, _run("c", 0, [0.5] * 3, 0, lr=0.1, steps=8)])
     assert [p.split(" ")[0] for p in unfair["fairness_differences"]] == ["lr", "step_budget"]
+
+
+def test_report_refuses_runs_that_do_not_say_their_steps(tmp_path: Path):
+    (tmp_path / "summary.json").write_text(json.dumps({"clients": [{"id": 0, "accuracy": 0.5}]}))
+    with pytest.raises(FedPDPOError, match="local steps"):
+        load_run(tmp_path)
 
 
 def test_plot_colours_stay_distinct_for_every_algorithm():

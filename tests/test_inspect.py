@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from fedpdpo.client.task import build_task
 from fedpdpo.config import load_config
 from fedpdpo.data import build_clients, check_file
 from fedpdpo.data.inspect import inspect_data, length_stats
+from fedpdpo.data.task import build_task
 from fedpdpo.model.backbone import tiny_tokenizer
 from tests.conftest import TINY_CONFIG, TINY_DATA
 

@@ -54,6 +54,7 @@ def test_fedpdpo_objective_combines_terms_and_names_metrics_like_trl():
     rm = (-torch.nn.functional.logsigmoid(torch.tensor([2.0, 0.0]))).mean().item()
     assert out.loss.item() == pytest.approx(dpo + 2.0 * rm)
     assert out.metrics["rewards/margins"] == pytest.approx((0.1 * h).mean().item())
+    assert out.margins.tolist() == pytest.approx((0.1 * h).tolist())  # per pair: what evaluation ranks by
     assert out.metrics["rewards/accuracies"] == pytest.approx(1.0)
     assert out.metrics["explicit/accuracies"] == pytest.approx(0.75)
     for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "loss/dpo", "loss/reward"):

@@ -37,9 +37,9 @@ def test_nan_loss_rejects_the_client_for_that_round_only(tiny_cfg, tmp_path, mon
     current = {"client_round": None}
     real_fit, real_objective = inprocess.fit, trainer.fedpdpo_objective
 
-    def fit(model, task, state, shared, initial, cfg, server_round, on_step=None):
+    def fit(model, task, state, shared, initial, cfg, server_round, instructions=None, on_step=None):
         current["client_round"] = (task.client_id, server_round)
-        return real_fit(model, task, state, shared, initial, cfg, server_round, on_step=on_step)
+        return real_fit(model, task, state, shared, initial, cfg, server_round, instructions, on_step=on_step)
 
     def objective(*args, **kwargs):
         result = real_objective(*args, **kwargs)
@@ -75,7 +75,7 @@ def test_nan_loss_rejects_the_client_for_that_round_only(tiny_cfg, tmp_path, mon
 class NaNTransport:
     """A transport whose client 1 returns a NaN tensor without raising (a buggy or hostile remote client)."""
 
-    def fit(self, server_round, client_ids, shared, on_step):
+    def fit(self, server_round, client_ids, shared, instructions, on_step):
         replies = []
         for cid in client_ids:
             tensors = {k: v + 1.0 for k, v in shared.items()}

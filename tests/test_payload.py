@@ -23,8 +23,8 @@ def _capture(monkeypatch) -> tuple[list, list]:
     fits, evals = [], []
     real_fit, real_eval = InProcessTransport.fit, InProcessTransport.evaluate
 
-    def fit(self, server_round, client_ids, shared, on_step):
-        replies = real_fit(self, server_round, client_ids, shared, on_step)
+    def fit(self, server_round, client_ids, shared, instructions, on_step):
+        replies = real_fit(self, server_round, client_ids, shared, instructions, on_step)
         fits.extend(replies)
         return replies
 

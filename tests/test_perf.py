@@ -13,7 +13,7 @@ from fedpdpo.client.state import ClientState
 from fedpdpo.client.trainer import ensure_reference, evaluate, fit
 from fedpdpo.config import PerfSettings, config_from_dict
 from fedpdpo.data.tokenize import collate
-from fedpdpo.engines.setup import build_setup
+from fedpdpo.engines.setup import build_model, build_setup
 from fedpdpo.errors import ConfigError
 from fedpdpo.model.backbone import load_backbone
 from fedpdpo.model.policy import FedPDPOModel
@@ -35,6 +35,13 @@ def _trained(setup):
     return setup.model
 
 
+def _twin(setup, model, perf: PerfSettings):
+    """The same weights as ``model`` in a model built with other perf settings (fixed at construction)."""
+    twin, _ = build_model(dataclasses.replace(setup.cfg, perf=perf))
+    twin.set_tensors(model.get_tensors(list(model.trainable())))
+    return twin
+
+
 @pytest.mark.parametrize("algorithm", ["fedavg", "fedpdpo"])
 def test_forward_paths_agree(tiny_cfg, algorithm):
     tiny_cfg.algorithm = algorithm
@@ -42,8 +49,8 @@ def test_forward_paths_agree(tiny_cfg, algorithm):
     model = _trained(setup)
     assert model.split_layer == 1
     batch = collate(setup.tasks[0].train[:3], setup.tasks[0].pad_id)
-    plain = model(batch, with_reference=True, perf=PLAIN)
-    fast = model(batch, with_reference=True, perf=PerfSettings())
+    plain = _twin(setup, model, PLAIN)(batch, with_reference=True)
+    fast = model(batch, with_reference=True)
     torch.testing.assert_close(fast.logps, plain.logps, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fast.ref_logps, plain.ref_logps, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fast.ref_logps, model.reference_logps(batch), rtol=1e-5, atol=1e-5)
@@ -60,10 +67,10 @@ def test_gradients_agree(tiny_cfg):
     model = _trained(setup)
     batch = collate(setup.tasks[0].train[:4], setup.tasks[0].pad_id)
     grads = []
-    for perf in (PLAIN, PerfSettings()):
-        model.zero_grad(set_to_none=True)
-        model(batch, perf=perf).logps.sum().backward()
-        grads.append({n: p.grad.clone() for n, p in model.trainable().items() if p.grad is not None})
+    for m in (_twin(setup, model, PLAIN), model):
+        m.zero_grad(set_to_none=True)
+        m(batch).logps.sum().backward()
+        grads.append({n: p.grad.clone() for n, p in m.trainable().items() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
@@ -91,24 +98,26 @@ def test_prefix_cache_is_canonical(tiny_cfg):
     and a full cache (budget 0: recompute every time) gives the same bits as a warm one."""
     setup = _setup(tiny_cfg)
     model, task = _trained(setup), setup.tasks[0]
-    perf = PerfSettings()
+    cache = model.prefix.cache
     first = collate(task.train[:4], task.pad_id)
     other = collate([task.train[0], *task.train[4:7]], task.pad_id)  # pair 0 with other partners
-    model.prefix_cache.clear()
-    warm = model(first, perf=perf).logps
-    assert len(model.prefix_cache) == 8 and model.prefix_cache.nbytes > 0
+    cache.clear()
+    warm = model(first).logps
+    assert len(cache) == 8 and cache.nbytes > 0
     prompts = {tuple(p.prompt_ids) for p in task.train[:4]}
-    assert model.prefix_cache.count("prompt") == len(prompts)  # chosen and rejected share their prompt's work
-    fresh = model._cached_prefix(other, budget_bytes=0)[[0, 4]]  # pair 0, chosen and rejected, recomputed
-    cached = model._cached_prefix(first, budget_bytes=0)[[0, 4]]
+    assert cache.count("prompt") == len(prompts)  # chosen and rejected share their prompt's work
+    cold_model = _twin(setup, model, PerfSettings(prefix_cache_mb=0))
+    assert cold_model.prefix.cache is cache  # one cache per frozen prefix and process; the budget is the model's
+    fresh = cold_model.prefix.hidden(other)[[0, 4]]  # pair 0, chosen and rejected, recomputed
+    cached = cold_model.prefix.hidden(first)[[0, 4]]
     width = min(fresh.shape[1], cached.shape[1])
     assert torch.equal(fresh[:, :width], cached[:, :width])
-    model.prefix_cache.clear()
-    cold = model(first, perf=dataclasses.replace(perf, prefix_cache_mb=0)).logps
-    assert len(model.prefix_cache) == 0  # nothing stored over budget
+    cache.clear()
+    cold = cold_model(first).logps
+    assert len(cache) == 0  # nothing stored over budget
     assert torch.equal(cold, warm)
     # and the cached path agrees with the batched prefix up to rounding
-    batched = model(first, perf=dataclasses.replace(perf, prefix_cache=False)).logps
+    batched = _twin(setup, model, PerfSettings(prefix_cache=False))(first).logps
     torch.testing.assert_close(warm, batched, rtol=1e-5, atol=1e-5)
 
 
@@ -116,17 +125,18 @@ def test_fit_identical_with_warm_or_cold_prefix_cache(tiny_cfg):
     """A restarted process (empty cache) trains the same bits as one that kept its cache from earlier rounds."""
     setup = _setup(tiny_cfg)
     model, task = setup.model, setup.tasks[0]
+    cache = model.prefix.cache
     runs = []
     for warm in (False, True):
-        model.prefix_cache.clear()
+        cache.clear()
         if warm:
             evaluate(model, task, ClientState(), setup.initial_global(), setup.initial, setup.cfg)
             ensure_reference(model, task, ClientState(), setup.cfg)
-            assert len(model.prefix_cache) == 2 * (len(task.train) + len(task.test))
-        hits = model.prefix_cache.hits
+            assert len(cache) == 2 * (len(task.train) + len(task.test))
+        hits = cache.hits
         result = fit(model, task, ClientState(), setup.initial_global(), setup.initial, setup.cfg, server_round=1)
         runs.append(result)
-        assert (model.prefix_cache.hits > hits) == warm
+        assert (cache.hits > hits) == warm
     for name, value in runs[0].shared.items():
         assert torch.equal(runs[1].shared[name], value), name
 
@@ -158,12 +168,12 @@ def test_benchmark_accuracy_matches_evaluate(tiny_cfg):
 def test_prefix_cache_shared_by_models_on_the_same_backbone(tiny_cfg):
     """The runs of a comparison share one cache; a model whose frozen prefix differs gets its own."""
     first, second = _setup(tiny_cfg).model, _setup(tiny_cfg).model
-    assert first.prefix_cache is second.prefix_cache
+    assert first.prefix.cache is second.prefix.cache
     backbone, _ = load_backbone("tiny")
     with torch.no_grad():
         backbone.model.layers[0].mlp.down_proj.weight.add_(1.0)  # a different frozen prefix
     third = FedPDPOModel(backbone, tiny_cfg.lora, tiny_cfg.method)
-    assert third.prefix_cache is not first.prefix_cache
+    assert third.prefix.cache is not first.prefix.cache
 
 
 def test_reward_layer_reads_the_frozen_layer_on_every_path(tiny_cfg):
@@ -178,9 +188,11 @@ def test_reward_layer_reads_the_frozen_layer_on_every_path(tiny_cfg):
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True
         ).hidden_states[1]
         expected = model.local["reward_head"](states, batch.response_mask)
+    model.prefix.cache.clear()
     for perf in (PLAIN, PerfSettings(), PerfSettings(prefix_cache=False)):
-        torch.testing.assert_close(model(batch, perf=perf).rewards, expected, rtol=1e-5, atol=1e-5)
-    assert model.prefix_cache.count("layer1") == 6  # chosen and rejected of 3 pairs, computed once each
+        torch.testing.assert_close(_twin(setup, model, perf)(batch).rewards, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(batch).rewards, expected, rtol=1e-5, atol=1e-5)
+    assert model.prefix.cache.count("layer1") == 6  # chosen and rejected of 3 pairs, computed once each
     with torch.no_grad():
         for name, p in model.trainable().items():
             if "adapter" in name or "lora_B" in name:

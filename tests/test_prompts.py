@@ -7,11 +7,11 @@ import copy
 
 import pytest
 
-from fedpdpo.client.task import build_task, split_validation
 from fedpdpo.config import load_config
 from fedpdpo.data import ClientData, PreferenceRecord
 from fedpdpo.data.lengths import MAX_AUTO_LENGTH, resolve_lengths
 from fedpdpo.data.prompts import PromptEncoder
+from fedpdpo.data.task import build_task, split_validation
 from fedpdpo.data.tokenize import PairTokenizer
 from fedpdpo.errors import ConfigError
 from fedpdpo.model.backbone import tiny_tokenizer

@@ -119,7 +119,7 @@ def test_checkpoint_round_trip_restores_strategy_state_and_rng(tmp_path):
         ServerCheckpoint(
             server_round=1,
             global_shared=current,
-            strategy_state=dict(vars(strategy)),
+            strategy_state=strategy.state_dict(),
             client_info={0: {"id": 0, "domains": ["a"], "conflict": True}},
             metrics_lines=4,
             elapsed_s=1.5,
@@ -131,7 +131,7 @@ def test_checkpoint_round_trip_restores_strategy_state_and_rng(tmp_path):
     assert ckpt.server_round == 1 and ckpt.metrics_lines == 4 and ckpt.client_info[0]["domains"] == ["a"]
     assert ckpt.rejected == [{"round": 1, "client": 1, "reason": "nan"}]
     resumed = get_strategy("fedadam")
-    vars(resumed).update(ckpt.strategy_state)
+    resumed.load_state_dict(ckpt.strategy_state)
     a = strategy.aggregate(2, current, [update])
     b = resumed.aggregate(2, current, [update])
     assert torch.equal(a["x.lora_A.weight"], b["x.lora_A.weight"])
@@ -151,22 +151,33 @@ def tiny_trainable() -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
-def test_every_strategy_state_survives_a_checkpoint(name, tiny_trainable, tmp_path):
-    """The checkpoint stores a strategy's attributes; they must load back with ``weights_only=True``."""
-    strategy = get_strategy(name)
+@pytest.mark.parametrize("private", [False, True])
+def test_every_strategy_state_survives_a_checkpoint(name, private, tiny_trainable, tmp_path):
+    """A strategy's ``state_dict()`` loads back with ``weights_only=True`` and a strategy restored from it
+    aggregates the next round exactly like the one that kept running (with and without the DP wrapper)."""
+    from fedpdpo.engines.flower.privacy import DifferentialPrivacy
+
+    def make():
+        strategy = get_strategy(name)
+        strategy.shared_names(list(tiny_trainable))  # lg-fedavg fixes its split here, as every engine does
+        return DifferentialPrivacy(strategy, 0.01, seed=3) if private else strategy
+
+    strategy = make()
     shared = {n: tiny_trainable[n] for n in strategy.shared_names(list(tiny_trainable))}
+    updates = [ClientUpdate(0, 3, {k: v + 0.1 for k, v in shared.items()})]
     if shared:
-        strategy.aggregate(1, shared, [ClientUpdate(0, 3, {k: v + 0.1 for k, v in shared.items()})])
-    state = dict(vars(strategy))
-    ckpt = ServerCheckpoint(1, shared, state, {}, 0, 0.0, [], capture_rng())
-    save_checkpoint(tmp_path, ckpt)
-    loaded = load_checkpoint(tmp_path).strategy_state
-    assert sorted(loaded) == sorted(state)
-    for key, value in state.items():
-        if isinstance(value, dict):
-            assert all(torch.equal(value[k], loaded[key][k]) for k in value)
-        else:
-            assert loaded[key] == value
+        strategy.aggregate(1, shared, updates)
+    save_checkpoint(tmp_path, ServerCheckpoint(1, shared, strategy.state_dict(), {}, 0, 0.0, [], capture_rng()))
+    resumed = make()
+    resumed.load_state_dict(load_checkpoint(tmp_path).strategy_state)
+    if shared:
+        expected, got = strategy.aggregate(2, shared, updates), resumed.aggregate(2, shared, updates)
+        assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_stateless_strategy_refuses_foreign_state():
+    with pytest.raises(FedPDPOError, match="keeps none"):
+        get_strategy("fedavg").load_state_dict({"m": {}})
 
 
 def test_rewind_metrics_drops_rows_after_the_checkpoint(tmp_path):
@@ -252,6 +263,23 @@ def test_killed_at_several_points_and_resumed_matches_uninterrupted(uninterrupte
     # resuming a finished run changes nothing
     _resume(out)
     _assert_same_run(_baseline(uninterrupted), out)
+
+
+def test_killed_centralized_run_resumes(tmp_path):
+    """``centralized`` used to rewrite ``local_steps`` in its saved config, so applying it again on resume changed
+    the run and ``--resume`` refused it; now the config is the user's and the step count an instruction."""
+    central = [*FRESH, "--set", 'algorithm="centralized"']
+    baseline = tmp_path / "uninterrupted"
+    subprocess.run([*central, "--out", str(baseline)], env=_env(), check=True, timeout=300, capture_output=True)
+    out = tmp_path / "run"
+    _kill_when([*central, "--out", str(out)], lambda: 2 in ClientStore(out / "clients").versions(0))
+    assert load_checkpoint(out).server_round < ROUNDS
+    _resume(out)
+    _assert_same_run(baseline, out)
+    saved = (out / "config.toml").read_text()
+    assert "local_steps = 4\n" in saved and "client_fraction = 1.0\n" in saved  # as the user asked
+    steps = [c["local_steps"] for c in json.loads((out / "summary.json").read_text())["clients"]]
+    assert steps == [ROUNDS * 4 * 2, 0]  # the pooled client ran every client's share; the other none
 
 
 @pytest.mark.slow

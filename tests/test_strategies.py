@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fedpdpo.client.state import ClientState
 from fedpdpo.client.trainer import fit
@@ -58,6 +63,32 @@ def test_configure_switches_modules_without_touching_input(name, tiny_cfg):
     cfg.validate()
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    name=st.sampled_from(sorted(STRATEGIES)),
+    modules=st.tuples(st.booleans(), st.booleans(), st.booleans()),
+    eval_score=st.sampled_from(["implicit", "explicit", "combined"]),
+    steps=st.integers(1, 12),
+    clients=st.integers(1, 6),
+    mu=st.sampled_from([0.0, 0.3]),
+)
+def test_configure_is_idempotent_and_only_switches_modules(tiny_cfg, name, modules, eval_score, steps, clients, mu):
+    """``configure(configure(c)) == configure(c)`` for every strategy, and it changes nothing but the module switches
+    (a resumed run, an export and a remote node all rebuild the same model from the saved config)."""
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.algorithm, cfg.local_steps, cfg.num_clients, cfg.method.proximal_mu = name, steps, clients, mu
+    cfg.method.personal_head, cfg.method.reward_head, cfg.method.adapter = modules
+    cfg.method.eval_score = eval_score
+    strategy = get_strategy(name)
+    once = strategy.configure(cfg)
+    assert strategy.configure(once) == once
+    switches = ("personal_head", "reward_head", "adapter", "eval_score")
+    untouched = dataclasses.replace(
+        once, method=dataclasses.replace(once.method, **{k: getattr(cfg.method, k) for k in switches})
+    )
+    assert untouched == cfg
+
+
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_local_modules_never_travel(name):
     strategy = get_strategy(name)
@@ -82,27 +113,37 @@ def test_lg_fedavg_needs_the_model_names_first():
         get_strategy("lg-fedavg").is_shared(LORA[0])
 
 
-def test_fedprox_sets_mu_only_when_unset(tiny_cfg):
-    assert get_strategy("fedprox").configure(tiny_cfg).method.proximal_mu == pytest.approx(0.01)
-    tiny_cfg.method.proximal_mu = 0.5
-    assert get_strategy("fedprox").configure(tiny_cfg).method.proximal_mu == 0.5
-    assert get_strategy("fedavg").configure(tiny_cfg).method.proximal_mu == 0.5  # the user's own setting is kept
+def test_strategy_parameters_become_round_instructions(tiny_cfg):
+    """Parameters are the strategy's own (from the config when set there) and reach clients as instructions; the
+    config itself is never rewritten."""
+    assert get_strategy("fedprox", tiny_cfg).fit_instructions(1) == {"proximal-mu": pytest.approx(0.01)}
+    assert get_strategy("ditto", tiny_cfg).fit_instructions(1) == {"ditto-lambda": pytest.approx(0.1)}
+    assert get_strategy("fedprox").proximal_mu == pytest.approx(0.01)  # constructor defaults without a config
+    tiny_cfg.method.proximal_mu, tiny_cfg.method.ditto_lambda = 0.5, 0.25
+    assert get_strategy("fedprox", tiny_cfg).fit_instructions(2) == {"proximal-mu": 0.5}
+    assert get_strategy("ditto", tiny_cfg).fit_instructions(2) == {"ditto-lambda": 0.25}
+    assert get_strategy("fedavg", tiny_cfg).fit_instructions(1) == {}  # another strategy's parameter: not used
+    before = copy.deepcopy(tiny_cfg)
+    for name in STRATEGIES:
+        strategy = get_strategy(name, tiny_cfg)
+        strategy.configure(tiny_cfg)
+        strategy.fit_instructions(1)
+    assert tiny_cfg == before
 
 
 def test_fedrep_phase_split(tiny_cfg):
     tiny_cfg.local_steps = 6
-    assert get_strategy("fedrep").configure(tiny_cfg).method.head_steps == 3
+    assert get_strategy("fedrep", tiny_cfg).fit_instructions(1) == {"head-steps": 3}
     tiny_cfg.method.head_steps = 6
     with pytest.raises(ConfigError, match="head_steps"):
-        get_strategy("fedrep").configure(tiny_cfg)
+        get_strategy("fedrep", tiny_cfg)
 
 
 def test_centralized_pools_data_and_keeps_the_step_budget(tiny_cfg):
-    strategy = get_strategy("centralized")
-    cfg = strategy.configure(tiny_cfg)
-    assert cfg.local_steps == tiny_cfg.local_steps * tiny_cfg.num_clients
-    assert round(cfg.client_fraction * cfg.num_clients) == 1
-    assert strategy.sample_clients(3, cfg.num_clients, cfg.client_fraction, cfg.seed) == [0]
+    strategy = get_strategy("centralized", tiny_cfg)
+    assert strategy.configure(tiny_cfg).local_steps == tiny_cfg.local_steps  # the config keeps the user's steps
+    assert strategy.fit_instructions(1) == {"local-steps": tiny_cfg.local_steps * tiny_cfg.num_clients}
+    assert strategy.sample_clients(3, 3, 1.0, tiny_cfg.seed) == [0]
     clients = [ClientData(i, train=[f"r{i}{j}" for j in range(i + 2)], test=[f"t{i}"]) for i in range(3)]
     pooled = strategy.prepare_clients(clients)
     assert pooled[0].train == ["r00", "r01", "r10", "r11", "r12", "r20", "r21", "r22", "r23"]
@@ -122,9 +163,12 @@ def test_server_optimizer_matches_flower(name, monkeypatch):
     from flwr.serverapp import strategy as flwr_strategy
     from flwr.supercore.task_identity import TaskIdentity
 
+    from fedpdpo.strategies.fedopt import FedAdam
+
     for attr in ("_run_id", "_node_id", "_task_id"):  # a Message outside a Flower run needs an identity
         monkeypatch.setattr(TaskIdentity, attr, 1)
     ours = get_strategy(name)
+    assert isinstance(ours, FedAdam)
     theirs = {"fedadam": flwr_strategy.FedAdam, "fedyogi": flwr_strategy.FedYogi}[name](
         eta=ours.eta, beta_1=ours.beta1, beta_2=ours.beta2, tau=ours.tau
     )
@@ -161,11 +205,11 @@ def test_fedrep_head_phase_leaves_shared_tensors_alone(tiny_cfg):
     setup = build_setup(tiny_cfg)
     shared = setup.initial_global()
     cfg = setup.cfg
-    cfg.method.head_steps = cfg.local_steps
-    result = fit(setup.model, setup.tasks[0], ClientState(), shared, setup.initial, cfg, 1)
+    head_only = {"head-steps": cfg.local_steps}
+    result = fit(setup.model, setup.tasks[0], ClientState(), shared, setup.initial, cfg, 1, instructions=head_only)
     assert all(torch.equal(result.shared[n], shared[n]) for n in shared)
     assert not torch.equal(result.state.local["local.head.weight"], setup.initial["local.head.weight"])
-    cfg.method.head_steps = 0
+    assert result.metrics["steps"] == cfg.local_steps
     result = fit(setup.model, setup.tasks[0], ClientState(), shared, setup.initial, cfg, 1)
     assert any(not torch.equal(result.shared[n], shared[n]) for n in shared if ".lora_B." in n)
 
@@ -187,8 +231,8 @@ def test_ditto_sends_fedavg_update_and_evaluates_its_personal_copy(tiny_cfg, tmp
     from safetensors.torch import load_file
 
     from fedpdpo.client.state import ClientStore
-    from fedpdpo.client.trainer import PERSONAL, personal_copies
     from fedpdpo.engines.inprocess import run_inprocess
+    from fedpdpo.model.naming import PERSONAL, personal_copies
     from fedpdpo.report.compare import load_run
 
     monkeypatch.setattr(ClientStore, "finalize", lambda self, client_ids: 0)  # keep the optimizers a finished run drops
@@ -205,4 +249,6 @@ def test_ditto_sends_fedavg_update_and_evaluates_its_personal_copy(tiny_cfg, tmp
     assert all(n.startswith(PERSONAL) for n in state.local)  # no local modules: only the personal copies
     margins = {n: [c["reward_margin"] for c in s["clients"]] for n, s in summaries.items()}
     assert margins["ditto"] != margins["fedavg"]  # evaluated with the personal LoRA, not the global one
+    # the clients report the steps they ran: Ditto's personal pass doubles them, and the report reads that
     assert load_run(tmp_path / "ditto").step_budget == 2 * load_run(tmp_path / "fedavg").step_budget
+    assert [c["local_steps"] for c in summaries["fedavg"]["clients"]] == [tiny_cfg.rounds * tiny_cfg.local_steps] * 2

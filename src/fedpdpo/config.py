@@ -63,13 +63,14 @@ class MethodConfig:
     local_lr_scale: float = 0.1
     # Learning rate multiplier for the explicit reward head (a linear probe: it needs a larger step).
     reward_lr_scale: float = 10.0
-    # FedProx proximal term weight on the shared parameters (0 = off). Set by strategies that use it.
+    # Parameters of the strategies that use them (others ignore them); the strategy sends them to its clients
+    # with each round's instructions. FedProx: proximal term weight mu on the shared parameters (0 = its default).
     proximal_mu: float = 0.0
     # FedRep: the first head_steps local steps of a round train only the local modules, the rest only the shared
-    # tensors (0 = train everything together). Set by the fedrep strategy.
+    # tensors (0 = its default, half of local_steps).
     head_steps: int = 0
     # Ditto: weight lambda of the pull of each client's personal copy of the shared tensors towards the global ones
-    # (0 = no personal copy). Set by the ditto strategy.
+    # (0 = its default).
     ditto_lambda: float = 0.0
 
 
@@ -361,7 +362,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
             known = ", ".join(sorted(names))
             raise ConfigError(f"unknown config key '{dotted}' (known keys here: {known})")
         tp = hints[key]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{dotted}' must be a table [{dotted}]")
             kwargs[key] = _build(tp, value, prefix=f"{dotted}.")

@@ -39,13 +39,13 @@ from fedpdpo.engines.checkpoint import CLIENTS_DIR
 from fedpdpo.engines.server import GLOBAL_FILE
 from fedpdpo.engines.setup import RunSetup, build_setup
 from fedpdpo.errors import FedPDPOError
-from fedpdpo.generate import SamplingConfig, sample_responses
+from fedpdpo.generate import SamplingConfig, Variant, sample_responses
 from fedpdpo.judge import Judge, load_judge
 
 log = logging.getLogger(__name__)
 
 EVALUATION_FILE = "evaluation.json"
-MODELS = ("personalized", "global", "base")
+MODELS: tuple[Variant, ...] = ("personalized", "global", "base")
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Take a client's personalized model out of a run: a standard PEFT adapter plus the client's local modules.
 
-A finished run directory holds the resolved ``config.toml``, the final global shared tensors
+A finished run directory holds its ``config.toml``, the final global shared tensors
 (``global.safetensors``, the LoRA) and each client's private tensors (``clients/client_<id>/``, read with
 :class:`~fedpdpo.client.state.ClientStore`).
 :func:`export_client` turns one client's view of that into a directory that the Hugging Face ecosystem understands::
@@ -32,14 +32,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedpdpo.client.state import ClientStore, read_checked
-from fedpdpo.client.trainer import PERSONAL, personal_copies
 from fedpdpo.config import LoraSettings, MethodConfig, RunConfig, load_config
 from fedpdpo.engines.server import GLOBAL_FILE
 from fedpdpo.errors import FedPDPOError
 from fedpdpo.jsonio import dumps
 from fedpdpo.model.backbone import load_backbone
+from fedpdpo.model.naming import is_lora, personal_copies, without_personal_copies
 from fedpdpo.model.policy import FedPDPOModel
 from fedpdpo.rundir import check_out_path, replace_dir
+from fedpdpo.strategies import get_strategy
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,11 @@ class ClientModel:
 
 
 def _run_config(run_dir: Path) -> RunConfig:
+    """The config the run's model was built from: its ``config.toml`` with its strategy's module switches."""
     if not (run_dir / "config.toml").is_file():
         raise FedPDPOError(f"--run {run_dir}: no config.toml here; point --run at the --out directory of a run")
-    return load_config(run_dir / "config.toml")
+    cfg = load_config(run_dir / "config.toml")
+    return get_strategy(cfg.algorithm).configure(cfg)
 
 
 def load_from_run(run_dir: str | Path, client_id: int) -> ClientModel:
@@ -95,7 +98,7 @@ def load_from_run(run_dir: str | Path, client_id: int) -> ClientModel:
             "it chose from its data; the run did not evaluate this client yet"
         )
     if local:
-        model.set_tensors({n: v for n, v in local.items() if not n.startswith(PERSONAL)})
+        model.set_tensors(without_personal_copies(local))
         model.set_tensors(personal_copies(local))  # Ditto: the client's model is its personal LoRA
     elif len(model.local):
         log.warning("client %d never trained in %s; its local modules are at their initial values", client_id, run_dir)
@@ -230,7 +233,7 @@ def load_personalized(adir: str | Path) -> ClientModel:
     model = FedPDPOModel(backbone, LoraSettings(**info["lora"]), MethodConfig(**info["method"]))
     adapter = read_checked(adir / "adapter_model.safetensors", load_file, DAMAGED)
     result = set_peft_model_state_dict(model.peft, adapter)
-    missing = [k for k in result.missing_keys if ".lora_" in k]
+    missing = [k for k in result.missing_keys if is_lora(k)]
     if missing or result.unexpected_keys:
         raise FedPDPOError(
             f"{adir}: adapter does not fit the model (missing {missing[:3]}, unexpected "
@@ -277,7 +280,7 @@ def save_merged(adir: Path, cm: ClientModel, base_spec: str, target: Path) -> st
     else:
         if "head" in local:
             merged.config.tie_word_embeddings = False
-            head = local["head"].weight.detach().cpu().clone()
+            head = local["head"].get_parameter("weight").detach().cpu().clone()
             merged.get_output_embeddings().weight = torch.nn.Parameter(head, requires_grad=False)
         kind = "personalized"
     merged.save_pretrained(target)

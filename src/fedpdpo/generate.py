@@ -17,6 +17,7 @@ from typing import Literal
 
 import torch
 
+from fedpdpo.data.formats import Text
 from fedpdpo.data.tokenize import PairBatch, PairTokenizer, TokenizedPair, collate
 from fedpdpo.export import ClientModel
 from fedpdpo.model.policy import FedPDPOModel
@@ -96,7 +97,7 @@ def sample_responses(
 
 
 def generate_ids(
-    cm: ClientModel, prompt: str, variant: Variant = "personalized", sampling: SamplingConfig | None = None
+    cm: ClientModel, prompt: Text, variant: Variant = "personalized", sampling: SamplingConfig | None = None
 ) -> list[int]:
     """Token ids of a response to ``prompt`` sampled from the client's ``variant`` policy (end token excluded)."""
     sampling = sampling or SamplingConfig()
@@ -124,7 +125,7 @@ class ResponseScore:
 
 
 @torch.no_grad()
-def score(cm: ClientModel, prompt: str, responses: list[str]) -> list[ResponseScore]:
+def score(cm: ClientModel, prompt: Text, responses: list[str]) -> list[ResponseScore]:
     """Implicit and explicit rewards of each response to ``prompt`` under the client's model."""
     pair_tok = PairTokenizer(cm.tokenizer, cm.max_length, cm.max_prompt_length)
     prompt_ids = tuple(pair_tok.prompt_ids(prompt))

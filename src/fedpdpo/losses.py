@@ -23,6 +23,7 @@ from torch.nn import functional as F
 class LossOutput:
     loss: torch.Tensor  # scalar, what is back-propagated
     metrics: dict[str, float]
+    margins: torch.Tensor  # [B] implicit reward margins beta * h per pair (detached): what evaluation ranks by
 
 
 def dpo_loss(
@@ -90,4 +91,4 @@ def fedpdpo_objective(
         metrics["explicit/margins"] = explicit_margin.mean().item()
         metrics["explicit/accuracies"] = pairwise_accuracy(explicit_margin).item()
     metrics["loss"] = loss.item()
-    return LossOutput(loss, metrics)
+    return LossOutput(loss, metrics, margins)

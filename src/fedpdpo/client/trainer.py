@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from fedpdpo.client.state import ClientState
-from fedpdpo.client.task import ClientTask
 from fedpdpo.config import RunConfig
+from fedpdpo.data.task import ClientTask
 from fedpdpo.data.tokenize import PairBatch, TokenizedPair, collate, length_bucketed_batches
-from fedpdpo.losses import dpo_loss, fedpdpo_objective, pairwise_accuracy
+from fedpdpo.instructions import FitPlan
+from fedpdpo.losses import LossOutput, fedpdpo_objective, pairwise_accuracy
+from fedpdpo.model.naming import PERSONAL, optimizer_groups, personal_copies
 from fedpdpo.model.policy import FedPDPOModel
 from fedpdpo.transfer import to_wire
 
@@ -88,7 +90,7 @@ def _fill_reference(
     device = device_of(cfg)
     with autocast(cfg):
         for batch in _batches(pairs, cfg.eval_batch_size, pad_id, device):
-            ref = model.reference_logps(batch, cfg.perf).float().cpu()
+            ref = model.reference_logps(batch).float().cpu()
             b = batch.num_pairs
             table[batch.index.cpu(), 0] = ref[:b]
             table[batch.index.cpu(), 1] = ref[b:]
@@ -135,14 +137,19 @@ def _ref_for(batch: PairBatch, table: torch.Tensor, device: torch.device) -> tor
     return torch.cat([rows[:, 0], rows[:, 1]]).to(device)
 
 
-# Ditto keeps a personal copy of every shared tensor in the client state under this prefix; the client's own
-# model (evaluation, export) uses the copies, while the federated training starts from the global tensors.
-PERSONAL = "personal/"
-
-
-def personal_copies(local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The personal copies of shared tensors in a client's local state, by the shared tensor's name."""
-    return {n[len(PERSONAL) :]: v for n, v in local.items() if n.startswith(PERSONAL)}
+def objective(logps: torch.Tensor, ref: torch.Tensor, rewards: torch.Tensor | None, cfg: RunConfig) -> LossOutput:
+    """The run's objective on pairs laid out [chosen..., rejected...]: what training minimises and what evaluation
+    reports, through the same function (as TRL computes train and eval losses), so both honour ``loss_type`` and
+    ``label_smoothing`` and carry the same metric names."""
+    return fedpdpo_objective(
+        logps.float(),
+        ref,
+        None if rewards is None else rewards.float(),
+        cfg.beta,
+        cfg.method.reward_weight,
+        cfg.method.loss_type,
+        cfg.method.label_smoothing,
+    )
 
 
 def load_client(
@@ -153,7 +160,8 @@ def load_client(
     personal: bool = False,
 ) -> None:
     """Put the global shared tensors and this client's local tensors (or the initial ones) into ``model``; with
-    ``personal``, the client's personal copies of shared tensors (Ditto) replace the global ones."""
+    ``personal``, the client's personal copies of shared tensors (Ditto: kept in the client state, used by the
+    client's own model for evaluation and export) replace the global ones."""
     local_names = [n for n in model.trainable() if n not in shared]
     model.set_tensors({n: state.local.get(n, initial[n]) for n in local_names})
     model.set_tensors(shared)
@@ -161,28 +169,15 @@ def load_client(
         model.set_tensors(personal_copies(state.local))
 
 
-def _optimizer(params: dict[str, torch.nn.Parameter], cfg: RunConfig) -> torch.optim.Optimizer:
-    """AdamW with LoRA at ``lr`` (shared or kept local: local, fedsa-lora, lg-fedavg) and the local modules
-    ("local.*") at their own scale: the 28M-parameter personalized head needs a smaller step than LoRA, the reward
-    head (a linear probe) a larger one."""
-    module_params = [p for n, p in params.items() if n.startswith("local.") and not n.startswith("local.reward_head")]
-    reward_params = [p for n, p in params.items() if n.startswith("local.reward_head")]
-    groups = [{"params": [p for n, p in params.items() if not n.startswith("local.")], "lr": cfg.lr}]
-    if module_params:
-        groups.append({"params": module_params, "lr": cfg.lr * cfg.method.local_lr_scale})
-    if reward_params:
-        groups.append({"params": reward_params, "lr": cfg.lr * cfg.method.reward_lr_scale})
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
 @dataclass
 class _Steps:
-    """One run of local steps: what to optimise, the pull towards an anchor, and the batch order's seed."""
+    """One run of local steps: what to optimise, how long, the pull towards an anchor, the batch order's seed."""
 
     optimizer: torch.optim.Optimizer
     params: dict[str, torch.nn.Parameter]
     shared_names: set[str]
     seed: int
+    steps: int
     anchor: dict[str, torch.Tensor] | None = None  # proximal term mu/2 * ||w - anchor||^2 on these tensors
     mu: float = 0.0
     head_steps: int = 0  # FedRep: the first head_steps train only the local tensors, the rest only the shared
@@ -196,7 +191,7 @@ def _run_steps(
     run: _Steps,
     on_step: Callable[[int, dict[str, float]], None] | None,
 ) -> dict[str, float]:
-    """``cfg.local_steps`` DPO steps on the client's training pairs; returns the mean of each step metric."""
+    """``run.steps`` DPO steps on the client's training pairs; returns the mean of each step metric."""
     device = device_of(cfg)
     torch.manual_seed(run.seed)
     gen = torch.Generator().manual_seed(run.seed)
@@ -208,7 +203,7 @@ def _run_steps(
     order: list[int] = []
     sums: dict[str, float] = {}
     ref_table = reference_table(state, "train", n)
-    for step in range(cfg.local_steps):
+    for step in range(run.steps):
         while len(order) < cfg.batch_size:
             order.extend(torch.randperm(n, generator=gen).tolist())
         idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
@@ -216,18 +211,10 @@ def _run_steps(
         batch = collate([task.train[i] for i in dict.fromkeys(idx)], task.pad_id).to(device)
         with autocast(cfg):
             need_ref = cfg.perf.fused_reference and bool(torch.isnan(ref_table[batch.index.cpu()]).any())
-            out = model(batch, with_reference=need_ref, perf=cfg.perf)
+            out = model(batch, with_reference=need_ref)
             if need_ref:
                 _store_reference(batch, out.ref_logps, ref_table)
-            result = fedpdpo_objective(
-                out.logps.float(),
-                _ref_for(batch, ref_table, device),
-                None if out.rewards is None else out.rewards.float(),
-                cfg.beta,
-                cfg.method.reward_weight,
-                cfg.method.loss_type,
-                cfg.method.label_smoothing,
-            )
+            result = objective(out.logps, _ref_for(batch, ref_table, device), out.rewards, cfg)
         loss = result.loss
         if anchor is not None:
             loss = loss + 0.5 * run.mu * sum(((p - a) ** 2).sum() for p, a in anchor)
@@ -246,7 +233,7 @@ def _run_steps(
         if on_step is not None:
             on_step(step, result.metrics)
     model.eval()
-    return {k: v / cfg.local_steps for k, v in sums.items()}
+    return {k: v / run.steps for k, v in sums.items()}
 
 
 def fit(
@@ -257,13 +244,17 @@ def fit(
     initial: dict[str, torch.Tensor],
     cfg: RunConfig,
     server_round: int,
+    instructions: Mapping[str, int | float] | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> FitResult:
-    """Train the client for ``cfg.local_steps`` steps starting from the global ``shared`` tensors.
+    """Train the client starting from the global ``shared`` tensors, as the strategy's ``instructions`` for the
+    round say (:mod:`fedpdpo.instructions`; none: ``cfg.local_steps`` plain DPO steps).
 
-    With ``method.ditto_lambda > 0`` (Ditto) the client then trains its personal copy of the shared tensors for
-    another ``local_steps`` steps, pulled towards this round's global tensors; only the first result is sent.
+    With ``ditto-lambda`` (Ditto) the client then trains its personal copy of the shared tensors for another
+    ``personal-steps`` steps, pulled towards this round's global tensors; only the first result is sent. The
+    metrics include ``steps``, the gradient steps the client ran in the round (both passes).
     """
+    plan = FitPlan.parse(instructions, cfg.local_steps)
     device = device_of(cfg)
     model.to(device)
     load_client(model, shared, state, initial)
@@ -271,19 +262,20 @@ def fit(
     ensure_reference(model, task, state, cfg, ("test",) if cfg.perf.fused_reference else ("train", "test"))
 
     params = model.trainable()
-    optimizer = _optimizer(params, cfg)
+    optimizer = torch.optim.AdamW(optimizer_groups(params, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if state.optimizer is not None:
         optimizer.load_state_dict(state.optimizer)
     seed = derive_seed(cfg.seed, server_round, task.client_id)
-    anchor = {n: params[n].detach().clone() for n in shared} if cfg.method.proximal_mu > 0 else None
-    run = _Steps(optimizer, params, set(shared), seed, anchor, cfg.method.proximal_mu, cfg.method.head_steps)
+    anchor = {n: params[n].detach().clone() for n in shared} if plan.proximal_mu > 0 else None
+    run = _Steps(optimizer, params, set(shared), seed, plan.local_steps, anchor, plan.proximal_mu, plan.head_steps)
     metrics = _run_steps(model, task, state, cfg, run, on_step)
     update = to_wire(model.get_tensors(list(shared)), cfg.transfer_dtype)
     personal = personal_copies(state.local)  # Ditto's copies, kept aside: state.local is rebuilt below
     state.local = model.get_tensors([n for n in params if n not in shared])
     state.optimizer = optimizer.state_dict()
-    if cfg.method.ditto_lambda > 0:
-        metrics.update(_fit_personal(model, task, state, shared, personal, cfg, server_round))
+    if plan.ditto_lambda > 0:
+        metrics.update(_fit_personal(model, task, state, shared, personal, cfg, server_round, plan))
+    metrics["steps"] = float(plan.total_steps)
     state.rounds_trained += 1
     return FitResult(update, len(task.train), metrics, state)
 
@@ -296,6 +288,7 @@ def _fit_personal(
     personal: dict[str, torch.Tensor],
     cfg: RunConfig,
     server_round: int,
+    plan: FitPlan,
 ) -> dict[str, float]:
     """Ditto's personal solver: ``min_v L_DPO(v) + lambda/2 * ||v - w_global||^2`` over the personal copy ``v`` of
     the shared tensors (initialised from the global ones), with the client's local tensors as just trained.
@@ -309,7 +302,7 @@ def _fit_personal(
     if state.personal_optimizer is not None:
         optimizer.load_state_dict(state.personal_optimizer)
     seed = derive_seed(cfg.seed, server_round, task.client_id, 1)
-    run = _Steps(optimizer, params, set(shared), seed, dict(shared), cfg.method.ditto_lambda)
+    run = _Steps(optimizer, params, set(shared), seed, plan.personal_steps, dict(shared), plan.ditto_lambda)
     metrics = _run_steps(model, task, state, cfg, run, None)
     state.local.update({PERSONAL + n: v for n, v in model.get_tensors(list(params)).items()})
     state.personal_optimizer = optimizer.state_dict()
@@ -325,7 +318,9 @@ def evaluate(
     initial: dict[str, torch.Tensor],
     cfg: RunConfig,
 ) -> dict[str, float]:
-    """Held-out preference accuracy of the client's personalized model, by implicit, explicit and combined score.
+    """Held-out metrics of the client's personalized model: the training objective's metrics under the same names
+    (:func:`objective` over all test pairs: ``loss``, ``loss/dpo``, ``rewards/margins``, ...) and the preference
+    accuracy by implicit, explicit and combined score.
 
     * implicit: ``beta * h`` (DPO's reward margin); explicit: ``r(x, y_w) - r(x, y_l)``;
       combined: ``beta * h + alpha * (r(x, y_w) - r(x, y_l))``; ``logp``: length-normalised policy log-prob margin.
@@ -337,35 +332,35 @@ def evaluate(
     ensure_reference(model, task, state, cfg, ("test",))
     model.eval()
     ref_table = state.reference["test"]
-    implicit, explicit, logp_margin, losses = [], [], [], []
-    chosen_rewards, rejected_rewards = [], []
+    sides: dict[str, list[torch.Tensor]] = {"logps": [], "ref": [], "rewards": []}  # per batch, [chosen, rejected]
+    logp_margin, explicit = [], []
     for batch in _batches(task.test, cfg.eval_batch_size, task.pad_id, device):
         with autocast(cfg):
-            out = model(batch, perf=cfg.perf)
+            out = model(batch)
         b = batch.num_pairs
         logps = out.logps.float()
-        ref = _ref_for(batch, ref_table, device)
-        loss, r_c, r_r = dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], cfg.beta, cfg.method.loss_type)
-        losses.append(loss.cpu())
-        chosen_rewards.append(r_c.cpu())
-        rejected_rewards.append(r_r.cpu())
-        implicit.append((r_c - r_r).cpu())
+        sides["logps"].append(logps.cpu())
+        sides["ref"].append(_ref_for(batch, ref_table, device).cpu())
         per_tok = logps / out.n_tokens.clamp_min(1).float()
         logp_margin.append((per_tok[:b] - per_tok[b:]).cpu())
         if out.rewards is not None:
+            sides["rewards"].append(out.rewards.float().cpu())
             explicit.append((out.rewards[:b] - out.rewards[b:]).float().cpu())
-    imp = torch.cat(implicit)
-    metrics = {
-        "accuracy_implicit": pairwise_accuracy(imp).item(),
+
+    def pairs(key: str) -> torch.Tensor:
+        """All test pairs laid out [chosen..., rejected...], as the objective takes a batch."""
+        halves = [t.chunk(2) for t in sides[key]]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves])
+
+    result = objective(pairs("logps"), pairs("ref"), pairs("rewards") if explicit else None, cfg)
+    metrics = result.metrics | {
+        "accuracy_implicit": pairwise_accuracy(result.margins).item(),
         "accuracy_logp": pairwise_accuracy(torch.cat(logp_margin)).item(),
-        "reward_margin": imp.mean().item(),
-        "rewards/chosen": torch.cat(chosen_rewards).mean().item(),
-        "rewards/rejected": torch.cat(rejected_rewards).mean().item(),
-        "eval_loss": torch.cat(losses).mean().item(),
+        "reward_margin": result.metrics["rewards/margins"],
     }
     if explicit:
         exp = torch.cat(explicit)
-        combined = imp + cfg.method.eval_reward_weight * exp
+        combined = result.margins + cfg.method.eval_reward_weight * exp
         metrics["accuracy_explicit"] = pairwise_accuracy(exp).item()
         metrics["accuracy_combined"] = pairwise_accuracy(combined).item()
         metrics["explicit_margin"] = exp.mean().item()

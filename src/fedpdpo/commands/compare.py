@@ -33,8 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from fedpdpo.report.compare import run_comparison
     from fedpdpo.rundir import locked_dir
+    from fedpdpo.sweep import run_comparison
 
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     seeds = _ints(args.seeds)

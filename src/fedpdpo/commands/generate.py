@@ -121,14 +121,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.panel import Panel
 
-    from fedpdpo.generate import SamplingConfig, generate
+    from fedpdpo.generate import VARIANTS, SamplingConfig, generate
 
     prompts = args.prompt or read_prompts(args.prompts)
     _check_texts("--prompt", prompts)
     if args.max_new_tokens <= 0 or not 0 < args.top_p <= 1 or not 0 <= args.temperature < math.inf:
         raise FedPDPOError("need --max-new-tokens > 0, 0 < --top-p <= 1 and a finite --temperature >= 0")
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
-    variants = ["personalized"] + ["global"] * args.with_global + ["base"] * args.with_base
+    wanted = {"personalized": True, "global": args.with_global, "base": args.with_base}
+    variants = [v for v in VARIANTS if wanted[v]]
     cm = load_client_model(args)
     console = Console()
     for prompt in prompts:
@@ -200,6 +201,7 @@ def _score_pairs(cm, args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from fedpdpo.data import load_records
+    from fedpdpo.data.formats import flat
     from fedpdpo.generate import score
     from fedpdpo.losses import pairwise_accuracy
 
@@ -213,9 +215,9 @@ def _score_pairs(cm, args: argparse.Namespace) -> int:
         table.add_column(col, justify="right" if "margin" in col else "left")
     implicit_margins, explicit_margins = [], []
     for rec in records:
-        chosen, rejected = score(cm, rec.prompt, [rec.chosen, rec.rejected])
+        chosen, rejected = score(cm, rec.prompt, [rec.chosen, rec.rejected])  # prompt: text or conversation
         implicit = chosen.implicit - rejected.implicit
-        explicit = None if chosen.explicit is None else chosen.explicit - rejected.explicit
+        explicit = None if chosen.explicit is None or rejected.explicit is None else chosen.explicit - rejected.explicit
         implicit_margins.append(implicit)
         if explicit is not None:
             explicit_margins.append(explicit)
@@ -225,7 +227,7 @@ def _score_pairs(cm, args: argparse.Namespace) -> int:
             print(dumps(row))
         else:
             shown = "-" if explicit is None else f"{explicit:+.4f}"
-            table.add_row(_short(rec.prompt, 30), _short(rec.chosen, 40), f"{implicit:+.4f}", shown)
+            table.add_row(_short(flat(rec.prompt), 30), _short(rec.chosen, 40), f"{implicit:+.4f}", shown)
     import torch
 
     summary = {"pairs": len(records), "accuracy_implicit": pairwise_accuracy(torch.tensor(implicit_margins)).item()}

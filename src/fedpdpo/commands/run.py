@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from fedpdpo.errors import FedPDPOError, environment_error
 from fedpdpo.jsonio import dumps
@@ -152,6 +153,6 @@ def _resume_hint(out: str) -> str:
     """What to run after the disk was full, when the run got far enough to be continued."""
     from fedpdpo.rundir import resume_source
 
-    if (resume_source(out) / "config.toml").is_file():
+    if (resume_source(Path(out)) / "config.toml").is_file():
         return f"; free some space, then continue with `fedpdpo run --resume {out}`"
     return "; free some space and run the command again"

@@ -150,7 +150,9 @@ def normalize(obj: Any, fields: Mapping[str, str] | None = None) -> dict[str, An
     for key in ("chosen", "rejected"):
         if key not in obj:
             raise FormatError(f"missing field '{key}'")
-    chosen, rejected = _text(obj["chosen"], "chosen"), _text(obj["rejected"], "rejected")
+    chosen: Text = _text(obj["chosen"], "chosen")
+    rejected: Text = _text(obj["rejected"], "rejected")
+    prompt: Text
     if obj.get("prompt") is None:
         if isinstance(chosen, str) and isinstance(rejected, str):
             prompt, chosen, rejected = _split_text(chosen, rejected)
@@ -174,14 +176,14 @@ def normalize(obj: Any, fields: Mapping[str, str] | None = None) -> dict[str, An
     for key in ("domain", "split"):
         if obj.get(key) is not None and not isinstance(obj[key], str):
             raise FormatError(f"field '{key}' must be a string, got {type(obj[key]).__name__}")
-    chosen, rejected = _response(chosen, "chosen"), _response(rejected, "rejected")
-    if chosen.strip() == rejected.strip():
+    chosen_text, rejected_text = _response(chosen, "chosen"), _response(rejected, "rejected")
+    if chosen_text.strip() == rejected_text.strip():
         raise FormatError("fields 'chosen' and 'rejected' are identical (no preference to learn)")
     out = {k: v for k, v in obj.items() if k not in STANDARD_FIELDS}
     return out | {
         "prompt": _as_conversation(prompt),
-        "chosen": chosen,
-        "rejected": rejected,
+        "chosen": chosen_text,
+        "rejected": rejected_text,
         "domain": obj.get("domain") or "",
         "split": obj.get("split") or "",
     }

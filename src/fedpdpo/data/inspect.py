@@ -81,9 +81,9 @@ def domain_mix(records: list[PreferenceRecord], top: int = 3) -> list[list[Any]]
 
 def partition_preview(path: str, cfg: RunConfig, tokenizer) -> list[dict[str, Any]]:
     """Per-client sizes, length limits, truncation, domain mix and conflict flag of ``cfg``'s partition applied to
-    ``path``, from the same client setup as training (:func:`fedpdpo.client.task.build_task`)."""
-    from fedpdpo.client.task import build_task
+    ``path``, from the same client setup as training (:func:`fedpdpo.data.task.build_task`)."""
     from fedpdpo.data import build_clients
+    from fedpdpo.data.task import build_task
 
     cfg = copy.deepcopy(cfg)
     cfg.data.path = str(path)

@@ -4,7 +4,7 @@ One file, ``OUT/checkpoint.pt``, rewritten atomically (temporary file + fsync + 
 and after every round, so a kill at any moment leaves the last complete checkpoint. It holds:
 
 * the round counter and the global shared tensors;
-* the strategy's server-side state (its instance attributes, e.g. FedAdam's moments);
+* the strategy's server-side state (its ``state_dict()``, e.g. FedAdam's moments);
 * the process RNG states (torch, numpy, random), for anything that draws from global generators;
 * how many lines of ``metrics.jsonl`` belong to the checkpointed rounds (later lines are dropped on resume), the
   per-client descriptions, the updates rejected so far, and the elapsed time;
@@ -56,7 +56,9 @@ class ServerCheckpoint:
 
 def capture_rng() -> dict[str, Any]:
     """The global RNG states, as tensors and plain values (loadable with ``torch.load(weights_only=True)``)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    legacy = np.random.get_state()
+    assert isinstance(legacy, tuple)  # the legacy layout, numpy's default
+    kind, keys, pos, has_gauss, cached = legacy
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos)}
@@ -78,11 +80,6 @@ def restore_rng(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def strategy_state(strategy: object) -> dict[str, Any]:
-    """A strategy's server-side state is its instance attributes (empty for stateless strategies like FedAvg)."""
-    return dict(vars(strategy))
 
 
 def save_checkpoint(out: Path, ckpt: ServerCheckpoint) -> None:

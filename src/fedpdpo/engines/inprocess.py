@@ -23,6 +23,7 @@ from fedpdpo.engines.fingerprint import EXTENSIBLE, check_resume, clients_finger
 from fedpdpo.engines.server import EvalReply, FitReply, ServerSpec, run_server
 from fedpdpo.engines.setup import RunSetup, build_setup
 from fedpdpo.errors import FedPDPOError
+from fedpdpo.instructions import Instructions
 from fedpdpo.model.backbone import resolve_model
 from fedpdpo.report.writer import write_config
 from fedpdpo.rundir import preflight, run_directory
@@ -42,6 +43,7 @@ class InProcessTransport:
         server_round: int,
         client_ids: list[int],
         shared: dict[str, torch.Tensor],
+        instructions: Instructions,
         on_step: Callable[[float], None],
     ) -> list[FitReply]:
         s = self.setup
@@ -57,6 +59,7 @@ class InProcessTransport:
                     s.initial,
                     s.cfg,
                     server_round,
+                    instructions=instructions,
                     on_step=lambda _step, m: on_step(m["loss"]),
                 )
             except FloatingPointError as exc:  # rejected for this round; the client keeps its previous state
@@ -93,8 +96,9 @@ def run_inprocess(
 
     Config, data and model are checked (``build_setup``) before anything is written, so a bad input leaves no
     partial run behind, and ``overwrite`` replaces an old run only with a finished new one (:mod:`fedpdpo.rundir`).
-    With ``resume``, ``cfg`` is the run's own ``config.toml``; the run continues after its last checkpoint once the
-    directory is found as the checkpoint left it, and ``rounds`` (if given) raises its number of rounds.
+    ``config.toml`` is ``cfg`` as given: the strategy derives everything else from it again, so with ``resume``
+    (``cfg`` is the run's own ``config.toml``) the run continues after its last checkpoint exactly as it would have
+    gone on, once the directory is found as the checkpoint left it; ``rounds`` (if given) raises its number of rounds.
     """
     out = Path(out).resolve()
     if not resume:
@@ -102,22 +106,17 @@ def run_inprocess(
         setup = build_setup(cfg)
         with run_directory(out, overwrite=overwrite) as target:
             clear_run_state(target)
-            write_config(target, setup.cfg)
-            return _run(setup, target, quiet, resume=False)
+            write_config(target, cfg)
+            return _run(setup, cfg, target, quiet, resume=False)
     with run_directory(out, resume=True) as target:
         resumed = _checked_resume(cfg, target, rounds)
         setup = build_setup(resumed)
-        if setup.cfg != resumed:
-            raise FedPDPOError(
-                f"cannot resume {out}: algorithm '{cfg.algorithm}' changes its saved config.toml when applied again, "
-                "so the resumed run would differ; start it again in a new --out directory"
-            )
         if resumed.rounds != cfg.rounds:
             write_config(target, resumed)  # --rounds: the run's own record of its length, before the first new round
-        return _run(setup, target, quiet, resume=True)
+        return _run(setup, resumed, target, quiet, resume=True)
 
 
-def _run(setup: RunSetup, out: Path, quiet: bool, resume: bool) -> dict[str, Any]:
+def _run(setup: RunSetup, run_cfg: RunConfig, out: Path, quiet: bool, resume: bool) -> dict[str, Any]:
     store = ClientStore(out / CLIENTS_DIR)
     clients = range(setup.cfg.num_clients)
     spec = ServerSpec(
@@ -127,6 +126,7 @@ def _run(setup: RunSetup, out: Path, quiet: bool, resume: bool) -> dict[str, Any
         resolve_model(setup.cfg.model),
         "inprocess",
         fingerprint=lambda server_round: {"clients": clients_fingerprint(store, clients, server_round)},
+        run_cfg=run_cfg,
     )
     summary = run_server(spec, InProcessTransport(setup, store), out, quiet=quiet, resume=resume)
     store.finalize(clients)  # finished: drop what only resuming needed

@@ -28,10 +28,10 @@ from fedpdpo.engines.checkpoint import (
     restore_rng,
     rewind_metrics,
     save_checkpoint,
-    strategy_state,
 )
 from fedpdpo.engines.fingerprint import config_fingerprint
 from fedpdpo.errors import FedPDPOError
+from fedpdpo.instructions import FitPlan, Instructions
 from fedpdpo.report.progress import RunProgress
 from fedpdpo.report.writer import append_metrics, build_summary, read_metrics, write_summary
 from fedpdpo.strategies import ClientUpdate, Strategy
@@ -66,9 +66,11 @@ class ClientTransport(Protocol):
         server_round: int,
         client_ids: list[int],
         shared: dict[str, torch.Tensor],
+        instructions: Instructions,
         on_step: Callable[[float], None],
     ) -> list[FitReply]:
-        """Train ``client_ids`` from ``shared``; call ``on_step(loss)`` per local step (or per client, remotely)."""
+        """Train ``client_ids`` from ``shared`` as the strategy's ``instructions`` say; call ``on_step(loss)`` per
+        local step (or per client, remotely)."""
         ...
 
     def evaluate(
@@ -89,12 +91,15 @@ class ServerSpec:
     min_fit_replies: int = 1
     # Extra checkpoint fingerprint after a round (the in-process engine adds its clients' state files).
     fingerprint: Callable[[int], dict[str, Any]] | None = None
+    # The run's config as config.toml records it (``cfg`` is the model config the strategy derives from it), which
+    # a resume compares with the checkpoint; None: ``cfg``.
+    run_cfg: RunConfig | None = None
 
     def uplink_bytes(self) -> int:
         return wire_bytes(self.initial_shared, self.cfg.transfer_dtype)
 
 
-#: What a client reports about its data (sizes, the length limits it chose, truncation shares: client/task.py).
+#: What a client reports about its data (sizes, the length limits it chose, truncation shares: data/task.py).
 TASK_FIELDS = (
     "n_train",
     "n_val",
@@ -110,7 +115,7 @@ CLIENT_FIELDS = (*TASK_FIELDS, "conflict", "domains")
 def eval_to_rows(server_round: int, replies: list[EvalReply], train: dict[int, dict[str, float]]) -> list[dict]:
     rows = []
     for reply in sorted(replies, key=lambda r: r.client_id):
-        row = {"round": server_round, "client": reply.client_id}
+        row: dict[str, Any] = {"round": server_round, "client": reply.client_id}
         row.update({k: v for k, v in reply.metrics.items() if k != "domains"})
         row.update(train.get(reply.client_id, {}))
         rows.append(row)
@@ -133,6 +138,16 @@ def rejection_reason(reply: FitReply) -> str:
     return ""
 
 
+def planned_steps(strategy: Strategy, cfg: RunConfig, rounds: range) -> int:
+    """Local steps of the federated passes of ``rounds``, over the clients the strategy samples (the progress
+    total: each such step reports once)."""
+    return sum(
+        len(strategy.sample_clients(r, cfg.num_clients, cfg.client_fraction, cfg.seed))
+        * FitPlan.parse(strategy.fit_instructions(r), cfg.local_steps).local_steps
+        for r in rounds
+    )
+
+
 def run_server(
     spec: ServerSpec, transport: ClientTransport, out: Path, quiet: bool = False, resume: bool = False
 ) -> dict[str, Any]:
@@ -147,7 +162,6 @@ def run_server(
     cfg, strategy = spec.cfg, spec.strategy
     all_clients = list(range(cfg.num_clients))
     global_ = {k: v.clone() for k, v in spec.initial_shared.items()}
-    n_sampled = max(1, round(cfg.client_fraction * cfg.num_clients))
     client_info: dict[int, dict[str, Any]] = {}
     rejected: list[dict[str, Any]] = []
     metrics_lines, elapsed_before, first_round = 0, 0.0, 0
@@ -158,7 +172,7 @@ def run_server(
         if sorted(ckpt.global_shared) != sorted(global_):
             raise FedPDPOError(f"{out / CHECKPOINT_FILE} holds other shared tensors than this run's configuration")
         global_ = ckpt.global_shared
-        vars(strategy).update(ckpt.strategy_state)
+        strategy.load_state_dict(ckpt.strategy_state)
         client_info, rejected = ckpt.client_info, ckpt.rejected
         metrics_lines, elapsed_before, first_round = ckpt.metrics_lines, ckpt.elapsed_s, ckpt.server_round + 1
         restore_rng(ckpt.rng)
@@ -186,27 +200,29 @@ def run_server(
         ckpt = ServerCheckpoint(
             server_round=server_round,
             global_shared=global_,
-            strategy_state=strategy_state(strategy),
+            strategy_state=strategy.state_dict(),
             client_info=client_info,
             metrics_lines=metrics_lines,
             elapsed_s=elapsed_before + time.perf_counter() - start,
             rejected=rejected,
             rng=capture_rng(),
-            fingerprint={"config": config_fingerprint(cfg)}
+            fingerprint={"config": config_fingerprint(spec.run_cfg or cfg)}
             | (spec.fingerprint(server_round) if spec.fingerprint else {}),
         )
         save_checkpoint(out, ckpt)
 
-    remaining = cfg.rounds - max(first_round - 1, 0)
-    with RunProgress(remaining * n_sampled * cfg.local_steps, quiet=quiet) as progress:
+    rounds = range(max(first_round, 1), cfg.rounds + 1)
+    with RunProgress(planned_steps(strategy, cfg, rounds), quiet=quiet) as progress:
         if first_round == 0:
             progress.describe("round 0 eval")
             evaluate_all(0, {})
             checkpoint(0)
-        for server_round in range(max(first_round, 1), cfg.rounds + 1):
+        for server_round in rounds:
             sampled = strategy.sample_clients(server_round, cfg.num_clients, cfg.client_fraction, cfg.seed)
+            instructions = strategy.fit_instructions(server_round)
             progress.describe(f"round {server_round}/{cfg.rounds} fit")
-            replies = transport.fit(server_round, sampled, to_wire(global_, cfg.transfer_dtype), progress.step)
+            shared = to_wire(global_, cfg.transfer_dtype)
+            replies = transport.fit(server_round, sampled, shared, instructions, progress.step)
             updates, train = [], {}
             for reply in replies:
                 reason = rejection_reason(reply)
@@ -215,6 +231,7 @@ def run_server(
                     rejected.append({"round": server_round, "client": reply.client_id, "reason": reason})
                     train[reply.client_id] = {"train/failed": 1.0}
                     continue
+                assert reply.tensors is not None  # a reply without tensors has a rejection reason
                 updates.append(ClientUpdate(reply.client_id, reply.num_examples, from_wire(reply.tensors)))
                 train[reply.client_id] = train_metrics(reply)
             if len(updates) >= spec.min_fit_replies:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from fedpdpo.client.task import ClientTask, build_task
 from fedpdpo.config import RunConfig
 from fedpdpo.data import ClientData, build_clients
+from fedpdpo.data.task import ClientTask, build_task
 from fedpdpo.errors import ConfigError
 from fedpdpo.model import FedPDPOModel, load_backbone
 from fedpdpo.strategies import Strategy, get_strategy
@@ -19,10 +20,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RunSetup:
-    cfg: RunConfig  # as configured by the strategy
+    cfg: RunConfig  # the model's config: the run's config with the strategy's module switches (``configure``)
     strategy: Strategy
     model: FedPDPOModel
-    tokenizer: object
+    tokenizer: Any  # a transformers tokenizer
     clients: list[ClientData]
     tasks: list[ClientTask]
     initial: dict[str, torch.Tensor]  # round-0 values of every trainable tensor
@@ -32,11 +33,22 @@ class RunSetup:
         return {n: self.initial[n].clone() for n in self.shared_names}
 
 
+def resolve(cfg: RunConfig) -> tuple[Strategy, RunConfig]:
+    """The run's strategy (with the parameters ``cfg`` sets for it) and the config its model is built from.
+
+    ``cfg`` itself is not changed: it is what ``config.toml`` records and what a resumed run starts from again."""
+    strategy = get_strategy(cfg.algorithm, cfg)
+    model_cfg = strategy.configure(cfg)
+    model_cfg.validate()
+    return strategy, model_cfg
+
+
 def build_model(cfg: RunConfig) -> tuple[FedPDPOModel, object]:
-    """Backbone + LoRA + local modules, initialised from ``cfg.seed`` (identical in every process)."""
+    """Backbone + LoRA + the local modules ``cfg.method`` switches on, initialised from ``cfg.seed`` (identical in
+    every process); ``cfg`` is a model config (see :func:`resolve`)."""
     backbone, tokenizer = load_backbone(cfg.model)
     torch.manual_seed(cfg.seed)
-    return FedPDPOModel(backbone, cfg.lora, cfg.method), tokenizer
+    return FedPDPOModel(backbone, cfg.lora, cfg.method, cfg.perf), tokenizer
 
 
 def check_device(device: str) -> None:
@@ -55,9 +67,7 @@ def check_device(device: str) -> None:
 
 
 def build_setup(cfg: RunConfig) -> RunSetup:
-    strategy = get_strategy(cfg.algorithm)
-    cfg = strategy.configure(cfg)
-    cfg.validate()
+    strategy, cfg = resolve(cfg)
     check_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

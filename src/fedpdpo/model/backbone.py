@@ -22,6 +22,7 @@ import struct
 import tempfile
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -29,6 +30,7 @@ from transformers import (
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
 )
 
@@ -130,7 +132,7 @@ def resolve_model(name: str) -> str:
     return name
 
 
-def _load_path(path: Path) -> tuple[torch.nn.Module, object]:
+def _load_path(path: Path) -> tuple[PreTrainedModel, Any]:
     """A model the user pointed at; a file that cannot be loaded is their input error, named with the path."""
     ggufs = [path] if path.suffix == ".gguf" else sorted(path.glob("*.gguf"))
     if not (path / "config.json").is_file() and not ggufs:
@@ -145,7 +147,7 @@ def _load_path(path: Path) -> tuple[torch.nn.Module, object]:
         raise ConfigError(f"config key 'model': cannot load {path}: {first_line(exc)}") from exc
 
 
-def load_backbone(name: str) -> tuple[torch.nn.Module, object]:
+def load_backbone(name: str) -> tuple[PreTrainedModel, Any]:
     """Return ``(model, tokenizer)`` in fp32 on the CPU with every parameter frozen."""
     if name == "tiny":
         tokenizer = tiny_tokenizer()

@@ -10,22 +10,19 @@ vocabulary dominates the cost, and prompt positions never enter the loss.
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import inspect
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
+from transformers import PreTrainedModel
 
 from fedpdpo.config import LoraSettings, MethodConfig, PerfSettings
 from fedpdpo.data.tokenize import PairBatch
 from fedpdpo.errors import ConfigError, first_line
 from fedpdpo.model.lora_targets import check_target_modules
 from fedpdpo.model.modules import BottleneckAdapter, PersonalHead, RewardHead
-from fedpdpo.model.prefix_cache import PrefixCache, shared_prefix_cache
+from fedpdpo.model.prefix_cache import FrozenPrefix, run_only
 
 LOGIT_CHUNK = 1024  # response tokens per chunk of the vocabulary projection
 # Decoders whose forward does nothing to ``inputs_embeds`` before the layers except masks and rotary positions, so
@@ -42,11 +39,11 @@ class PolicyOutput:
     ref_logps: torch.Tensor | None = None  # [2B] reference log-probs, when asked for
 
 
-def _num_layers(model: nn.Module) -> int:
+def _num_layers(model: PreTrainedModel) -> int:
     return int(model.config.num_hidden_layers)
 
 
-def lora_config(model: nn.Module, cfg: LoraSettings) -> LoraConfig:
+def lora_config(model: PreTrainedModel, cfg: LoraSettings) -> LoraConfig:
     """The ``peft.LoraConfig`` of the shared adapter (also handed to TRL by the benchmark, so both train the same)."""
     layers = None
     if cfg.last_n_layers:
@@ -63,7 +60,7 @@ def lora_config(model: nn.Module, cfg: LoraSettings) -> LoraConfig:
     )
 
 
-def add_lora(model: nn.Module, cfg: LoraSettings):
+def add_lora(model: PreTrainedModel, cfg: LoraSettings) -> PeftModel:
     check_target_modules(model, cfg.target_modules)
     try:
         return get_peft_model(model, lora_config(model, cfg))
@@ -103,44 +100,19 @@ def response_logps(
     return out.index_add(0, rows, flat), target_mask.sum(1)
 
 
-class _Done(nn.Module):
-    """Stands in for a decoder layer whose output is already known: passes the hidden states through."""
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return hidden_states
-
-
-@contextlib.contextmanager
-def _run_only(decoder: nn.Module, keep: range, final_norm: bool):
-    """Within the block, ``decoder`` runs only the layers in ``keep`` (the others pass hidden states through).
-
-    The decoder's own forward still builds the attention masks and rotary positions, and layer indices stay the
-    same (Gemma 3 picks sliding or full attention by index), so no model internals are re-implemented here.
-    """
-    layers, norm = decoder.layers, decoder.norm
-    saved = {i: layers[i] for i in range(len(layers)) if i not in keep}
-    done = _Done()
-    try:
-        for i in saved:
-            layers[i] = done
-        if not final_norm:
-            decoder.norm = nn.Identity()
-        yield
-    finally:
-        for i, layer in saved.items():
-            layers[i] = layer
-        decoder.norm = norm
-
-
 class FedPDPOModel(nn.Module):
     """Backbone (frozen) with the shared LoRA, plus ``self.local``: this client's head, reward head and adapter.
 
     One instance serves every client in a process: the engine swaps a client's local tensors in and out, so memory
-    does not grow with the number of clients.
+    does not grow with the number of clients. ``perf`` (speed switches, results equal up to float rounding) is
+    fixed here, when the model is built.
     """
 
-    def __init__(self, backbone: nn.Module, lora: LoraSettings, method: MethodConfig) -> None:
+    def __init__(
+        self, backbone: PreTrainedModel, lora: LoraSettings, method: MethodConfig, perf: PerfSettings | None = None
+    ) -> None:
         super().__init__()
+        perf = perf or PerfSettings()
         hidden_size = int(backbone.config.hidden_size)
         self.ref_head_weight = backbone.get_output_embeddings().weight  # frozen original head W_0
         self.peft = add_lora(backbone, lora)
@@ -149,11 +121,10 @@ class FedPDPOModel(nn.Module):
         n_layers = _num_layers(backbone)
         safe = backbone.config.model_type in PREFIX_SAFE_MODEL_TYPES and hasattr(self.decoder, "norm")
         self.split_layer = max(0, n_layers - lora.last_n_layers) if lora.last_n_layers and safe else 0
-        # transformers renamed ``past_key_values`` to ``cache`` during 5.x; use the decoder's own name
-        params = inspect.signature(self.decoder.forward).parameters
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
-        self.prefix_cache = shared_prefix_cache(self.decoder, self.split_layer) if self.split_layer else PrefixCache()
-        self.local = nn.ModuleDict()
+        self.shared_prefix = perf.shared_prefix and self.split_layer > 0
+        self.prefix = FrozenPrefix(self.decoder, self.split_layer, perf)
+        self.project_all = not perf.response_only_logits  # send every real position through the head (as TRL)
+        self.local = nn.ModuleDict()  # named so that fedpdpo.model.naming.is_local recognises its tensors
         if method.personal_head:
             self.local["head"] = PersonalHead(self.ref_head_weight)
         self.reward_layer = method.reward_layer if method.reward_head else 0
@@ -173,9 +144,6 @@ class FedPDPOModel(nn.Module):
         """Every parameter that training updates: LoRA tensors and local modules, by name."""
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
-    def lora_names(self) -> list[str]:
-        return [n for n in self.trainable() if ".lora_" in n]
-
     def get_tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
         params = dict(self.named_parameters())
         return {n: params[n].detach().to("cpu", copy=True) for n in names}
@@ -193,129 +161,43 @@ class FedPDPOModel(nn.Module):
         return self.get_tensors(list(self.trainable()))
 
     # -- forward ----------------------------------------------------------------------------------------------
-    def _hidden(self, batch: PairBatch) -> torch.Tensor:
-        # use_cache=False: the config default would fill a KV cache that training never reads.
-        return self.decoder(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-        ).last_hidden_state
-
-    @torch.no_grad()
-    def _prefix(self, batch: PairBatch, layer: int | None = None) -> torch.Tensor:
-        """Hidden states after the frozen layers below ``layer`` (default: the first LoRA layer): frozen work, so
-        no graph is recorded."""
-        with _run_only(self.decoder, range(self.split_layer if layer is None else layer), final_norm=False):
-            return self._hidden(batch)
-
-    @torch.no_grad()
-    def _per_sequence(
-        self, batch: PairBatch, budget_bytes: int, kind: str, compute: Callable[[torch.Tensor, int], torch.Tensor]
-    ) -> torch.Tensor:
-        """A frozen ``[N, width, hidden]`` value assembled from per-sequence values (see ``PrefixCache``), kept under
-        ``kind`` and computed alone as ``compute(ids, prompt_length)`` when missing; zeros in the padding, which the
-        attention and response masks never read."""
-        lengths = batch.attention_mask.sum(1).tolist()
-        prompt_lengths = batch.response_mask.int().argmax(1).tolist()  # first response position
-        rows = []
-        for row, (length, prompt_length) in enumerate(zip(lengths, prompt_lengths, strict=True)):
-            ids = batch.input_ids[row, :length]
-            key = PrefixCache.key(torch.cat([ids, ids.new_tensor([prompt_length])]), kind=kind)
-            value = self.prefix_cache.get(key)
-            if value is None:
-                value = compute(ids, prompt_length)
-                self.prefix_cache.put(key, value, budget_bytes)
-            rows.append(value.to(batch.input_ids.device))
-        out = rows[0].new_zeros((len(rows), batch.input_ids.shape[1], rows[0].shape[-1]))
-        for row, value in enumerate(rows):
-            out[row, : value.shape[0]] = value
-        return out
-
-    def _cached_prefix(self, batch: PairBatch, budget_bytes: int) -> torch.Tensor:
-        """``_prefix`` from the per-sequence cache."""
-        return self._per_sequence(
-            batch,
-            budget_bytes,
-            "sequence",
-            lambda ids, prompt_length: self._sequence_prefix(ids, prompt_length, budget_bytes),
-        )
-
-    def _sequence_prefix(self, ids: torch.Tensor, prompt_length: int, budget_bytes: int) -> torch.Tensor:
-        """One sequence's prefix: its prompt's (cached) hidden states and key/values, then the response on top."""
-        with _run_only(self.decoder, range(self.split_layer), final_norm=False):
-            key = PrefixCache.key(ids[:prompt_length], kind="prompt")
-            prompt = self.prefix_cache.get(key)
-            if prompt is None:
-                out = self.decoder(input_ids=ids[None, :prompt_length], use_cache=True)
-                past = out.cache if self._cache_kwarg == "cache" else out.past_key_values
-                prompt = (out.last_hidden_state[0], past)
-                self.prefix_cache.put(key, prompt, budget_bytes)
-            hidden, past = prompt
-            past = copy.deepcopy(past)  # the continuation appends to it
-            kwargs = {self._cache_kwarg: past}
-            out = self.decoder(input_ids=ids[None, prompt_length:], use_cache=True, **kwargs)
-            return torch.cat([hidden.to(ids.device), out.last_hidden_state[0]])
-
-    def _frozen_layer(self, batch: PairBatch, layer: int, perf: PerfSettings) -> torch.Tensor:
-        """Output of decoder layer ``layer`` (frozen, so no graph), for the reward head when ``reward_layer > 0``.
-
-        With the prefix cache on, each sequence's value is computed alone and kept, like the prefix itself, so it
-        is computed once per sequence and is the same bits whether cached or not."""
-        if not perf.prefix_cache:
-            return self._prefix(batch, layer)
-
-        def compute(ids: torch.Tensor, prompt_length: int) -> torch.Tensor:
-            with _run_only(self.decoder, range(layer), final_norm=False):
-                return self.decoder(input_ids=ids[None], use_cache=False).last_hidden_state[0]
-
-        return self._per_sequence(batch, perf.prefix_cache_mb << 20, f"layer{layer}", compute)
-
-    def _prefix_for(self, batch: PairBatch, perf: PerfSettings) -> torch.Tensor:
-        if perf.prefix_cache:
-            return self._cached_prefix(batch, perf.prefix_cache_mb << 20)
-        return self._prefix(batch)
-
-    def _from_prefix(self, prefix: torch.Tensor, batch: PairBatch) -> torch.Tensor:
-        with _run_only(self.decoder, range(self.split_layer, len(self.decoder.layers)), final_norm=True):
-            return self.decoder(
-                inputs_embeds=prefix, attention_mask=batch.attention_mask, use_cache=False
-            ).last_hidden_state
-
-    def forward(self, batch: PairBatch, with_reference: bool = False, perf: PerfSettings | None = None) -> PolicyOutput:
-        """Policy log-probs (and explicit rewards); with ``with_reference`` also the reference log-probs, which
-        reuse the frozen prefix when ``perf.shared_prefix`` is on."""
-        perf = perf or PerfSettings()
-        project = None if perf.response_only_logits else batch.attention_mask
-        ref_logps = None
-        if perf.shared_prefix and self.split_layer:
-            prefix = self._prefix_for(batch, perf)
-            if with_reference:
-                with torch.no_grad(), self.peft.disable_adapter():
-                    ref_hidden = self._from_prefix(prefix, batch)
-                    ref_logps = response_logps(
-                        ref_hidden, batch.input_ids, batch.response_mask, self.ref_head_weight, project
-                    )[0]
-            hidden = self._from_prefix(prefix, batch)
-        else:
-            if with_reference:
-                ref_logps = self.reference_logps(batch, perf)
-            hidden = self._hidden(batch)
+    def forward(self, batch: PairBatch, with_reference: bool = False) -> PolicyOutput:
+        """Policy log-probs and explicit rewards; with ``with_reference`` also the reference log-probs, which reuse
+        the frozen prefix's output when the prefix is shared."""
+        prefix = self.prefix.hidden(batch) if self.shared_prefix else None
+        ref_logps = self.reference_logps(batch, prefix) if with_reference else None
+        hidden = self._hidden(batch, prefix)
         if "adapter" in self.local:
             hidden = self.local["adapter"](hidden)
-        head = self.local["head"].weight if "head" in self.local else self.ref_head_weight
-        logps, n_tokens = response_logps(hidden, batch.input_ids, batch.response_mask, head, project)
+        head = self.local["head"].get_parameter("weight") if "head" in self.local else self.ref_head_weight
+        logps, n_tokens = self._logps(hidden, batch, head)
         rewards = None
         if "reward_head" in self.local:
-            features = self._frozen_layer(batch, self.reward_layer, perf) if self.reward_layer else hidden
+            features = self.prefix.hidden(batch, self.reward_layer) if self.reward_layer else hidden
             rewards = self.local["reward_head"](features, batch.response_mask)
         return PolicyOutput(logps, rewards, n_tokens, ref_logps)
 
     @torch.no_grad()
-    def reference_logps(self, batch: PairBatch, perf: PerfSettings | None = None) -> torch.Tensor:
-        """log pi_ref: the frozen backbone with its original head, LoRA and local modules off."""
-        perf = perf or PerfSettings()
-        project = None if perf.response_only_logits else batch.attention_mask
+    def reference_logps(self, batch: PairBatch, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """log pi_ref: the frozen backbone with its original head, LoRA and local modules off (from the frozen
+        prefix's output ``prefix`` when the caller has it)."""
+        if prefix is None and self.shared_prefix:
+            prefix = self.prefix.hidden(batch)
         with self.peft.disable_adapter():
-            if perf.shared_prefix and self.split_layer:
-                hidden = self._from_prefix(self._prefix_for(batch, perf), batch)
-            else:
-                hidden = self._hidden(batch)
-        return response_logps(hidden, batch.input_ids, batch.response_mask, self.ref_head_weight, project)[0]
+            hidden = self._hidden(batch, prefix)
+        return self._logps(hidden, batch, self.ref_head_weight)[0]
+
+    def _hidden(self, batch: PairBatch, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states: the whole decoder, or only the layers above the frozen prefix on its output."""
+        if prefix is None:
+            return self.decoder(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+            ).last_hidden_state
+        with run_only(self.decoder, range(self.split_layer, len(self.decoder.layers)), final_norm=True):
+            return self.decoder(
+                inputs_embeds=prefix, attention_mask=batch.attention_mask, use_cache=False
+            ).last_hidden_state
+
+    def _logps(self, hidden: torch.Tensor, batch: PairBatch, head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        project = batch.attention_mask if self.project_all else None
+        return response_logps(hidden, batch.input_ids, batch.response_mask, head, project)

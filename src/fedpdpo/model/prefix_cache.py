@@ -1,4 +1,8 @@
-"""Hidden states of the frozen prefix (the layers below the lowest LoRA layer), kept across steps and rounds.
+"""The frozen prefix (the decoder layers below the lowest LoRA layer): run once, kept across steps and rounds.
+
+:class:`FrozenPrefix` is the one call ``FedPDPOModel`` makes for it: ``hidden(batch)`` gives the prefix's output
+for a batch, computed in one batched pass without a graph or, with ``perf.prefix_cache``, assembled from per-sequence
+values kept in a :class:`PrefixCache`.
 
 The prefix is frozen and LoRA-free, so the hidden state it gives a sequence never changes: a client that sees its
 pairs again in later steps or rounds (and every evaluation of the same held-out pairs) can skip those layers.
@@ -17,11 +21,19 @@ sharing is what lets ``fedpdpo compare`` compute each sequence's prefix once for
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import inspect
 import json
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
+
+from fedpdpo.config import PerfSettings
+from fedpdpo.data.tokenize import PairBatch
 
 
 def nbytes(value: Any) -> int:
@@ -90,7 +102,7 @@ _latest: tuple[tuple, PrefixCache] | None = None
 
 
 @torch.no_grad()
-def prefix_fingerprint(decoder: nn.Module, split_layer: int) -> tuple:
+def prefix_fingerprint(decoder: PreTrainedModel, split_layer: int) -> tuple:
     """What a prefix hidden state depends on: the model config, the attention kernel and the frozen weights below
     ``split_layer`` (by float64 sums of each tensor: cheap, and different for any two checkpoints in practice)."""
     config = decoder.config
@@ -100,7 +112,7 @@ def prefix_fingerprint(decoder: nn.Module, split_layer: int) -> tuple:
     return (type(decoder).__name__, split_layer, getattr(config, "_attn_implementation", None), settings, sums)
 
 
-def shared_prefix_cache(decoder: nn.Module, split_layer: int) -> PrefixCache:
+def shared_prefix_cache(decoder: PreTrainedModel, split_layer: int) -> PrefixCache:
     """The process's cache for this frozen prefix: the latest one is kept, so consecutive runs on the same backbone
     (the runs of a comparison, every client of an in-process run) share it; another backbone starts a new one."""
     global _latest
@@ -108,3 +120,111 @@ def shared_prefix_cache(decoder: nn.Module, split_layer: int) -> PrefixCache:
     if _latest is None or _latest[0] != fingerprint:
         _latest = (fingerprint, PrefixCache())
     return _latest[1]
+
+
+class _Done(nn.Module):
+    """Stands in for a decoder layer whose output is already known: passes the hidden states through."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
+@contextlib.contextmanager
+def run_only(decoder: PreTrainedModel, keep: range, final_norm: bool) -> Iterator[None]:
+    """Within the block, ``decoder`` runs only the layers in ``keep`` (the others pass hidden states through).
+
+    The decoder's own forward still builds the attention masks and rotary positions, and layer indices stay the
+    same (Gemma 3 picks sliding or full attention by index), so no model internals are re-implemented here.
+    """
+    layers, norm = decoder.layers, decoder.norm
+    saved = {i: layers[i] for i in range(len(layers)) if i not in keep}
+    done = _Done()
+    try:
+        for i in saved:
+            layers[i] = done
+        if not final_norm:
+            decoder.norm = nn.Identity()
+        yield
+    finally:
+        for i, layer in saved.items():
+            layers[i] = layer
+        decoder.norm = norm
+
+
+class FrozenPrefix:
+    """The decoder layers below ``split_layer`` (frozen, LoRA-free): their output for a batch, never with a graph.
+
+    With ``perf.prefix_cache`` each sequence's value is computed alone and kept in the process's
+    :class:`PrefixCache` for this prefix (bounded by ``perf.prefix_cache_mb``), else the batch runs in one pass.
+    """
+
+    def __init__(self, decoder: PreTrainedModel, split_layer: int, perf: PerfSettings) -> None:
+        self.decoder, self.split_layer = decoder, split_layer
+        self.cached, self.budget_bytes = perf.prefix_cache, perf.prefix_cache_mb << 20
+        self.cache = shared_prefix_cache(decoder, split_layer) if split_layer else PrefixCache()
+        # transformers renamed ``past_key_values`` to ``cache`` during 5.x; use the decoder's own name
+        params = inspect.signature(decoder.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+
+    @torch.no_grad()
+    def hidden(self, batch: PairBatch, layer: int | None = None) -> torch.Tensor:
+        """``[N, L, hidden]`` output of the layers below ``layer`` (default: the prefix, up to the first LoRA
+        layer; a smaller ``layer`` serves ``method.reward_layer``), without the final norm.
+
+        Cached values of the prefix continue each prompt's kept key/values; those of another ``layer`` are whole
+        sequences. Either way a value depends on the sequence's token ids alone."""
+        if not self.cached:
+            with run_only(self.decoder, range(self.split_layer if layer is None else layer), final_norm=False):
+                return self._forward(batch)
+        if layer is None:
+            return self._per_sequence(batch, "sequence", self._sequence_prefix)
+
+        def whole(ids: torch.Tensor, prompt_length: int) -> torch.Tensor:
+            with run_only(self.decoder, range(layer), final_norm=False):
+                return self.decoder(input_ids=ids[None], use_cache=False).last_hidden_state[0]
+
+        return self._per_sequence(batch, f"layer{layer}", whole)
+
+    def _forward(self, batch: PairBatch) -> torch.Tensor:
+        # use_cache=False: the config default would fill a KV cache that nothing reads.
+        return self.decoder(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        ).last_hidden_state
+
+    def _per_sequence(
+        self, batch: PairBatch, kind: str, compute: Callable[[torch.Tensor, int], torch.Tensor]
+    ) -> torch.Tensor:
+        """A ``[N, width, hidden]`` value assembled from per-sequence values, kept under ``kind`` and computed alone
+        as ``compute(ids, prompt_length)`` when missing; zeros in the padding, which the attention and response
+        masks never read."""
+        lengths = batch.attention_mask.sum(1).tolist()
+        prompt_lengths = batch.response_mask.int().argmax(1).tolist()  # first response position
+        rows = []
+        for row, (length, prompt_length) in enumerate(zip(lengths, prompt_lengths, strict=True)):
+            ids = batch.input_ids[row, :length]
+            key = PrefixCache.key(torch.cat([ids, ids.new_tensor([prompt_length])]), kind=kind)
+            value = self.cache.get(key)
+            if value is None:
+                value = compute(ids, prompt_length)
+                self.cache.put(key, value, self.budget_bytes)
+            rows.append(value.to(batch.input_ids.device))
+        out = rows[0].new_zeros((len(rows), batch.input_ids.shape[1], rows[0].shape[-1]))
+        for row, value in enumerate(rows):
+            out[row, : value.shape[0]] = value
+        return out
+
+    def _sequence_prefix(self, ids: torch.Tensor, prompt_length: int) -> torch.Tensor:
+        """One sequence's prefix: its prompt's (cached) hidden states and key/values, then the response on top."""
+        with run_only(self.decoder, range(self.split_layer), final_norm=False):
+            key = PrefixCache.key(ids[:prompt_length], kind="prompt")
+            prompt = self.cache.get(key)
+            if prompt is None:
+                out = self.decoder(input_ids=ids[None, :prompt_length], use_cache=True)
+                past = out.cache if self._cache_kwarg == "cache" else out.past_key_values
+                prompt = (out.last_hidden_state[0], past)
+                self.cache.put(key, prompt, self.budget_bytes)
+            hidden, past = prompt
+            past = copy.deepcopy(past)  # the continuation appends to it
+            kwargs = {self._cache_kwarg: past}
+            out = self.decoder(input_ids=ids[None, prompt_length:], use_cache=True, **kwargs)
+            return torch.cat([hidden.to(ids.device), out.last_hidden_state[0]])

@@ -1,24 +1,19 @@
-"""Fair comparison of algorithms: run every algorithm x seed on one config, then aggregate and report.
+"""Fair comparison of algorithms: aggregate finished runs over seeds, check they are like for like, report.
 
-Fairness comes from construction: every run starts from the same config file and overrides, and differs only in
-``algorithm`` and ``seed``; each strategy's ``configure`` switches its own modules. The report re-checks this
-from the runs' saved ``config.toml`` (data, partition, model, LoRA, optimizer and the total number of local steps
-must match across algorithms) and lists any difference, so a report built from mixed runs says so.
+This module only reads run directories (``summary.json``, ``config.toml``); running the jobs of a comparison is
+:mod:`fedpdpo.sweep`. Fairness comes from construction: every run of a comparison starts from the same config file
+and overrides and differs only in ``algorithm`` and ``seed``. The report re-checks this from the runs' saved
+``config.toml`` (data, partition, model, LoRA and optimizer must match across algorithms) and from the local steps
+each client reports having run (``summary.json``: the total number of gradient steps must match), and lists any
+difference, so a report built from mixed runs says so.
 
-Layout: ``OUT/<algorithm>/seed<k>/`` holds one ordinary run (config.toml, metrics.jsonl, summary.json);
-``OUT/comparison.json``, ``OUT/report.md`` and ``OUT/*.png`` are the aggregate. A run whose ``summary.json``
-exists is finished and skipped; an interrupted one continues from its last round checkpoint (or starts again when
-it has none), so an interrupted comparison is resumed by running the same command again. A run whose saved
-config differs from the comparison's is never reused or deleted: that is an error naming the differing keys.
+Output: ``comparison.json``, ``report.md`` and ``*.png`` in the comparison's directory.
 """
 
 from __future__ import annotations
 
-import copy
 import json
-import logging
 import statistics
-import time
 import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,15 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from fedpdpo.client.state import atomic_write
-from fedpdpo.config import RunConfig, config_to_dict, load_config
-from fedpdpo.engines.checkpoint import CHECKPOINT_FILE
 from fedpdpo.errors import FedPDPOError, first_line
 from fedpdpo.jsonio import dumps
-from fedpdpo.strategies import get_strategy
 
-log = logging.getLogger(__name__)
-
-#: Config keys that must be equal across every run of a comparison (``local_steps`` is compared as a budget).
+#: Config keys that must be equal across every run of a comparison (the local steps are compared as a budget).
 FAIRNESS_KEYS = (
     "model",
     "num_clients",
@@ -51,7 +41,7 @@ FAIRNESS_KEYS = (
 
 @dataclass
 class Run:
-    """One finished run: its directory, summary and saved (strategy-configured) config."""
+    """One finished run: its directory, summary and saved config (as the user gave it)."""
 
     path: Path
     summary: dict[str, Any]
@@ -66,36 +56,15 @@ class Run:
         return int(self.summary["seed"])
 
     @property
-    def clients_per_round(self) -> int:
-        return max(1, round(self.config["client_fraction"] * self.config["num_clients"]))
+    def step_budget(self) -> int:
+        """Total local gradient steps of the run, summed over clients, as they reported them (equal across
+        algorithms by design: ``centralized`` runs them all on one client; Ditto's personal pass adds its own)."""
+        return sum(int(c["local_steps"]) for c in self.summary["clients"])
 
     @property
-    def step_budget(self) -> int:
-        """Total local gradient steps of the run, summed over clients (equal across algorithms by design, except
-        Ditto's second, personal pass)."""
-        passes = 2 if self.config.get("method", {}).get("ditto_lambda", 0) > 0 else 1
-        return passes * self.config["local_steps"] * self.clients_per_round * self.config["rounds"]
-
-
-def run_dir(out: Path, algorithm: str, seed: int) -> Path:
-    return out / algorithm / f"seed{seed}"
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def with_run(cfg: RunConfig, algorithm: str, seed: int) -> RunConfig:
-    """The comparison's config for one run: only ``algorithm`` and ``seed`` change."""
-    run_cfg = copy.deepcopy(cfg)
-    run_cfg.algorithm, run_cfg.seed = algorithm, seed
-    return run_cfg
+    def client_rounds(self) -> int:
+        """Client-rounds of training (each one downloads and uploads the shared tensors once)."""
+        return sum(int(c["rounds_trained"]) for c in self.summary["clients"])
 
 
 def load_run(path: Path) -> Run:
@@ -104,6 +73,11 @@ def load_run(path: Path) -> Run:
         raise FedPDPOError(f"{path} is not a finished run (no summary.json)")
     summary = _parse(summary_path, json.loads)
     check_summary(summary_path, summary)
+    if any("local_steps" not in c for c in summary.get("clients", [])):
+        raise FedPDPOError(
+            f"{summary_path} does not say how many local steps its clients ran (written by an older fedpdpo); "
+            "run it again to compare it"
+        )
     config_path = path / "config.toml"
     if not config_path.is_file():
         raise FedPDPOError(f"{path} is not a fedpdpo run (no config.toml next to its summary.json)")
@@ -118,7 +92,7 @@ def _parse(path: Path, parse: Callable[[str], Any]) -> Any:
 
 
 #: What a report reads from each summary.json, with the types it needs.
-SUMMARY_FIELDS = {
+SUMMARY_FIELDS: dict[str, type | tuple[type, ...]] = {
     "algorithm": str,
     "seed": int,
     "mean_accuracy": (int, float),
@@ -164,72 +138,6 @@ def find_runs(paths: Sequence[str | Path]) -> list[Run]:
     if not found:
         raise FedPDPOError(f"no finished runs (summary.json) under {', '.join(map(str, paths))}")
     return list(found.values())
-
-
-def check_stale(path: Path, expected: RunConfig) -> None:
-    """Refuse to reuse a run whose saved config differs from what this comparison would run."""
-    # read through load_config so that keys added to the config since the run started count with their default
-    saved = _flatten(config_to_dict(load_config(path / "config.toml")))
-    want = _flatten(config_to_dict(expected))
-    diff = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
-    if diff:
-        raise FedPDPOError(
-            f"{path} holds a run with a different config ({', '.join(diff[:5])}); "
-            "use a new --out directory or delete that run"
-        )
-
-
-def resume_run(path: Path, expected: RunConfig, quiet: bool) -> dict[str, Any] | None:
-    """Continue an interrupted run of the same config after its last checkpoint; None when there is nothing to
-    continue (no config or no checkpoint yet), in which case the caller starts it again.
-
-    An interrupted run with a *different* config is an error, never deleted: it may hold hours of training.
-    """
-    from fedpdpo.engines.inprocess import run_inprocess
-
-    if not (path / "config.toml").is_file() or not (path / CHECKPOINT_FILE).is_file():
-        return None
-    check_stale(path, expected)
-    return run_inprocess(load_config(path / "config.toml"), path, quiet=quiet, resume=True)
-
-
-def run_comparison(
-    config: str | Path,
-    algorithms: Sequence[str],
-    seeds: Sequence[int],
-    out: str | Path,
-    overrides: Sequence[str] = (),
-    quiet: bool = False,
-) -> dict[str, Any]:
-    """Run (or skip, when finished) every algorithm x seed, then write comparison.json, report.md and plots."""
-    from fedpdpo.engines.inprocess import run_inprocess
-
-    out = Path(out).resolve()
-    base = load_config(config, list(overrides))
-    for algo in algorithms:
-        get_strategy(algo)  # unknown names fail before anything runs
-    jobs = [(a, s) for a in algorithms for s in seeds]
-    for i, (algo, seed) in enumerate(jobs, 1):
-        path = run_dir(out, algo, seed)
-        if (path / "summary.json").is_file():
-            check_stale(path, get_strategy(algo).configure(with_run(base, algo, seed)))
-            log.info("[%d/%d] %s seed %d: finished earlier, skipped", i, len(jobs), algo, seed)
-            continue
-        start = time.perf_counter()
-        summary = resume_run(path, get_strategy(algo).configure(with_run(base, algo, seed)), quiet)
-        if summary is None:
-            summary = run_inprocess(with_run(base, algo, seed), path, quiet=quiet, overwrite=True)
-        log.info(
-            "[%d/%d] %s seed %d: mean accuracy %.4f (%.0f s)",
-            i,
-            len(jobs),
-            algo,
-            seed,
-            summary["mean_accuracy"],
-            time.perf_counter() - start,
-        )
-    runs = [load_run(run_dir(out, a, s)) for a, s in jobs]
-    return write_report(runs, out)
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -297,7 +205,7 @@ def summarize_algorithm(runs: Sequence[Run]) -> dict[str, Any]:
         "accuracy_by_round_std": by_round_std,
         "shared_tensors": len(comm["shared_parameters"]),
         "uplink_bytes_per_client_round": comm["uplink_bytes_per_client_round"],
-        "communication_bytes_total": per_round_bytes * first.clients_per_round * first.config.get("rounds", 0),
+        "communication_bytes_total": per_round_bytes * first.client_rounds,
         "step_budget": first.step_budget,
         "time_s_mean": statistics.fmean(times),
         "time_s_total": sum(times),
@@ -324,7 +232,7 @@ def build_comparison(runs: Sequence[Run]) -> dict[str, Any]:
         groups.setdefault(run.algorithm, []).append(run)
     algorithms = {name: summarize_algorithm(group) for name, group in groups.items()}
     ranking = sorted(algorithms, key=lambda a: (-algorithms[a]["mean_accuracy"], a))
-    first = max(runs, key=lambda r: r.clients_per_round).config  # not centralized's rescaled local_steps
+    first = runs[0].config
     return {
         "setup": {k: first.get(k) for k in (*FAIRNESS_KEYS, "local_steps")},
         "ranking": ranking,

@@ -1,4 +1,4 @@
-"""Run outputs: resolved ``config.toml``, ``metrics.jsonl`` (a line per client per round) and ``summary.json``."""
+"""Run outputs: ``config.toml`` (as given), ``metrics.jsonl`` (a line per client per round), ``summary.json``."""
 
 from __future__ import annotations
 
@@ -43,13 +43,21 @@ def build_summary(
     clients: list[dict[str, Any]],
     communication: dict[str, Any],
 ) -> dict[str, Any]:
-    """The run's summary: the last round's accuracy per client and the history of the mean."""
+    """The run's summary: the last round's accuracy per client, the history of the mean, and the training each
+    client did: ``local_steps`` (gradient steps of its accepted updates, as the client reported them; the budget
+    that comparisons check) and ``rounds_trained``."""
     last_round = max(r["round"] for r in rows)
     last = {r["client"]: r for r in rows if r["round"] == last_round and "accuracy" in r}
+    steps: dict[int, float] = {}
+    trained: dict[int, int] = {}
+    for r in rows:
+        if "train/steps" in r:
+            steps[r["client"]] = steps.get(r["client"], 0.0) + r["train/steps"]
+            trained[r["client"]] = trained.get(r["client"], 0) + 1
     per_client = []
     for c in clients:
         row = last[c["id"]]
-        entry = dict(c)
+        entry = dict(c) | {"local_steps": int(steps.get(c["id"], 0)), "rounds_trained": trained.get(c["id"], 0)}
         for key in (
             "accuracy",
             "accuracy_implicit",

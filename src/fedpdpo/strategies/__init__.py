@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fedpdpo.config import RunConfig
 from fedpdpo.errors import ConfigError
 from fedpdpo.strategies.ablations import FedPDPOImplicitEval, FedPDPONoAdapter, FedPDPONoHead, FedPDPONoReward
 from fedpdpo.strategies.base import ClientUpdate, Strategy, weighted_average
@@ -40,13 +41,15 @@ STRATEGIES: dict[str, type[Strategy]] = {
 }
 
 
-def get_strategy(name: str) -> Strategy:
+def get_strategy(name: str, cfg: RunConfig | None = None) -> Strategy:
+    """The strategy ``name`` with the parameters ``cfg`` sets for it (its defaults without ``cfg``)."""
     try:
-        return STRATEGIES[name]()
+        cls = STRATEGIES[name]
     except KeyError:
         raise ConfigError(
             f"config key 'algorithm': unknown algorithm {name!r}; choose one of {', '.join(sorted(STRATEGIES))}"
         ) from None
+    return cls() if cfg is None else cls.from_config(cfg)
 
 
 __all__ = ["STRATEGIES", "ClientUpdate", "Strategy", "get_strategy", "weighted_average"]

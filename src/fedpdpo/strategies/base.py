@@ -1,8 +1,17 @@
 """What a federated algorithm is, seen from the engine.
 
-A strategy declares (1) how it sets up the model's local modules and objective (``configure``), (2) which trainable
-tensors are *shared* (sent to and aggregated by the server; everything else trainable stays on its client), and
-(3) how the server aggregates the shared tensors. Engines call only this interface, never special-case a strategy.
+A strategy declares, in Flower's style, and never rewrites the user's config:
+
+1. which local modules the model has and how it is scored (``configure``: an idempotent copy of the config with
+   the module switches set, used to build the model; the saved ``config.toml`` stays what the user asked for);
+2. what its clients do each round (``fit_instructions``: a small dict such as ``{"proximal-mu": 0.01}`` that
+   travels with the shared tensors, see :mod:`fedpdpo.instructions`);
+3. which trainable tensors are *shared* (sent to and aggregated by the server; everything else trainable stays on
+   its client), and how the server aggregates them;
+4. its server-side state (``state_dict`` / ``load_state_dict``), which checkpoints save and restore.
+
+Its own parameters (FedProx's ``mu``, FedAdam's ``eta``) are constructor arguments; :meth:`Strategy.from_config`
+reads the ones the config may set. Engines call only this interface, never special-case a strategy.
 """
 
 from __future__ import annotations
@@ -10,11 +19,15 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from fedpdpo.config import RunConfig
 from fedpdpo.data.partition import ClientData
+from fedpdpo.errors import FedPDPOError
+from fedpdpo.instructions import Instructions
+from fedpdpo.model.naming import is_lora
 
 
 @dataclass
@@ -38,23 +51,35 @@ def weighted_average(updates: Sequence[ClientUpdate]) -> dict[str, torch.Tensor]
 
 
 class Strategy:
-    """Base strategy: FedAvg over the shared LoRA. Subclasses override what differs."""
+    """Base strategy: FedAvg over the shared LoRA with the full FedPDPO model. Subclasses override what differs."""
 
     name = "base"
     #: Paper or reference for the algorithm (shown in reports).
     reference = ""
 
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> Strategy:
+        """The strategy with the parameters ``cfg`` sets for it (none for most strategies)."""
+        return cls()
+
     def configure(self, cfg: RunConfig) -> RunConfig:
-        """Return the run config with this algorithm's modules and loss terms set (the input is not modified)."""
+        """A copy of ``cfg`` with this algorithm's local modules and evaluation score switched on or off.
+
+        Only module switches, so ``configure(configure(c)) == configure(c)``: the model of a resumed run, of an
+        export or of a remote node is the same whichever of the two it is built from."""
         return copy.deepcopy(cfg)
 
     def prepare_clients(self, clients: list[ClientData]) -> list[ClientData]:
         """The clients' data as this algorithm sees it (identity; ``centralized`` pools the training sets)."""
         return clients
 
+    def fit_instructions(self, server_round: int) -> Instructions:
+        """What every client sampled in ``server_round`` is told to do besides plain DPO (nothing by default)."""
+        return {}
+
     def is_shared(self, name: str) -> bool:
         """Whether the trainable tensor ``name`` travels to the server."""
-        return ".lora_" in name
+        return is_lora(name)
 
     def shared_names(self, trainable: Sequence[str]) -> list[str]:
         return [n for n in trainable if self.is_shared(n)]
@@ -74,3 +99,15 @@ class Strategy:
         if not updates:
             return current
         return weighted_average(updates)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The server-side state a resumed run needs (tensors and plain values; empty for stateless strategies)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` from a checkpoint."""
+        if state:
+            raise FedPDPOError(
+                f"the checkpoint holds server state {sorted(state)} but strategy {self.name!r} keeps none; it was "
+                "written by another version of fedpdpo. Start the run again in a new --out directory"
+            )

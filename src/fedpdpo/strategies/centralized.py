@@ -4,8 +4,9 @@ How it runs on the unchanged federated engine:
 
 * ``prepare_clients`` gives client 0 the union of every client's training pairs (conflicting clients' pairs
   included, swapped as that client sees them); the other clients keep their own sets but never train.
-* ``sample_clients`` picks only client 0 every round, and ``configure`` multiplies ``local_steps`` by the number of
-  clients, so the total number of gradient steps (and pairs seen) equals that of the federated runs.
+* ``sample_clients`` picks only client 0 every round, and its instructions (``local-steps``) make it run
+  ``num_clients * local_steps`` steps, so the total number of gradient steps (and pairs seen) equals that of the
+  federated runs.
 * Aggregation is the identity on client 0's LoRA; every client is then evaluated on its *own* test set with that
   single model (implicit reward, no local modules), exactly like FedAvg's global model.
 
@@ -19,6 +20,7 @@ import dataclasses
 
 from fedpdpo.config import RunConfig
 from fedpdpo.data.partition import ClientData
+from fedpdpo.instructions import LOCAL_STEPS, Instructions
 from fedpdpo.strategies.base import Strategy
 from fedpdpo.strategies.fedavg import without_local_modules
 
@@ -29,11 +31,20 @@ class Centralized(Strategy):
     name = "centralized"
     reference = "centralized training on pooled data (reference, not federated)"
 
+    def __init__(self, steps_per_round: int | None = None) -> None:
+        #: Steps of the pooled client per round; None: the config's ``local_steps`` (``from_config`` sets
+        #: ``num_clients * local_steps``, the federated runs' total).
+        self.steps_per_round = steps_per_round
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> Centralized:
+        return cls(steps_per_round=cfg.num_clients * cfg.local_steps)
+
     def configure(self, cfg: RunConfig) -> RunConfig:
-        cfg = without_local_modules(super().configure(cfg))
-        cfg.local_steps *= cfg.num_clients
-        cfg.client_fraction = 1.0 / cfg.num_clients  # one trainer per round (keeps the progress total right)
-        return cfg
+        return without_local_modules(super().configure(cfg))
+
+    def fit_instructions(self, server_round: int) -> Instructions:
+        return {} if self.steps_per_round is None else {LOCAL_STEPS: self.steps_per_round}
 
     def prepare_clients(self, clients: list[ClientData]) -> list[ClientData]:
         pooled = [r for c in clients for r in c.train]

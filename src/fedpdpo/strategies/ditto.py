@@ -6,14 +6,16 @@ FedAvg, then (2) trains its *personal* copy ``v_k`` of the LoRA for another ``lo
     L_DPO(v_k) + lambda/2 * ||v_k - w_global||^2
 
 where ``w_global`` is the global LoRA it received this round. ``v_k`` never leaves the client; the client is
-evaluated with it. ``lambda`` comes from ``method.ditto_lambda`` (default 0.1 when the config leaves it at 0).
-Like the paper, a Ditto client does twice the local steps of FedAvg per round; comparison reports flag the
-different step budget.
+evaluated with it. The server sends ``lambda`` with every round's instructions (``ditto-lambda``); it is
+``method.ditto_lambda`` from the config, :attr:`Ditto.default_lambda` when the config leaves it at 0. Like the
+paper, a Ditto client does twice the local steps of FedAvg per round; the clients report the steps they ran
+(``summary.json``) and comparison reports flag the different step budget.
 """
 
 from __future__ import annotations
 
 from fedpdpo.config import RunConfig
+from fedpdpo.instructions import DITTO_LAMBDA, Instructions
 from fedpdpo.strategies.fedavg import FedAvg
 
 
@@ -22,8 +24,12 @@ class Ditto(FedAvg):
     reference = "https://arxiv.org/abs/2012.04221"
     default_lambda = 0.1
 
-    def configure(self, cfg: RunConfig) -> RunConfig:
-        cfg = super().configure(cfg)
-        if cfg.method.ditto_lambda <= 0:
-            cfg.method.ditto_lambda = self.default_lambda
-        return cfg
+    def __init__(self, ditto_lambda: float = default_lambda) -> None:
+        self.ditto_lambda = ditto_lambda
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> Ditto:
+        return cls(ditto_lambda=cfg.method.ditto_lambda if cfg.method.ditto_lambda > 0 else cls.default_lambda)
+
+    def fit_instructions(self, server_round: int) -> Instructions:
+        return {DITTO_LAMBDA: self.ditto_lambda}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -31,14 +32,17 @@ from fedpdpo.strategies.fedavg import FedAvg
 class FedAdam(FedAvg):
     name = "fedadam"
     reference = "https://arxiv.org/abs/2003.00295"
-    eta = 1e-2
-    beta1 = 0.9
-    beta2 = 0.99
-    tau = 1e-3
 
-    def __init__(self) -> None:
+    def __init__(self, eta: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> None:
+        self.eta, self.beta1, self.beta2, self.tau = eta, beta1, beta2, tau
         self.m: dict[str, torch.Tensor] = {}  # server optimizer state, one run per strategy instance
         self.v: dict[str, torch.Tensor] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"m": dict(self.m), "v": dict(self.v)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.m, self.v = dict(state["m"]), dict(state["v"])
 
     def second_moment(self, v: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return self.beta2 * v + (1 - self.beta2) * delta**2

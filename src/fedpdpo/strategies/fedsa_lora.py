@@ -8,6 +8,7 @@ only, DPO objective, implicit-reward evaluation. Communication is half of FedAvg
 from __future__ import annotations
 
 from fedpdpo.config import RunConfig
+from fedpdpo.model.naming import is_lora_a
 from fedpdpo.strategies.base import Strategy
 from fedpdpo.strategies.fedavg import without_local_modules
 
@@ -20,4 +21,4 @@ class FedSALoRA(Strategy):
         return without_local_modules(super().configure(cfg))
 
     def is_shared(self, name: str) -> bool:
-        return ".lora_A." in name
+        return is_lora_a(name)

@@ -10,19 +10,12 @@ the model's trainable names when a run is set up); :meth:`is_shared` answers fro
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 from fedpdpo.config import RunConfig
+from fedpdpo.model.naming import is_lora, layer_of, lora_names
 from fedpdpo.strategies.base import Strategy
 from fedpdpo.strategies.fedavg import without_local_modules
-
-LAYER = re.compile(r"\.layers\.(\d+)\.")
-
-
-def layer_of(name: str) -> int | None:
-    match = LAYER.search(name)
-    return int(match.group(1)) if match else None
 
 
 class LGFedAvg(Strategy):
@@ -36,11 +29,11 @@ class LGFedAvg(Strategy):
         return without_local_modules(super().configure(cfg))
 
     def shared_names(self, trainable: Sequence[str]) -> list[str]:
-        layers = sorted({layer_of(n) for n in trainable if ".lora_" in n and layer_of(n) is not None})
+        layers = sorted({layer for n in lora_names(trainable) if (layer := layer_of(n)) is not None})
         self.global_layers = set(layers[len(layers) // 2 :])
         return [n for n in trainable if self.is_shared(n)]
 
     def is_shared(self, name: str) -> bool:
         if self.global_layers is None:
             raise RuntimeError("lg-fedavg: call shared_names(model trainable names) before is_shared")
-        return ".lora_" in name and layer_of(name) in self.global_layers
+        return is_lora(name) and layer_of(name) in self.global_layers

@@ -28,10 +28,10 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedpdpo.client.state import ClientStore
-from fedpdpo.client.task import ClientTask, build_task
 from fedpdpo.client.trainer import evaluate, fit
 from fedpdpo.config import RunConfig
 from fedpdpo.data import ClientData, build_clients
+from fedpdpo.data.task import ClientTask, build_task
 from fedpdpo.engines.flower.records import (
     ARRAYS,
     CONFIG,
@@ -50,6 +50,7 @@ from fedpdpo.engines.flower.records import (
 from fedpdpo.engines.flower.secagg import legacy_train
 from fedpdpo.engines.setup import build_model
 from fedpdpo.errors import ConfigError
+from fedpdpo.instructions import pick
 from fedpdpo.model import FedPDPOModel
 from fedpdpo.strategies import get_strategy
 
@@ -147,7 +148,7 @@ def train_content(content: RecordDict, context: Context) -> RecordDict:
     server_round = int(config[KEY_ROUND])
     store = _store(context, config)
     state = store.load(pid, as_of_round=server_round - 1)
-    result = fit(setup.model, setup.task, state, shared, setup.initial, cfg, server_round)
+    result = fit(setup.model, setup.task, state, shared, setup.initial, cfg, server_round, instructions=pick(config))
     store.save(pid, result.state, server_round)
     metrics = numeric_metrics(result.metrics)
     metrics[KEY_NUM_EXAMPLES] = result.num_examples

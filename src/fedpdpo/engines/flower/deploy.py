@@ -81,14 +81,15 @@ def free_port() -> int:
 
 def wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
+    program = proc.args[0] if isinstance(proc.args, list) else proc.args  # (always a list here)
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise FedPDPOError(f"{proc.args[0]} exited with code {proc.returncode}; see {log}")
+            raise FedPDPOError(f"{program!s} exited with code {proc.returncode}; see {log}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.2)
-    raise FedPDPOError(f"{proc.args[0]} did not open port {port} within {timeout:.0f} s; see {log}")
+    raise FedPDPOError(f"{program!s} did not open port {port} within {timeout:.0f} s; see {log}")
 
 
 def flower_env(flwr_home: Path) -> dict[str, str]:

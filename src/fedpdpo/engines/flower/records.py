@@ -1,7 +1,8 @@
 """How fedpdpo's tensors, config and metrics travel in Flower messages.
 
 A train message holds exactly one ``ArrayRecord`` (the strategy's shared tensors, nothing else) and one
-``ConfigRecord`` (round, resolved run config as TOML text, optional clipping norm). Keeping to one record of each
+``ConfigRecord`` (round, the model's run config as TOML text, the strategy's instructions for the round such as
+``proximal-mu``, optional clipping norm). Keeping to one record of each
 kind is what Flower's ``fixedclipping_mod`` requires, so the same messages work with and without DP. Replies carry
 the updated shared tensors and a ``MetricRecord``; evaluation replies add a ``ConfigRecord`` with the
 non-numeric client facts (domains, conflict flag) that the summary lists.

@@ -24,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpdpo.config import RunConfig, load_config
 from fedpdpo.engines.checkpoint import CLIENTS_DIR, clear_run_state
-from fedpdpo.engines.flower.privacy import clipping_config, with_privacy
+from fedpdpo.engines.flower.privacy import check_secagg, clipping_config, with_privacy
 from fedpdpo.engines.flower.records import (
     ARRAYS,
     INFO,
@@ -40,12 +40,12 @@ from fedpdpo.engines.flower.records import (
 )
 from fedpdpo.engines.flower.secagg import secure_fit
 from fedpdpo.engines.server import TASK_FIELDS, EvalReply, FitReply, ServerSpec, run_server
-from fedpdpo.engines.setup import build_model
+from fedpdpo.engines.setup import build_model, resolve
 from fedpdpo.errors import ConfigError
+from fedpdpo.instructions import FitPlan, Instructions
 from fedpdpo.model.backbone import resolve_model
 from fedpdpo.report.writer import write_config
 from fedpdpo.rundir import run_directory
-from fedpdpo.strategies import get_strategy
 
 log = logging.getLogger(__name__)
 
@@ -143,12 +143,17 @@ class GridTransport:
             log.warning("starting without a node for client(s) %s after waiting %.0f s", absent, patience)
 
     def _send(
-        self, kind: str, server_round: int, client_ids: list[int], shared: dict[str, torch.Tensor]
+        self,
+        kind: str,
+        server_round: int,
+        client_ids: list[int],
+        shared: dict[str, torch.Tensor],
+        instructions: Instructions | None = None,
     ) -> tuple[dict[int, Message], dict[int, str]]:
         """Send to every reachable client; return the replies by client id and the reason for each missing one."""
         self.discover()
         missing = {c: "no SuperNode holds this partition" for c in client_ids if c not in self.node_of}
-        content = instruction(shared, self.cfg_text, server_round, self.state_root, self.extra)
+        content = instruction(shared, self.cfg_text, server_round, self.state_root, self.extra | (instructions or {}))
         by_node = {self.node_of[c]: c for c in client_ids if c in self.node_of}
         msgs = [Message(content, dst_node_id=node, message_type=kind, group_id=str(server_round)) for node in by_node]
         replies: dict[int, Message] = {}
@@ -173,11 +178,13 @@ class GridTransport:
         server_round: int,
         client_ids: list[int],
         shared: dict[str, torch.Tensor],
+        instructions: Instructions,
         on_step: Callable[[float], None],
     ) -> list[FitReply]:
+        steps = FitPlan.parse(instructions, self.local_steps).local_steps  # progress: a remote client reports once
         if self.secagg:
-            return self._secure_fit(server_round, client_ids, shared, on_step)
-        replies, missing = self._send(MessageType.TRAIN, server_round, client_ids, shared)
+            return self._secure_fit(server_round, client_ids, shared, instructions, steps, on_step)
+        replies, missing = self._send(MessageType.TRAIN, server_round, client_ids, shared, instructions)
         out = []
         for cid in client_ids:
             if cid in missing:
@@ -186,18 +193,25 @@ class GridTransport:
             content = replies[cid].content
             metrics = {k: float(v) for k, v in content.metric_records[METRICS].items()}
             n = int(metrics.pop(KEY_NUM_EXAMPLES))
-            for _ in range(self.local_steps):
+            for _ in range(steps):
                 on_step(metrics["loss"])
             out.append(FitReply(cid, n, record_to_tensors(content.array_records[ARRAYS], self.transfer_dtype), metrics))
         return out
 
     def _secure_fit(
-        self, server_round: int, client_ids: list[int], shared: dict[str, torch.Tensor], on_step: Callable
+        self,
+        server_round: int,
+        client_ids: list[int],
+        shared: dict[str, torch.Tensor],
+        instructions: Instructions,
+        steps: int,
+        on_step: Callable,
     ) -> list[FitReply]:
         """SecAgg+: every contributing client's reply carries the (only visible) weighted average of all of them."""
         self.discover()
         by_node = {self.node_of[c]: c for c in client_ids if c in self.node_of}
         config = {KEY_ROUND: server_round, KEY_RUN_CONFIG: self.cfg_text, KEY_STATE_ROOT: self.state_root}
+        config |= instructions
         max_weight = float(max([self.n_train.get(c, 1) for c in client_ids] + [1]))
         aggregate, contributed = secure_fit(
             self.grid, server_round, sorted(by_node), shared, config, max_weight, self.timeout
@@ -211,7 +225,7 @@ class GridTransport:
                 continue
             n, metrics = contributed[node]
             metrics.pop(KEY_NUM_EXAMPLES, None)
-            for _ in range(self.local_steps):
+            for _ in range(steps):
                 on_step(metrics["loss"])
             out.append(FitReply(cid, n, {k: v.clone() for k, v in aggregate.items()}, metrics))
         return out
@@ -244,17 +258,22 @@ def serve(grid: Grid, params: ServerParams) -> dict[str, Any]:
 
 
 def _serve(grid: Grid, params: ServerParams, out: Path) -> dict[str, Any]:
+    strategy, cfg = resolve(params.cfg)
+    check_secagg(strategy, cfg)
     clear_run_state(out)
-    strategy = get_strategy(params.cfg.algorithm)
-    cfg = strategy.configure(params.cfg)
-    cfg.validate()
-    write_config(out, cfg)
+    write_config(out, params.cfg)
     model, _ = build_model(cfg)
     initial = model.initial_tensors()
     shared = {n: initial[n].clone() for n in strategy.shared_names(list(initial))}
     del model
     spec = ServerSpec(
-        cfg, with_privacy(strategy, cfg), shared, resolve_model(cfg.model), params.engine, params.min_fit_replies
+        cfg,
+        with_privacy(strategy, cfg),
+        shared,
+        resolve_model(cfg.model),
+        params.engine,
+        params.min_fit_replies,
+        run_cfg=params.cfg,
     )
     transport = GridTransport(grid, cfg, out / CLIENTS_DIR, params.reply_timeout or None)
     transport.wait_for_clients(cfg.num_clients, params.node_wait)
