@@ -58,7 +58,7 @@ class MethodConfig:
     # lie in the frozen prefix below the first LoRA layer (docs/method.md, "Reward layer").
     reward_layer: int = 0
     # Which score ranks chosen vs rejected for the headline accuracy.
-    eval_score: Literal["implicit", "explicit", "combined"] = "combined"
+    eval_score: Literal["auto", "implicit", "explicit", "combined"] = "auto"
     # Learning rate multiplier for the local modules (the head is large; it needs a smaller step than LoRA).
     local_lr_scale: float = 0.1
     # Learning rate multiplier for the explicit reward head (a linear probe: it needs a larger step).

@@ -116,7 +116,7 @@ def ensure_reference(
 ) -> None:
     """Fill the missing rows of the reference cache: the reference is frozen, so each pair is computed once."""
     for split in splits:
-        pairs = task.train if split == "train" else task.test
+        pairs = task.split(split)
         table = reference_table(state, split, len(pairs))
         missing = torch.isnan(table).any(1).nonzero().flatten().tolist()
         if missing:
@@ -309,32 +309,27 @@ def _fit_personal(
     return {f"personal_{k}": v for k, v in metrics.items() if k in ("loss", "rewards/accuracies")}
 
 
-@torch.no_grad()
-def evaluate(
-    model: FedPDPOModel,
-    task: ClientTask,
-    state: ClientState,
-    shared: dict[str, torch.Tensor],
-    initial: dict[str, torch.Tensor],
-    cfg: RunConfig,
-) -> dict[str, float]:
-    """Held-out metrics of the client's personalized model: the training objective's metrics under the same names
-    (:func:`objective` over all test pairs: ``loss``, ``loss/dpo``, ``rewards/margins``, ...) and the preference
-    accuracy by implicit, explicit and combined score.
+#: The scores a client can rank pairs by (see :func:`evaluate`); ``selected_score`` in the metrics is an index here.
+SCORES = ("implicit", "combined", "explicit", "global")
 
-    * implicit: ``beta * h`` (DPO's reward margin); explicit: ``r(x, y_w) - r(x, y_l)``;
-      combined: ``beta * h + alpha * (r(x, y_w) - r(x, y_l))``; ``logp``: length-normalised policy log-prob margin.
-    * ``accuracy`` is the score chosen by ``method.eval_score``. Ties count half.
-    """
+
+@dataclass
+class _SplitScores:
+    """Per-pair margins of one split under the client's models, and the objective's metrics on it."""
+
+    margins: dict[str, torch.Tensor]  # score name -> [n] margin (chosen minus rejected)
+    metrics: dict[str, float]
+    logp: torch.Tensor  # length-normalised policy log-prob margin
+
+
+def _score_split(
+    model: FedPDPOModel, pairs: list[TokenizedPair], ref_table: torch.Tensor, cfg: RunConfig, pad_id: int
+) -> _SplitScores:
+    """The personalized model's implicit, explicit and combined margins on ``pairs`` (and the objective)."""
     device = device_of(cfg)
-    model.to(device)
-    load_client(model, shared, state, initial, personal=True)
-    ensure_reference(model, task, state, cfg, ("test",))
-    model.eval()
-    ref_table = state.reference["test"]
     sides: dict[str, list[torch.Tensor]] = {"logps": [], "ref": [], "rewards": []}  # per batch, [chosen, rejected]
     logp_margin, explicit = [], []
-    for batch in _batches(task.test, cfg.eval_batch_size, task.pad_id, device):
+    for batch in _batches(pairs, cfg.eval_batch_size, pad_id, device):
         with autocast(cfg):
             out = model(batch)
         b = batch.num_pairs
@@ -347,22 +342,90 @@ def evaluate(
             sides["rewards"].append(out.rewards.float().cpu())
             explicit.append((out.rewards[:b] - out.rewards[b:]).float().cpu())
 
-    def pairs(key: str) -> torch.Tensor:
-        """All test pairs laid out [chosen..., rejected...], as the objective takes a batch."""
+    def laid_out(key: str) -> torch.Tensor:
+        """All pairs laid out [chosen..., rejected...], as the objective takes a batch."""
         halves = [t.chunk(2) for t in sides[key]]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves])
 
-    result = objective(pairs("logps"), pairs("ref"), pairs("rewards") if explicit else None, cfg)
-    metrics = result.metrics | {
-        "accuracy_implicit": pairwise_accuracy(result.margins).item(),
-        "accuracy_logp": pairwise_accuracy(torch.cat(logp_margin)).item(),
-        "reward_margin": result.metrics["rewards/margins"],
-    }
+    result = objective(laid_out("logps"), laid_out("ref"), laid_out("rewards") if explicit else None, cfg)
+    margins = {"implicit": result.margins}
     if explicit:
         exp = torch.cat(explicit)
-        combined = result.margins + cfg.method.eval_reward_weight * exp
-        metrics["accuracy_explicit"] = pairwise_accuracy(exp).item()
-        metrics["accuracy_combined"] = pairwise_accuracy(combined).item()
-        metrics["explicit_margin"] = exp.mean().item()
-    metrics["accuracy"] = metrics[f"accuracy_{cfg.method.eval_score}"]
+        margins |= {"explicit": exp, "combined": result.margins + cfg.method.eval_reward_weight * exp}
+    # pairs are visited in length-bucketed order; the margins above follow that order consistently
+    return _SplitScores(margins, result.metrics, torch.cat(logp_margin))
+
+
+@torch.no_grad()
+def _global_margins(
+    model: FedPDPOModel, pairs: list[TokenizedPair], ref_table: torch.Tensor, cfg: RunConfig, pad_id: int
+) -> torch.Tensor:
+    """Implicit margins of the global policy (shared tensors as loaded, no local modules, original head)."""
+    device = device_of(cfg)
+    margins = []
+    for batch in _batches(pairs, cfg.eval_batch_size, pad_id, device):
+        with autocast(cfg):
+            logps = model.global_logps(batch).float()
+        ref = _ref_for(batch, ref_table, device)
+        b = batch.num_pairs
+        margins.append((cfg.beta * ((logps[:b] - ref[:b]) - (logps[b:] - ref[b:]))).cpu())
+    return torch.cat(margins)
+
+
+def _choose(val: dict[str, torch.Tensor], eval_score: str) -> str:
+    """The score a client ranks by: ``eval_score`` when fixed; with ``auto`` the candidate most accurate on the
+    client's validation pairs (ties go to the earlier of :data:`SCORES`; without validation pairs, the method's
+    own score: combined with a reward head, else implicit)."""
+    if eval_score != "auto":
+        return eval_score
+    candidates = [name for name in SCORES if name in val]
+    if not val or next(iter(val.values())).numel() == 0:
+        return "combined" if "combined" in candidates else "implicit"
+    return max(candidates, key=lambda name: (pairwise_accuracy(val[name]).item(), -SCORES.index(name)))
+
+
+@torch.no_grad()
+def evaluate(
+    model: FedPDPOModel,
+    task: ClientTask,
+    state: ClientState,
+    shared: dict[str, torch.Tensor],
+    initial: dict[str, torch.Tensor],
+    cfg: RunConfig,
+) -> dict[str, float]:
+    """Held-out metrics of the client's model: the training objective's metrics under the same names
+    (:func:`objective` over all test pairs: ``loss``, ``loss/dpo``, ``rewards/margins``, ...) and the preference
+    accuracy by each score, on the test pairs and (``val/`` keys) on the client's validation pairs.
+
+    Scores: ``implicit`` ``beta * h`` of the personalized policy (DPO's reward margin); ``explicit``
+    ``r(x, y_w) - r(x, y_l)``; ``combined`` ``beta * h + alpha * (r(x, y_w) - r(x, y_l))``; ``global`` the implicit
+    margin of the global policy (shared tensors, no local modules: what the client gets without personalizing);
+    ``logp`` the length-normalised policy log-prob margin (reported, never chosen). ``accuracy`` is the test accuracy
+    of the score chosen by ``method.eval_score``; ``auto`` chooses on the client's validation pairs, so a client
+    whose own modules do not beat the global model on its data falls back to it. Ties count half.
+    """
+    device = device_of(cfg)
+    model.to(device)
+    load_client(model, shared, state, initial, personal=True)
+    splits = ("test", "val") if task.val else ("test",)
+    ensure_reference(model, task, state, cfg, splits)
+    model.eval()
+    scores = {s: _score_split(model, task.split(s), state.reference[s], cfg, task.pad_id) for s in splits}
+    personalized = bool(len(model.local)) or bool(personal_copies(state.local))
+    if personalized and shared:  # the global policy differs from the client's own: score it too
+        load_client(model, shared, state, initial)  # global shared tensors (Ditto: not the personal copies)
+        for s in splits:
+            scores[s].margins["global"] = _global_margins(model, task.split(s), state.reference[s], cfg, task.pad_id)
+    test = scores["test"]
+    metrics = test.metrics | {
+        f"accuracy_{name}": pairwise_accuracy(margin).item() for name, margin in test.margins.items()
+    }
+    metrics |= {"accuracy_logp": pairwise_accuracy(test.logp).item(), "reward_margin": test.metrics["rewards/margins"]}
+    if "explicit" in test.margins:
+        metrics["explicit_margin"] = test.margins["explicit"].mean().item()
+    val = scores["val"].margins if "val" in scores else {}
+    metrics |= {f"val/accuracy_{name}": pairwise_accuracy(margin).item() for name, margin in val.items()}
+    chosen = _choose(val, cfg.method.eval_score)
+    metrics["selected_score"] = float(SCORES.index(chosen))
+    metrics["accuracy"] = metrics[f"accuracy_{chosen}"]
     return metrics

@@ -187,6 +187,13 @@ class FedPDPOModel(nn.Module):
             hidden = self._hidden(batch, prefix)
         return self._logps(hidden, batch, self.ref_head_weight)[0]
 
+    @torch.no_grad()
+    def global_logps(self, batch: PairBatch) -> torch.Tensor:
+        """log pi_global: the backbone with the shared LoRA as loaded and the original head, local modules off:
+        the policy every client shares (FedAvg's), against which a client judges its own modules."""
+        prefix = self.prefix.hidden(batch) if self.shared_prefix else None
+        return self._logps(self._hidden(batch, prefix), batch, self.ref_head_weight)[0]
+
     def _hidden(self, batch: PairBatch, prefix: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states: the whole decoder, or only the layers above the frozen prefix on its output."""
         if prefix is None:

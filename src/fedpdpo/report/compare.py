@@ -73,11 +73,6 @@ def load_run(path: Path) -> Run:
         raise FedPDPOError(f"{path} is not a finished run (no summary.json)")
     summary = _parse(summary_path, json.loads)
     check_summary(summary_path, summary)
-    if any("local_steps" not in c for c in summary.get("clients", [])):
-        raise FedPDPOError(
-            f"{summary_path} does not say how many local steps its clients ran (written by an older fedpdpo); "
-            "run it again to compare it"
-        )
     config_path = path / "config.toml"
     if not config_path.is_file():
         raise FedPDPOError(f"{path} is not a fedpdpo run (no config.toml next to its summary.json)")
@@ -120,6 +115,8 @@ def _summary_problem(summary: Any) -> str:
             isinstance(client.get(k), int | float) for k in ("accuracy", "accuracy_implicit")
         ):
             return "an entry of 'clients' lacks its accuracies"
+        if "local_steps" not in client:
+            return "it does not say how many local steps its clients ran (written by an older fedpdpo)"
     needed = {"shared_parameters", "uplink_bytes_per_client_round", "downlink_bytes_per_client_round"}
     if not needed <= set(summary["communication"]):
         return "field 'communication' is incomplete"

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpdpo.client.state import atomic_write
+from fedpdpo.client.trainer import SCORES
 from fedpdpo.config import RunConfig, save_config
 from fedpdpo.jsonio import dumps
 
@@ -63,12 +64,16 @@ def build_summary(
             "accuracy_implicit",
             "accuracy_explicit",
             "accuracy_combined",
+            "accuracy_global",
             "accuracy_logp",
             "reward_margin",
             "explicit_margin",
         ):
             if key in row:
                 entry[key] = row[key]
+        entry |= {k: v for k, v in row.items() if k.startswith("val/accuracy")}
+        if "selected_score" in row:  # which score the client ranks by (chosen on its validation pairs by default)
+            entry["selected_score"] = SCORES[int(row["selected_score"])]
         per_client.append(entry)
     history = mean_accuracy_by_round(rows)
     return {

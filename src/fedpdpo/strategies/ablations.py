@@ -30,7 +30,8 @@ class FedPDPONoReward(FedPDPO):
     def configure(self, cfg: RunConfig) -> RunConfig:
         cfg = super().configure(cfg)
         cfg.method.reward_head = False
-        cfg.method.eval_score = "implicit"
+        if cfg.method.eval_score in ("explicit", "combined"):  # no reward head to score with
+            cfg.method.eval_score = "auto"
         return cfg
 
 
