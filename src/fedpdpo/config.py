@@ -46,6 +46,9 @@ class MethodConfig:
     label_smoothing: float = 0.0
     # lambda: weight of the explicit-reward Bradley-Terry loss.
     reward_weight: float = 1.0
+    # gamma: weight of the DPO loss of the global policy (shared LoRA with the original head, no local modules),
+    # trained next to the client's own so that the shared tensors stay a good policy by themselves (0 = off).
+    global_weight: float = 0.0
     # alpha: weight of the explicit reward margin in the combined evaluation score.
     eval_reward_weight: float = 1.0
     personal_head: bool = True
@@ -283,6 +286,7 @@ RANGES: dict[str, Range] = {
     "method.label_smoothing": Range(0, 0.5, high_open=True),  # at 0.5 the DPO loss ignores the labels
     "method.reward_weight": NON_NEGATIVE,
     "method.eval_reward_weight": NON_NEGATIVE,
+    "method.global_weight": NON_NEGATIVE,
     "method.adapter_dim": POSITIVE,
     "method.reward_layer": NON_NEGATIVE,
     "method.local_lr_scale": POSITIVE,

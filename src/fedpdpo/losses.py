@@ -6,7 +6,7 @@ Notation for one pair (x, y_w, y_l): ``h = [log pi(y_w) - log pi_ref(y_w)] - [lo
   ``L = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)``
 * IPO (Azar et al. 2023): ``L = (h - 1 / (2 beta))^2``
 * explicit reward (Bradley-Terry): ``L_r = -log sigmoid(r(x, y_w) - r(x, y_l))``
-* FedPDPO: ``L = L_DPO + lambda * L_r``
+* FedPDPO: ``L = L_DPO + lambda * L_r (+ gamma * L_DPO of the global policy, when method.global_weight = gamma > 0)``
 
 Metric names follow TRL's DPOTrainer: ``rewards/chosen`` is ``beta * (log pi - log pi_ref)`` of the chosen side.
 """
@@ -66,8 +66,12 @@ def fedpdpo_objective(
     reward_weight: float,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    global_logps: torch.Tensor | None = None,
+    global_weight: float = 0.0,
 ) -> LossOutput:
-    """The FedPDPO loss for a batch laid out as [chosen..., rejected...] (see ``PairBatch``)."""
+    """The FedPDPO loss for a batch laid out as [chosen..., rejected...] (see ``PairBatch``); ``global_logps`` are
+    the log-probs of the global policy (shared tensors, no local modules), whose DPO loss is added with weight
+    ``global_weight``."""
     b = policy_logps.shape[0] // 2
     losses, r_chosen, r_rejected = dpo_loss(
         policy_logps[:b], policy_logps[b:], ref_logps[:b], ref_logps[b:], beta, loss_type, label_smoothing
@@ -90,5 +94,12 @@ def fedpdpo_objective(
         metrics["loss/reward"] = rm_loss.item()
         metrics["explicit/margins"] = explicit_margin.mean().item()
         metrics["explicit/accuracies"] = pairwise_accuracy(explicit_margin).item()
+    if global_logps is not None and global_weight > 0:
+        g_losses, g_chosen, g_rejected = dpo_loss(
+            global_logps[:b], global_logps[b:], ref_logps[:b], ref_logps[b:], beta, loss_type, label_smoothing
+        )
+        loss = loss + global_weight * g_losses.mean()
+        metrics["loss/global"] = g_losses.mean().item()
+        metrics["global/accuracies"] = pairwise_accuracy(g_chosen - g_rejected).item()
     metrics["loss"] = loss.item()
     return LossOutput(loss, metrics, margins)

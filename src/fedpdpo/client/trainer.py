@@ -137,7 +137,13 @@ def _ref_for(batch: PairBatch, table: torch.Tensor, device: torch.device) -> tor
     return torch.cat([rows[:, 0], rows[:, 1]]).to(device)
 
 
-def objective(logps: torch.Tensor, ref: torch.Tensor, rewards: torch.Tensor | None, cfg: RunConfig) -> LossOutput:
+def objective(
+    logps: torch.Tensor,
+    ref: torch.Tensor,
+    rewards: torch.Tensor | None,
+    cfg: RunConfig,
+    global_logps: torch.Tensor | None = None,
+) -> LossOutput:
     """The run's objective on pairs laid out [chosen..., rejected...]: what training minimises and what evaluation
     reports, through the same function (as TRL computes train and eval losses), so both honour ``loss_type`` and
     ``label_smoothing`` and carry the same metric names."""
@@ -149,6 +155,8 @@ def objective(logps: torch.Tensor, ref: torch.Tensor, rewards: torch.Tensor | No
         cfg.method.reward_weight,
         cfg.method.loss_type,
         cfg.method.label_smoothing,
+        None if global_logps is None else global_logps.float(),
+        cfg.method.global_weight,
     )
 
 
@@ -214,7 +222,7 @@ def _run_steps(
             out = model(batch, with_reference=need_ref)
             if need_ref:
                 _store_reference(batch, out.ref_logps, ref_table)
-            result = objective(out.logps, _ref_for(batch, ref_table, device), out.rewards, cfg)
+            result = objective(out.logps, _ref_for(batch, ref_table, device), out.rewards, cfg, out.global_logps)
         loss = result.loss
         if anchor is not None:
             loss = loss + 0.5 * run.mu * sum(((p - a) ** 2).sum() for p, a in anchor)

@@ -37,6 +37,7 @@ class PolicyOutput:
     rewards: torch.Tensor | None  # [2B] explicit rewards, None without a reward head
     n_tokens: torch.Tensor  # [2B] response lengths
     ref_logps: torch.Tensor | None = None  # [2B] reference log-probs, when asked for
+    global_logps: torch.Tensor | None = None  # [2B] global policy's log-probs, when method.global_weight > 0
 
 
 def _num_layers(model: PreTrainedModel) -> int:
@@ -138,6 +139,9 @@ class FedPDPOModel(nn.Module):
             self.local["reward_head"] = RewardHead(hidden_size, method.reward_pooling)
         if method.adapter:
             self.local["adapter"] = BottleneckAdapter(hidden_size, method.adapter_dim)
+        # Train the global policy (shared LoRA, original head, no adapter) alongside the client's own, so the shared
+        # tensors stay a good policy on their own (method.global_weight; only with local modules to differ from).
+        self.train_global = method.global_weight > 0 and ("head" in self.local or "adapter" in self.local)
 
     # -- parameters -------------------------------------------------------------------------------------------
     def trainable(self) -> dict[str, nn.Parameter]:
@@ -167,6 +171,7 @@ class FedPDPOModel(nn.Module):
         prefix = self.prefix.hidden(batch) if self.shared_prefix else None
         ref_logps = self.reference_logps(batch, prefix) if with_reference else None
         hidden = self._hidden(batch, prefix)
+        global_logps = self._logps(hidden, batch, self.ref_head_weight)[0] if self.train_global else None
         if "adapter" in self.local:
             hidden = self.local["adapter"](hidden)
         head = self.local["head"].get_parameter("weight") if "head" in self.local else self.ref_head_weight
@@ -175,7 +180,7 @@ class FedPDPOModel(nn.Module):
         if "reward_head" in self.local:
             features = self.prefix.hidden(batch, self.reward_layer) if self.reward_layer else hidden
             rewards = self.local["reward_head"](features, batch.response_mask)
-        return PolicyOutput(logps, rewards, n_tokens, ref_logps)
+        return PolicyOutput(logps, rewards, n_tokens, ref_logps, global_logps)
 
     @torch.no_grad()
     def reference_logps(self, batch: PairBatch, prefix: torch.Tensor | None = None) -> torch.Tensor:
