@@ -45,6 +45,9 @@ def test_validation_scores_and_the_selected_accuracy(trained):
     assert metrics["accuracy"] == metrics[f"accuracy_{chosen}"]
     best = max(metrics[f"val/accuracy_{name}"] for name in SCORES)
     assert metrics[f"val/accuracy_{chosen}"] == best
+    own_policy = metrics["val/accuracy_implicit"] >= metrics["val/accuracy_global"]
+    assert metrics["selected_policy"] == float(own_policy)
+    assert metrics["accuracy_policy"] == metrics["accuracy_implicit" if own_policy else "accuracy_global"]
 
 
 def test_global_score_is_the_global_policy_fedavg_would_rank_by(trained):

@@ -438,4 +438,8 @@ def evaluate(
     chosen = score or _choose(val, cfg.method.eval_score)
     metrics["selected_score"] = float(SCORES.index(chosen))
     metrics["accuracy"] = metrics[f"accuracy_{chosen}"]
+    # The policy the client would generate with: its own, unless the global one ranks its validation pairs better.
+    policy = _choose({k: v for k, v in val.items() if k in ("implicit", "global")}, "auto") if val else "implicit"
+    metrics["selected_policy"] = float(policy == "implicit")  # 1: the client's own policy, 0: the global one
+    metrics["accuracy_policy"] = metrics[f"accuracy_{policy}"]
     return metrics
