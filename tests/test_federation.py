@@ -19,9 +19,11 @@ from flwr.app import Context, RecordDict
 from fedpdpo.cli import build_parser, main
 from fedpdpo.config import RunConfig, load_config
 from fedpdpo.data import build_clients, load_client_files
+from fedpdpo.engines.flower.client_app import NodeClient, node_setup
 from fedpdpo.engines.flower.client_app import app as client_app
 from fedpdpo.engines.flower.local_grid import LocalGrid
 from fedpdpo.engines.flower.node import NodeSpec
+from fedpdpo.engines.flower.records import config_text
 from fedpdpo.engines.flower.server_app import ServerParams, make_server_app
 from fedpdpo.engines.inprocess import run_inprocess
 from fedpdpo.errors import ConfigError, FedPDPOError
@@ -181,6 +183,17 @@ def test_bad_file_on_one_node_fails_only_that_node_with_one_line(tiny_cfg, tmp_p
     assert [(r["round"], r["client"]) for r in summary["rejected_updates"]] == [(1, 1), (2, 1)]
 
 
+def test_a_node_may_skip_its_own_bad_records(tiny_cfg, tmp_path):
+    """``fedpdpo node --on-bad-record skip``: the participant's choice for its own file (the run config says error)."""
+    files = site_files(tmp_path)
+    Path(files[1][0]).write_text(Path(files[1][0]).read_text() + "not json\n")
+    cfg = federated(tiny_cfg, 2)
+    with pytest.raises(FedPDPOError, match=r"train\.jsonl:31: malformed JSON"):
+        node_setup(config_text(cfg), NodeClient(1, files[1][0]))
+    setup = node_setup(config_text(cfg), NodeClient(1, files[1][0], "", "skip"))
+    assert len(setup.client.train) + len(setup.client.test) == 30
+
+
 class LateGrid(LocalGrid):
     """Node 1001 connects only once the server has sent round ``join``'s first messages."""
 
@@ -269,6 +282,7 @@ def test_node_help_documents_every_flag(capsys):
         "--client-id",
         "--data",
         "--test",
+        "--on-bad-record",
         "--state-dir",
         "--auth-key",
         "--partition-id",

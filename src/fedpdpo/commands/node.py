@@ -63,6 +63,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "data.test_fraction of them)",
     )
     node.add_argument(
+        "--on-bad-record",
+        choices=["error", "skip"],
+        help="what to do with an invalid record of --data/--test: error (the node answers every message with "
+        "FILE:LINE: problem) or skip (drop and count it); default: the run config's data.on_bad_record",
+    )
+    node.add_argument(
         "--state-dir",
         type=_path,
         metavar="DIR",
@@ -102,6 +108,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         client_id=args.client_id,
         data=args.data or "",
         test=args.test or "",
+        on_bad_record=args.on_bad_record or "",
         partition_id=args.partition_id,
         state_dir=args.state_dir or "",
         auth_key=args.auth_key or "",

@@ -3,7 +3,8 @@
 Which client a node serves, and from which data, comes from its node config (:class:`NodeClient`):
 
 * **node-local data** (a real federation; ``fedpdpo node --client-id N --data FILE``): ``client-id``,
-  ``data-path`` and optionally ``test-path``. The node's file is its client's whole data, loaded by the same
+  ``data-path``, optionally ``test-path`` and ``on-bad-record`` (this node's choice, else the run config's
+  ``data.on_bad_record``). The node's file is its client's whole data, loaded by the same
   :func:`fedpdpo.data.load_client_files` as the in-process ``partition.method = "by_file"``; nothing else is read.
 * **shared data** (simulation, loopback without ``--node-data``): ``partition-id``. The node builds every
   partition from the run config's ``data.path``, as the in-process engine does, and serves its own.
@@ -28,6 +29,7 @@ The loaded model and tokenized data are cached per process. A Ray actor and a ``
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,6 +64,7 @@ from fedpdpo.engines.flower.records import (
     METRICS,
     NODE_CLIENT,
     NODE_DATA,
+    NODE_ON_BAD_RECORD,
     NODE_PARTITION,
     NODE_STATE_DIR,
     NODE_TEST,
@@ -91,6 +94,7 @@ class NodeClient:
     client_id: int
     data_path: str = ""  # "" = shared data: partition ``client_id`` of the run config's data.path
     test_path: str = ""
+    on_bad_record: str = ""  # "" = the run config's data.on_bad_record
 
     @classmethod
     def of(cls, context: Context) -> NodeClient:
@@ -98,7 +102,10 @@ class NodeClient:
         if NODE_DATA in node:
             if NODE_CLIENT not in node:
                 raise ConfigError(f"the node config has '{NODE_DATA}' but no '{NODE_CLIENT}' (use fedpdpo node)")
-            return cls(int(node[NODE_CLIENT]), str(node[NODE_DATA]), str(node.get(NODE_TEST, "")))
+            on_bad = str(node.get(NODE_ON_BAD_RECORD, ""))
+            if on_bad not in ("", "error", "skip"):
+                raise ConfigError(f"node config '{NODE_ON_BAD_RECORD}' must be 'error' or 'skip', got {on_bad!r}")
+            return cls(int(node[NODE_CLIENT]), str(node[NODE_DATA]), str(node.get(NODE_TEST, "")), on_bad)
         if NODE_PARTITION in node:
             return cls(int(node[NODE_PARTITION]))
         raise ConfigError(
@@ -150,7 +157,10 @@ def check_node_data(cfg: RunConfig, strategy: Strategy) -> None:
 def _client_data(proc: ProcessSetup, node: NodeClient) -> ClientData:
     if node.data_path:
         check_node_data(proc.cfg, proc.strategy)
-        return load_client_files(node.client_id, node.data_path, node.test_path, proc.cfg)[0]
+        cfg = proc.cfg
+        if node.on_bad_record:
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, on_bad_record=node.on_bad_record))
+        return load_client_files(node.client_id, node.data_path, node.test_path, cfg)[0]
     if proc.partitions is None:
         proc.partitions = proc.strategy.prepare_clients(build_clients(proc.cfg)[0])
     if not 0 <= node.client_id < len(proc.partitions):

@@ -120,6 +120,34 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     return env
 
 
+def _start_time(pid: int) -> str | None:
+    """When process ``pid`` started (Linux ``/proc``; None where there is no such process or no ``/proc``)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def descendants(pid: int) -> list[tuple[int, str]]:
+    """Every process below ``pid``, with its start time. Flower starts its SuperExec (and so the ServerApp) in a
+    session of its own, which the SuperLink's process group does not hold. Empty without ``/proc``: there the
+    SuperExec and the ServerApp end by themselves once their parent is gone (Flower's parent-process monitor)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if (started := _start_time(child)) is not None:
+                found.append((child, started))
+            todo.append(child)
+    return found
+
+
 @dataclass
 class NodeFiles:
     """What one participant's node holds: its own data file, optionally a test file and a state directory ("":
@@ -203,7 +231,7 @@ class LoopbackDeployment:
 
     def kill_superlink(self) -> None:
         """SIGKILL the SuperLink and the ServerApp it runs, as a crash of the server machine would."""
-        self._stop(self.procs.pop("superlink"), signal.SIGKILL)
+        self._stop(self.procs.pop("superlink"), sig=signal.SIGKILL)
 
     def node_command(self, i: int) -> list[str]:
         """``fedpdpo node`` for node ``i`` (what a participant runs on its machine)."""
@@ -223,7 +251,7 @@ class LoopbackDeployment:
 
     def kill_supernode(self, i: int) -> None:
         """SIGKILL the node (its SuperNode and its ClientApp process), as a machine crash would."""
-        self._stop(self.procs.pop(f"supernode-{i}"), signal.SIGKILL)
+        self._stop(self.procs.pop(f"supernode-{i}"), sig=signal.SIGKILL)
 
     def write_connection(self) -> None:
         conn: dict[str, Any] = {"address": f"127.0.0.1:{self.superlink_port}"}
@@ -243,19 +271,30 @@ class LoopbackDeployment:
         return self._spawn("flwr-run", cmd)
 
     @staticmethod
-    def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 10.0) -> None:
-        """Signal the process group, wait ``grace`` seconds, then SIGKILL whatever of the group is left."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=grace)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    def _stop(*procs: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 10.0) -> None:
+        """Signal the processes' groups (all at once: nodes stop in parallel), wait up to ``grace`` seconds, then
+        SIGKILL whatever of the groups is left, and the processes they started in sessions of their own (the
+        SuperLink's SuperExec and ServerApp)."""
+        below = [d for proc in procs for d in descendants(proc.pid)]  # before the signal: orphans are re-parented
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, sig)
+        deadline = time.monotonic() + (grace if sig != signal.SIGKILL else 0.0)
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for pid, started in below:
+            if _start_time(pid) == started:  # still that process, not a new one that got its pid
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
 
     def stop(self) -> None:
-        for name in sorted(self.procs, key=lambda n: n == "superlink"):  # nodes and flwr first, SuperLink last
-            self._stop(self.procs[name])
+        self._stop(*(p for name, p in self.procs.items() if name != "superlink"))  # nodes and flwr first
+        if "superlink" in self.procs:
+            self._stop(self.procs["superlink"])
         self.procs.clear()
         for log in self._logs:
             log.close()

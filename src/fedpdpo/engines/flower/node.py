@@ -27,13 +27,22 @@ import sys
 import tempfile
 import threading
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
+import fedpdpo
 from fedpdpo.engines.flower.deploy import free_port
-from fedpdpo.engines.flower.records import NODE_CLIENT, NODE_DATA, NODE_PARTITION, NODE_STATE_DIR, NODE_TEST
+from fedpdpo.engines.flower.records import (
+    NODE_CLIENT,
+    NODE_DATA,
+    NODE_ON_BAD_RECORD,
+    NODE_PARTITION,
+    NODE_STATE_DIR,
+    NODE_TEST,
+)
 from fedpdpo.errors import FedPDPOError
 
 log = logging.getLogger(__name__)
@@ -51,6 +60,7 @@ class NodeSpec:
     client_id: int | None = None  # node-local data: this participant's client id ...
     data: str = ""  # ... and its data file
     test: str = ""  # optional test file
+    on_bad_record: str = ""  # "error" / "skip" for this node's file; "" = the run config's data.on_bad_record
     partition_id: int | None = None  # shared data instead: the partition of the run config's data.path
     state_dir: str = ""  # "" = the directory the server names (server and node share a disk)
     auth_key: str = ""  # node authentication: this node's private key
@@ -62,8 +72,8 @@ class NodeSpec:
             raise FedPDPOError("fedpdpo node needs either --client-id N with --data FILE, or --partition-id N")
         if self.client_id is not None and not self.data:
             raise FedPDPOError("--client-id needs --data FILE (this participant's preference pairs)")
-        if self.partition_id is not None and (self.data or self.test):
-            raise FedPDPOError("--partition-id serves the run config's shared data; drop --data/--test")
+        if self.partition_id is not None and (self.data or self.test or self.on_bad_record):
+            raise FedPDPOError("--partition-id serves the run config's shared data; drop --data/--test/--on-bad-record")
         for flag, value in (("--client-id", self.client_id), ("--partition-id", self.partition_id)):
             if value is not None and value < 0:
                 raise FedPDPOError(f"{flag} must be >= 0, got {value}")
@@ -89,6 +99,8 @@ class NodeSpec:
             config = {NODE_CLIENT: self.client_id, NODE_DATA: self.data}
             if self.test:
                 config[NODE_TEST] = self.test
+            if self.on_bad_record:
+                config[NODE_ON_BAD_RECORD] = self.on_bad_record
         if self.state_dir:
             config[NODE_STATE_DIR] = self.state_dir
         return config
@@ -152,6 +164,8 @@ def run_node(spec: NodeSpec) -> int:
         secret_file.touch(mode=0o600)
         secret_file.write_bytes(secret)
         port = spec.runtime_port or free_port()
+        logging.getLogger("flwr").propagate = False  # Flower logs through its own handler, at its own level
+        log.info("fedpdpo %s from %s", version("fedpdpo"), Path(fedpdpo.__file__).parent)
         log.info("joining %s as %s", spec.superlink, spec.describe())
         supernode = subprocess.Popen(
             spec.supernode_command(port, config_file, secret_file), preexec_fn=_die_with_parent

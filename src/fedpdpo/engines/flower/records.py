@@ -38,6 +38,7 @@ NODE_PARTITION = "partition-id"  # shared data: serve this partition of the run 
 NODE_CLIENT = "client-id"  # node-local data: this node's client id ...
 NODE_DATA = "data-path"  # ... and its own data file
 NODE_TEST = "test-path"  # ... and optionally its test file
+NODE_ON_BAD_RECORD = "on-bad-record"  # ... and what to do with its bad records (default: the run config's)
 NODE_STATE_DIR = "state-dir"  # where the node keeps its clients' state (one subdirectory per run)
 
 

@@ -83,11 +83,11 @@ class ServerParams:
     @classmethod
     def from_run_config(cls, rc: dict[str, Any]) -> ServerParams:
         resume = bool(rc.get("resume", False))
-        if "out" not in rc or ("config" not in rc and not resume):
+        if not rc.get("out") or (not rc.get("config") and not resume):
             raise ConfigError("the ServerApp needs run config keys 'config' (TOML path) and 'out' (run directory)")
         out = str(rc["out"])
         if resume:
-            if "config" in rc or rc.get("set"):
+            if rc.get("config") or rc.get("set"):
                 raise ConfigError("run config key 'resume' uses the run's own config.toml; drop 'config' and 'set'")
             cfg = load_config(resume_source(Path(out)) / "config.toml")
         else:
@@ -114,7 +114,8 @@ def reply_error(msg: Message) -> str:
     """Why a reply failed, naming its node (the reason of a node's own error is its one-line message)."""
     if not msg.has_error():
         return ""
-    return f"node {msg.metadata.src_node_id}: {msg.error.reason} (Flower error code {msg.error.code})"
+    code = "" if msg.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION else f" (Flower error code {msg.error.code})"
+    return f"node {msg.metadata.src_node_id}: {msg.error.reason}{code}"
 
 
 class GridTransport:
