@@ -343,3 +343,32 @@ def test_resume_continues_with_the_engine_that_started_the_run(tiny_cfg, tmp_pat
     monkeypatch.setattr(flower, "run_flower", lambda engine, cfg, out, **kw: calls.append((engine, kw)) or summary)
     assert main(["run", "--resume", str(out), "--rounds", "3"]) == 0
     assert [(engine, kw["resume"], kw["rounds"]) for engine, kw in calls] == [("flower-sim", True, 3)]
+
+
+def test_a_supernode_that_keeps_exiting_is_given_up(monkeypatch):
+    """``fedpdpo node`` starts its SuperNode again when it exits (a restarted SuperLink forgets the node), but not
+    forever when it exits right after every start."""
+    import signal
+    import sys
+
+    from fedpdpo.engines.flower import node
+
+    monkeypatch.setattr(node.NodeSpec, "supernode_command", lambda *_: [sys.executable, "-c", "raise SystemExit(3)"])
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(FedPDPOError, match=r"exited 3 times in a row right after its start \(last exit code 3\)"):
+            node.run_node(NodeSpec("127.0.0.1:1", client_id=0, data=str(TINY_DATA)), restart_delay=0.0)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def test_no_summary_without_a_client_evaluated_in_the_last_round(tiny_cfg, tmp_path):
+    files = site_files(tmp_path)
+    for data, _ in files:
+        Path(data).write_text("not json\n")
+    tiny_cfg.rounds = 1
+    with pytest.raises(FedPDPOError, match=r"no client was evaluated in the last round \(1; metrics\.jsonl says why"):
+        run_grid(federated(tiny_cfg, 2), tmp_path / "run", node_configs(files))
+    assert all("malformed JSON" in r["eval/error"] for r in rows_of(tmp_path / "run").values())
+    assert not (tmp_path / "run" / "summary.json").exists()

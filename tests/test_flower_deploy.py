@@ -4,8 +4,9 @@ Every process is started and stopped by the test (also on failure: the launcher 
 each process group). They run in the default suite because they are the only end-to-end checks of real nodes:
 
 * the docs/deployment.md walkthrough: three participants, each with its own file in its own directory and its own
-  state directory, TLS, a server config without ``data.path``; the server side is killed mid-run and the run
-  resumed with ``fedpdpo run --resume``; the results equal the in-process ``by_file`` run of the same files;
+  state directory, TLS, a server config without ``data.path``; the server side is killed mid-run twice, and the
+  run resumed once with the nodes still running (a restarted SuperLink, the documented multi-machine commands) and
+  once with ``fedpdpo run --resume``; the results equal the in-process ``by_file`` run of the same files;
 * faults: a bad file on one node (one line in that node's log, the reason in the server's metrics, the others go
   on), a node that joins late, and a node killed mid-round and restarted (it rejoins with its state).
 
@@ -99,12 +100,22 @@ def test_walkthrough_three_participants_server_killed_and_resumed(tiny_cfg, tmp_
     workdir = out / "deploy"  # where `fedpdpo run --resume` looks for the nodes a loopback run had
     workdir.mkdir(parents=True)
     save_nodes(workdir, nodes)
+
+    def after(server_round: int) -> Callable[[], bool]:
+        return lambda: (ckpt := load_checkpoint(out)) is not None and ckpt.server_round >= server_round
+
     with LoopbackDeployment(workdir, 3, tls=True, nodes=nodes) as dep:
         run = dep.submit({"config": str(config_file), "out": str(out)})
-        wait_until(lambda: (ckpt := load_checkpoint(out)) is not None and ckpt.server_round >= 1, run, "round 1")
-        dep.kill_superlink()  # the server machine crashes: SuperLink and ServerApp, mid-run
+        wait_until(after(1), run, "round 1")
+        # the server machine crashes (SuperLink and ServerApp) mid-run; the nodes keep running. As in
+        # docs/deployment.md: restart the SuperLink, submit the run again with resume=true; the nodes join again
+        dep.kill_superlink()
+        dep.start_superlink()
+        run = dep.submit({"out": str(out), "resume": True})
+        wait_until(after(2), run, "round 2")
+        dep.kill_superlink()  # and once more, now with the whole loopback deployment stopped after it
     ckpt = load_checkpoint(out)
-    assert ckpt is not None and ckpt.server_round < 3 and not (out / "summary.json").exists()
+    assert ckpt is not None and ckpt.server_round == 2 and not (out / "summary.json").exists()
 
     assert main(["run", "--resume", str(out), "--tls"]) == 0  # the same nodes, their state directories
     assert rows_of(out) == rows_of(tmp_path / "inprocess")  # every metric of every round, bit for bit

@@ -302,6 +302,11 @@ def run_server(
     }
     last_round = [r for r in read_metrics(out) if r["round"] == cfg.rounds and "accuracy" in r]
     clients = [client_info[c] for c in all_clients if c in {r["client"] for r in last_round}]
+    if not clients:  # remote engines: every node failed or was gone in the last round
+        raise FedPDPOError(
+            f"no client was evaluated in the last round ({cfg.rounds}; metrics.jsonl says why), so {out} has no "
+            "summary; bring the nodes back and continue with one more round: fedpdpo run --resume DIR --rounds N"
+        )
     # The final global shared tensors (the LoRA), by model parameter name: what `fedpdpo export` and
     # `fedpdpo generate` combine with a client's local.safetensors to rebuild its personalized model.
     final_shared = {k: v.detach().cpu().contiguous() for k, v in global_.items()}

@@ -11,7 +11,8 @@
   claimed with a per-start random SuperExec secret, so no other local process can take them.
 
 The SuperNode is this process's child: it is stopped when this process ends (Ctrl-C, SIGTERM, an error) and, on
-Linux, also when this process is killed outright. When the SuperNode exits on its own, so does this process.
+Linux, also when this process is killed outright. When the SuperNode exits on its own (a restarted SuperLink ends
+the sessions it does not know), it is started again and registers anew, with the model still loaded.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -147,8 +149,17 @@ def flower_executable(name: str) -> str:
     return str(beside) if beside.is_file() else (shutil.which(name) or name)
 
 
-def run_node(spec: NodeSpec) -> int:
-    """Run the node until it is stopped (SIGINT/SIGTERM) or its SuperNode exits; returns the exit code."""
+#: A SuperNode that exits sooner than this after its start, this many times in a row, is not started again.
+QUICK_EXIT_S = 15.0
+QUICK_EXITS = 3
+
+
+def run_node(spec: NodeSpec, restart_delay: float = 2.0) -> int:
+    """Run the node until it is stopped (SIGINT/SIGTERM); returns the exit code.
+
+    When the SuperNode exits by itself, it is started again (the loaded model stays): a SuperLink that restarted
+    without its database no longer knows the node and ends its session, and the node must register anew to take
+    part in the resumed run. A SuperNode that keeps exiting right after its start is given up on (an error)."""
     from fedpdpo.engines.flower.worker import serve_tasks
 
     spec.check()
@@ -167,20 +178,35 @@ def run_node(spec: NodeSpec) -> int:
         logging.getLogger("flwr").propagate = False  # Flower logs through its own handler, at its own level
         log.info("fedpdpo %s from %s", version("fedpdpo"), Path(fedpdpo.__file__).parent)
         log.info("joining %s as %s", spec.superlink, spec.describe())
-        supernode = subprocess.Popen(
-            spec.supernode_command(port, config_file, secret_file), preexec_fn=_die_with_parent
-        )
-        try:
-            serve_tasks(f"127.0.0.1:{port}", stop, secret, alive=lambda: supernode.poll() is None)
-        finally:
-            if supernode.poll() is None:
-                supernode.terminate()
-                try:
-                    supernode.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    supernode.kill()
-                    supernode.wait()
-    if stop.is_set():
-        log.info("node stopped")
-        return 0
-    raise FedPDPOError(f"flower-supernode exited with code {supernode.returncode}; see its messages above")
+        quick_exits = 0
+        while not stop.is_set():
+            started = time.monotonic()
+            code = _serve(spec.supernode_command(port, config_file, secret_file), port, stop, secret, serve_tasks)
+            if stop.is_set():
+                break
+            quick_exits = quick_exits + 1 if time.monotonic() - started < QUICK_EXIT_S else 0
+            if quick_exits >= QUICK_EXITS:
+                raise FedPDPOError(
+                    f"flower-supernode exited {quick_exits} times in a row right after its start (last exit code "
+                    f"{code}); see its messages above"
+                )
+            log.warning("flower-supernode exited (code %s); joining %s again", code, spec.superlink)
+            stop.wait(restart_delay)
+    log.info("node stopped")
+    return 0
+
+
+def _serve(command: list[str], port: int, stop: threading.Event, secret: bytes, serve_tasks) -> int | None:
+    """Run one SuperNode and serve its tasks until it exits or ``stop`` is set; returns its exit code."""
+    supernode = subprocess.Popen(command, preexec_fn=_die_with_parent)
+    try:
+        serve_tasks(f"127.0.0.1:{port}", stop, secret, alive=lambda: supernode.poll() is None)
+    finally:
+        if supernode.poll() is None:
+            supernode.terminate()
+            try:
+                supernode.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                supernode.kill()
+                supernode.wait()
+    return supernode.returncode

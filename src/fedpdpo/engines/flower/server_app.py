@@ -106,6 +106,9 @@ class ServerParams:
         )
 
 
+#: Seconds between two looks for replies (a pull from the SuperLink: one small request on a deployment).
+REPLY_POLL_S = 0.25
+
 #: Error codes meaning the node itself is unreachable (the SuperLink answers for it), not that its ClientApp failed.
 NODE_GONE = {ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE}
 
@@ -139,6 +142,23 @@ class GridTransport:
     def attach(self, run: RunRecord) -> None:
         self.run = run
 
+    def exchange(self, messages: list[Message]) -> list[Message]:
+        """Send ``messages`` and collect their replies until all are in or ``timeout`` has passed.
+
+        Flower's ``Grid.send_and_receive``, except that it looks for replies every ``REPLY_POLL_S`` seconds instead
+        of every 3: on a deployment each exchange would otherwise wait 1.5 s longer on average for nothing."""
+        pending = set(self.grid.push_messages(messages)) if messages else set()
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        replies: list[Message] = []
+        while pending:
+            got = list(self.grid.pull_messages(pending))
+            replies += got
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if not pending or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(REPLY_POLL_S)
+        return replies
+
     def _config(self, server_round: int) -> dict[str, Any]:
         """What every message of the round says besides the client's own keys (:meth:`_client_config`)."""
         config = {KEY_ROUND: server_round, KEY_RUN_CONFIG: self.cfg_text, KEY_STATE_ROOT: self.state_root}
@@ -157,7 +177,7 @@ class GridTransport:
             return
         query = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY, group_id="discover") for n in new]
         answered = set()
-        for reply in self.grid.send_and_receive(query, timeout=self.timeout):
+        for reply in self.exchange(query):
             node = reply.metadata.src_node_id
             answered.add(node)
             if reply.has_error():
@@ -220,7 +240,7 @@ class GridTransport:
             for node, cid in by_node.items()
         ]
         replies: dict[int, Message] = {}
-        for reply in self.grid.send_and_receive(msgs, timeout=self.timeout) if msgs else []:
+        for reply in self.exchange(msgs):
             node = reply.metadata.src_node_id
             if node not in by_node:
                 continue
