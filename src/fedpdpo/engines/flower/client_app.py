@@ -34,6 +34,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -159,7 +160,8 @@ def _client_data(proc: ProcessSetup, node: NodeClient) -> ClientData:
         check_node_data(proc.cfg, proc.strategy)
         cfg = proc.cfg
         if node.on_bad_record:
-            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, on_bad_record=node.on_bad_record))
+            on_bad: Literal["error", "skip"] = "skip" if node.on_bad_record == "skip" else "error"
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, on_bad_record=on_bad))
         return load_client_files(node.client_id, node.data_path, node.test_path, cfg)[0]
     if proc.partitions is None:
         proc.partitions = proc.strategy.prepare_clients(build_clients(proc.cfg)[0])
