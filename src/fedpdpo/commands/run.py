@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--resume",
         metavar="DIR",
         help="continue the run in DIR, or an interrupted --overwrite of it, after its last checkpoint (uses its "
-        "config.toml)",
+        "config.toml, and the engine it was started with)",
     )
     run.add_argument(
         "--rounds",
