@@ -195,7 +195,8 @@ class LoopbackDeployment:
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
         log = (self.workdir / "logs" / f"{name}.log").open("ab")
         self._logs.append(log)
-        # own process group: stopping it also stops the flwr-serverapp / flwr-clientapp processes it starts
+        # own process group: stopping it also stops what it starts there (a node's SuperNode); what Flower starts in
+        # sessions of its own (the SuperLink's SuperExec and ServerApp) is found by _stop as its descendants
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
         self.procs[name] = proc
         return proc
