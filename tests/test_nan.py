@@ -75,6 +75,9 @@ def test_nan_loss_rejects_the_client_for_that_round_only(tiny_cfg, tmp_path, mon
 class NaNTransport:
     """A transport whose client 1 returns a NaN tensor without raising (a buggy or hostile remote client)."""
 
+    def attach(self, run):
+        pass
+
     def fit(self, server_round, client_ids, shared, instructions, on_step):
         replies = []
         for cid in client_ids:

@@ -16,7 +16,7 @@ import warnings
 from fedpdpo.errors import FedPDPOError, environment_error
 
 #: Subcommand modules, each with ``register(subparsers)``.
-COMMANDS = ["run", "data", "export", "generate", "evaluate", "compare", "report", "deploy"]
+COMMANDS = ["run", "node", "data", "export", "generate", "evaluate", "compare", "report", "deploy"]
 
 
 def offline_env() -> None:

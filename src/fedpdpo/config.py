@@ -97,11 +97,16 @@ class DataConfig:
     fields: dict[str, str] = field(default_factory=dict)
     # Which ``split`` value (or split of a datasets.DatasetDict) holds the held-out test pairs.
     test_split: str = "test"
+    # partition.method = "by_file": the test file of each of extra_paths, in the same order ("" = none: that file's
+    # split field or test_fraction); test_path is then the test file of path.
+    extra_test_paths: list[str] = field(default_factory=list)
 
 
 @dataclass
 class PartitionConfig:
-    method: Literal["iid", "dirichlet", "by_domain"] = "iid"
+    # by_file: one client per data file (data.path, then data.extra_paths), each file its client's whole data, as
+    # in a deployment where every node holds its own file (data/files.py).
+    method: Literal["iid", "dirichlet", "by_domain", "by_file"] = "iid"
     alpha: float = 0.5
     label: str = "domain"
     # by_domain: explicit domain groups, one list per client; empty = one domain (sorted) per client.
@@ -222,16 +227,41 @@ class RunConfig:
             )
         if self.privacy.secagg and round(self.client_fraction * self.num_clients) < 2:
             raise ConfigError("config key 'privacy.secagg' needs at least 2 clients per round")
-        if not self.data.path:
-            raise ConfigError("config key 'data.path' is empty: point it at a JSONL, parquet or HF dataset directory")
         if any(not p for p in self.data.extra_paths):
             raise ConfigError("config key 'data.extra_paths' holds an empty path")
+        if self.data.extra_paths and not self.data.path:
+            raise ConfigError("config key 'data.extra_paths' is set but 'data.path' is empty")
+        self._validate_by_file()
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"config key 'device' must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.method.eval_score in ("explicit", "combined") and not self.method.reward_head:
             raise ConfigError(
                 f"config key 'method.eval_score' is {self.method.eval_score!r} but 'method.reward_head' is false; "
                 'use eval_score = "implicit"'
+            )
+
+    def _validate_by_file(self) -> None:
+        """``partition.method = "by_file"``: one client per file; files are participants, not a simulation."""
+        extra_tests = self.data.extra_test_paths
+        if self.partition.method != "by_file":
+            if extra_tests:
+                raise ConfigError("config key 'data.extra_test_paths' needs partition.method = \"by_file\"")
+            return
+        n_files = 1 + len(self.data.extra_paths) if self.data.path else 0
+        if self.num_clients != n_files:
+            raise ConfigError(
+                f"partition.method = \"by_file\" makes one client per data file, but 'num_clients' is "
+                f"{self.num_clients} and data.path + data.extra_paths name {n_files} file(s)"
+            )
+        if extra_tests and len(extra_tests) != len(self.data.extra_paths):
+            raise ConfigError(
+                f"config key 'data.extra_test_paths' must hold one entry per data.extra_paths file "
+                f'({len(self.data.extra_paths)}, "" for none), got {len(extra_tests)}'
+            )
+        if self.partition.conflict_fraction > 0:
+            raise ConfigError(
+                "config key 'partition.conflict_fraction' must be 0 with partition.method = \"by_file\": each "
+                "file already holds its participant's own preferences"
             )
 
 
@@ -454,10 +484,9 @@ def _resolve_paths(data: dict[str, Any], base: Path, where: str, model: bool = T
         for attr in ("path", "test_path"):
             if attr in section:
                 section[attr] = resolve(f"data.{attr}", section[attr])
-        if isinstance(section.get("extra_paths"), list):
-            section["extra_paths"] = [
-                resolve(f"data.extra_paths[{i}]", v) for i, v in enumerate(section["extra_paths"])
-            ]
+        for attr in ("extra_paths", "extra_test_paths"):
+            if isinstance(section.get(attr), list):
+                section[attr] = [resolve(f"data.{attr}[{i}]", v) for i, v in enumerate(section[attr])]
     name = data.get("model")
     if model and isinstance(name, str) and ("/" in name or name.endswith(".gguf")):
         data["model"] = resolve("model", name)

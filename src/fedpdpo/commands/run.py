@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--resume",
         metavar="DIR",
         help="continue the run in DIR, or an interrupted --overwrite of it, after its last checkpoint (uses its "
-        "config.toml)",
+        "config.toml, and the engine it was started with)",
     )
     run.add_argument(
         "--rounds",
@@ -40,10 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     eng = run.add_argument_group("engine (docs/deployment.md)")
     eng.add_argument(
         "--engine",
-        choices=["inprocess", "flower-sim", "flower-deploy"],
-        default="inprocess",
-        help="inprocess (default); flower-sim: Flower's Ray simulation; flower-deploy: SuperLink + one SuperNode "
-        "per client on 127.0.0.1 (loopback launcher)",
+        choices=ENGINES,
+        help="inprocess (default; with --resume: the engine the run was started with); flower-sim: Flower's Ray "
+        "simulation; flower-deploy: SuperLink + one node per client on 127.0.0.1 (loopback launcher)",
     )
     eng.add_argument("--sim-cpus", type=float, default=1.0, help="flower-sim: CPUs per virtual client (Ray)")
     eng.add_argument("--sim-gpus", type=float, default=0.0, help="flower-sim: GPUs per virtual client (Ray)")
@@ -54,7 +53,54 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--reply-timeout", type=float, default=0.0, help="flower-deploy: seconds to wait for a round's replies (0=none)"
     )
     eng.add_argument("--tls", action="store_true", help="flower-deploy loopback: TLS with a throw-away CA")
+    eng.add_argument(
+        "--node-data",
+        action="append",
+        metavar="ID=PATH",
+        help="flower-deploy: client ID's node holds its own data file PATH (repeatable, one per client); the "
+        "config then needs no data.path. With --resume: the files the run started with, unless given again",
+    )
+    eng.add_argument(
+        "--node-test", action="append", metavar="ID=PATH", help="flower-deploy: client ID's node's own test file"
+    )
     run.set_defaults(func=cmd_run)
+
+
+ENGINES = ["inprocess", "flower-sim", "flower-deploy"]
+
+
+def _id_paths(flag: str, values: list[str] | None) -> dict[int, str]:
+    """``ID=PATH`` arguments by client id, paths made absolute (the nodes run elsewhere in the file system)."""
+    out: dict[int, str] = {}
+    for text in values or []:
+        cid, sep, path = text.partition("=")
+        if not sep or not cid.strip().isdigit() or not path:
+            raise FedPDPOError(f"{flag} expects ID=PATH with a client id, got {text!r}")
+        if int(cid) in out:
+            raise FedPDPOError(f"{flag} names client {int(cid)} twice")
+        out[int(cid)] = os.path.abspath(os.path.expanduser(path))
+    return out
+
+
+def node_files(args: argparse.Namespace):
+    """Each loopback node's own files from ``--node-data``/``--node-test`` (None: the shared data.path)."""
+    from fedpdpo.engines.flower.deploy import NodeFiles
+
+    data, test = _id_paths("--node-data", args.node_data), _id_paths("--node-test", args.node_test)
+    if (data or test) and args.engine != "flower-deploy":
+        raise FedPDPOError("--node-data and --node-test need --engine flower-deploy")
+    if stray := sorted(set(test) - set(data)):
+        raise FedPDPOError(f"--node-test names client(s) {stray} without --node-data")
+    return {cid: NodeFiles(path, test.get(cid, "")) for cid, path in data.items()} or None
+
+
+def recorded_engine(run_dir: str) -> str | None:
+    """The engine that ran the run in ``run_dir`` up to its last checkpoint (None: no checkpoint yet)."""
+    from fedpdpo.engines.checkpoint import load_checkpoint
+    from fedpdpo.rundir import resume_source
+
+    ckpt = load_checkpoint(resume_source(Path(run_dir)))
+    return ckpt.fingerprint.get("engine") if ckpt is not None else None
 
 
 def resume_config(args: argparse.Namespace):
@@ -91,7 +137,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.resume:
         cfg, args.out = resume_config(args)
+        recorded = recorded_engine(args.resume)
+        if args.engine and recorded in ENGINES and args.engine != recorded:
+            raise FedPDPOError(f"--resume {args.resume}: the run was started with --engine {recorded}; resume it so")
+        args.engine = args.engine or (recorded if recorded in ENGINES else "inprocess")
     else:
+        args.engine = args.engine or "inprocess"
         if not args.config or not args.out:
             raise FedPDPOError("fedpdpo run needs --config FILE and --out DIR (or --resume DIR)")
         if args.rounds is not None:
@@ -101,6 +152,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             overrides.append(f'data.on_bad_record="{args.on_bad_record}"')
         cfg = load_config(args.config, overrides)
     check_device(cfg.device)
+    args.nodes = node_files(args)  # checked before anything starts
     if args.json_logs:
         from fedpdpo.report.progress import use_json_logs
 
@@ -133,8 +185,6 @@ def _run(args: argparse.Namespace, cfg) -> dict:
         )
     from fedpdpo.engines.flower import run_flower
 
-    if args.resume:
-        raise FedPDPOError(f"--resume works with --engine inprocess only, not {args.engine}")
     return run_flower(
         args.engine,
         cfg,
@@ -146,6 +196,9 @@ def _run(args: argparse.Namespace, cfg) -> dict:
         sim_cpus=args.sim_cpus,
         sim_gpus=args.sim_gpus,
         tls=args.tls,
+        nodes=args.nodes,
+        resume=bool(args.resume),
+        rounds=args.rounds,
     )
 
 

@@ -7,6 +7,7 @@ Partitioners (all deterministic from the seed):
   alpha gives each client a few dominant labels (label skew).
 * ``by_domain``: the cross-domain setting, one domain group per client (explicit groups, ``fnmatch`` patterns
   allowed, or one sorted domain per client round-robin).
+* ``by_file`` (``data/files.py``, not here): one client per data file, as in a deployment of participants' files.
 
 Preference conflict: ``conflict_fraction`` of the clients see every pair with chosen and rejected swapped, for
 training and testing, so their held-out accuracy measures *their own* taste.
@@ -18,6 +19,7 @@ with the same rule as the train pool, so a client's test set follows its own dis
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,10 +48,10 @@ class ClientData:
 
 
 def split_train_test(
-    records: list[PreferenceRecord], test_fraction: float, seed: int, test_split: str = "test"
+    records: list[PreferenceRecord], test_fraction: float, seed: int | Sequence[int], test_split: str = "test"
 ) -> tuple[list[PreferenceRecord], list[PreferenceRecord]]:
     """Use the records' ``split`` field when it marks a test set (the value ``test_split``), else a seeded random
-    split.
+    split (``seed``: anything ``numpy.random.default_rng`` takes, e.g. ``[seed, client id, stream]``).
 
     Records without a ``split`` value next to ones that have it (e.g. IMDB with splits + TruthfulQA without, in
     the cross-domain setting) get the seeded random split, so every source keeps a test set.

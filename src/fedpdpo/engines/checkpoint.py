@@ -9,7 +9,9 @@ and after every round, so a kill at any moment leaves the last complete checkpoi
 * how many lines of ``metrics.jsonl`` belong to the checkpointed rounds (later lines are dropped on resume), the
   per-client descriptions, the updates rejected so far, and the elapsed time;
 * a fingerprint of the resolved config and of each client's state as of the round, which a resume compares with
-  the directory (:mod:`fedpdpo.engines.fingerprint`).
+  the directory (:mod:`fedpdpo.engines.fingerprint`), and the engine that ran it;
+* the run's id and, per client, the last round whose trained state it returned (``RunRecord``: remote nodes keep
+  each run's state apart by the id and check their state against those rounds).
 
 Clients' private state is not in this file: each client versions its own state by round (see
 :mod:`fedpdpo.client.state`) and a client training in round ``r`` loads its state as of round ``r - 1``, so the
@@ -52,6 +54,8 @@ class ServerCheckpoint:
     rng: dict[str, Any] = field(default_factory=dict)
     # what the run looked like at this checkpoint (config, clients' state), checked on resume: engines/fingerprint.py
     fingerprint: dict[str, Any] = field(default_factory=dict)
+    run_id: str = ""
+    state_rounds: dict[int, int] = field(default_factory=dict)
 
 
 def capture_rng() -> dict[str, Any]:
@@ -95,6 +99,8 @@ def save_checkpoint(out: Path, ckpt: ServerCheckpoint) -> None:
         "elapsed_s": ckpt.elapsed_s,
         "rng": ckpt.rng,
         "fingerprint": json.dumps(ckpt.fingerprint),
+        "run_id": ckpt.run_id,
+        "state_rounds": json.dumps({str(k): v for k, v in ckpt.state_rounds.items()}),
     }
     atomic_write(out / CHECKPOINT_FILE, lambda p: torch.save(blob, p))
 
@@ -126,6 +132,8 @@ def load_checkpoint(out: Path) -> ServerCheckpoint | None:
         rejected=json.loads(blob["rejected"]),
         rng=blob["rng"],
         fingerprint=json.loads(blob.get("fingerprint", "{}")),
+        run_id=str(blob.get("run_id", "")),
+        state_rounds={int(k): int(v) for k, v in json.loads(blob.get("state_rounds", "{}")).items()},
     )
 
 

@@ -16,14 +16,19 @@ model); it is only checked to be readable.
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from fedpdpo.client.state import OPTIMIZER_FILE, REFERENCE_FILE, ClientStore
 from fedpdpo.config import RunConfig, config_to_dict
+from fedpdpo.engines.checkpoint import load_checkpoint
 from fedpdpo.errors import FedPDPOError, first_line
+
+log = logging.getLogger(__name__)
 
 #: Config keys an explicit resume option may change (``fedpdpo run --resume DIR --rounds N``).
 EXTENSIBLE = ("rounds",)
@@ -123,3 +128,32 @@ def _check_readable(path: Path, run_dir: Path) -> None:
             f"cannot resume {run_dir}: {path.relative_to(run_dir)} is unreadable ({first_line(exc)}); it "
             "caches the frozen model's log-probs: delete it and they are computed again"
         ) from None
+
+
+def checked_resume(cfg: RunConfig, out: Path, rounds: int | None, store: ClientStore | None) -> RunConfig:
+    """``cfg`` with ``rounds`` applied, once the run in ``out`` is found as its last checkpoint left it.
+
+    ``store``: where the clients' state lives when it is in the run directory (in-process); None when it lives on
+    the nodes, which check their own state against the round the server resumes from (``RunRecord``)."""
+    if rounds is not None and rounds < cfg.rounds:
+        raise FedPDPOError(
+            f"--rounds {rounds}: the run in {out} already has {cfg.rounds} rounds; --rounds can only raise it"
+        )
+    ckpt = load_checkpoint(out)
+    if ckpt is None:
+        log.info("%s has no checkpoint yet: the run starts again from round 0", out)
+    else:
+        allow = EXTENSIBLE if rounds is not None else ()
+        check_resume(ckpt.fingerprint, cfg, out, store, ckpt.server_round, allow)
+    if rounds is None or rounds == cfg.rounds:
+        return cfg
+    if ckpt is not None and ckpt.server_round >= cfg.rounds:
+        log.warning(
+            "the run had finished, so its clients' optimizer states were dropped; the %d extra round(s) start them "
+            "afresh (a run started with rounds=%d would differ)",
+            rounds - cfg.rounds,
+            rounds,
+        )
+    cfg = copy.deepcopy(cfg)
+    cfg.rounds = rounds
+    return cfg

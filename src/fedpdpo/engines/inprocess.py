@@ -7,7 +7,6 @@ number of clients.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -18,11 +17,10 @@ import torch
 from fedpdpo.client.state import ClientStore
 from fedpdpo.client.trainer import evaluate, fit
 from fedpdpo.config import RunConfig
-from fedpdpo.engines.checkpoint import CLIENTS_DIR, clear_run_state, load_checkpoint
-from fedpdpo.engines.fingerprint import EXTENSIBLE, check_resume, clients_fingerprint
-from fedpdpo.engines.server import EvalReply, FitReply, ServerSpec, run_server
+from fedpdpo.engines.checkpoint import CLIENTS_DIR, clear_run_state
+from fedpdpo.engines.fingerprint import checked_resume, clients_fingerprint
+from fedpdpo.engines.server import EvalReply, FitReply, RunRecord, ServerSpec, run_server
 from fedpdpo.engines.setup import RunSetup, build_setup
-from fedpdpo.errors import FedPDPOError
 from fedpdpo.instructions import Instructions
 from fedpdpo.model.backbone import resolve_model
 from fedpdpo.report.writer import write_config
@@ -37,6 +35,9 @@ class InProcessTransport:
     def __init__(self, setup: RunSetup, store: ClientStore) -> None:
         self.setup = setup
         self.store = store
+
+    def attach(self, run: RunRecord) -> None:
+        """Nothing to tell: the clients' state is in the run directory, whose fingerprint a resume checks."""
 
     def fit(
         self,
@@ -109,7 +110,7 @@ def run_inprocess(
             write_config(target, cfg)
             return _run(setup, cfg, target, quiet, resume=False)
     with run_directory(out, resume=True) as target:
-        resumed = _checked_resume(cfg, target, rounds)
+        resumed = checked_resume(cfg, target, rounds, ClientStore(target / CLIENTS_DIR))
         setup = build_setup(resumed)
         if resumed.rounds != cfg.rounds:
             write_config(target, resumed)  # --rounds: the run's own record of its length, before the first new round
@@ -131,29 +132,3 @@ def _run(setup: RunSetup, run_cfg: RunConfig, out: Path, quiet: bool, resume: bo
     summary = run_server(spec, InProcessTransport(setup, store), out, quiet=quiet, resume=resume)
     store.finalize(clients)  # finished: drop what only resuming needed
     return summary
-
-
-def _checked_resume(cfg: RunConfig, out: Path, rounds: int | None) -> RunConfig:
-    """``cfg`` with ``rounds`` applied, once the run in ``out`` is found as its last checkpoint left it."""
-    if rounds is not None and rounds < cfg.rounds:
-        raise FedPDPOError(
-            f"--rounds {rounds}: the run in {out} already has {cfg.rounds} rounds; --rounds can only raise it"
-        )
-    ckpt = load_checkpoint(out)
-    if ckpt is None:
-        log.info("%s has no checkpoint yet: the run starts again from round 0", out)
-    else:
-        allow = EXTENSIBLE if rounds is not None else ()
-        check_resume(ckpt.fingerprint, cfg, out, ClientStore(out / CLIENTS_DIR), ckpt.server_round, allow)
-    if rounds is None or rounds == cfg.rounds:
-        return cfg
-    if ckpt is not None and ckpt.server_round >= cfg.rounds:
-        log.warning(
-            "the run had finished, so its clients' optimizer states were dropped; the %d extra round(s) start them "
-            "afresh (a run started with rounds=%d would differ)",
-            rounds - cfg.rounds,
-            rounds,
-        )
-    cfg = copy.deepcopy(cfg)
-    cfg.rounds = rounds
-    return cfg

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,9 +59,24 @@ class FitReply:
 class EvalReply:
     client_id: int
     metrics: dict[str, Any]  # includes the TASK_FIELDS, conflict and domains for the summary
+    error: str = ""  # why the client could not be evaluated (metrics then empty)
+
+
+@dataclass
+class RunRecord:
+    """What the server tells its clients about the run besides the round (remote engines need it, see
+    ``attach``): which run this is, so that a node keeps each run's state apart, and per client the last round
+    whose trained state the client returned, so that a node can tell its stored state is the one this run saw."""
+
+    run_id: str
+    state_rounds: dict[int, int] = field(default_factory=dict)
 
 
 class ClientTransport(Protocol):
+    def attach(self, run: RunRecord) -> None:
+        """Take the run's record before the first message; the server keeps updating it in place."""
+        ...
+
     def fit(
         self,
         server_round: int,
@@ -112,19 +128,22 @@ TASK_FIELDS = (
 CLIENT_FIELDS = (*TASK_FIELDS, "conflict", "domains")
 
 
-def eval_to_rows(server_round: int, replies: list[EvalReply], train: dict[int, dict[str, float]]) -> list[dict]:
+def eval_to_rows(server_round: int, replies: list[EvalReply], train: dict[int, dict[str, Any]]) -> list[dict]:
+    """One row per client: its evaluation (or ``eval/failed`` and ``eval/error`` saying why) and its training."""
     rows = []
     for reply in sorted(replies, key=lambda r: r.client_id):
         row: dict[str, Any] = {"round": server_round, "client": reply.client_id}
+        if reply.error:
+            row |= {"eval/failed": 1.0, "eval/error": reply.error}
         row.update({k: v for k, v in reply.metrics.items() if k != "domains"})
         row.update(train.get(reply.client_id, {}))
         rows.append(row)
     return rows
 
 
-def train_metrics(reply: FitReply) -> dict[str, float]:
+def train_metrics(reply: FitReply) -> dict[str, Any]:
     if reply.tensors is None:
-        return {"train/failed": 1.0}
+        return {"train/failed": 1.0, "train/error": reply.error or "client returned no update"}
     return {"train_loss": reply.metrics["loss"]} | {f"train/{k}": v for k, v in reply.metrics.items()}
 
 
@@ -156,7 +175,8 @@ def run_server(
     A checkpoint is written after round 0 and after every round (:mod:`fedpdpo.engines.checkpoint`); with
     ``resume`` the loop continues after the last checkpoint in ``out`` and ends with the same results as an
     uninterrupted run. Updates that failed or hold a non-finite value are rejected for their round (logged, and
-    marked ``train/failed`` in the metrics); the others are aggregated as usual.
+    marked ``train/failed`` with the reason in ``train/error`` in the metrics); the others are aggregated as usual.
+    A client first evaluated after round 0 (a node that joined late) is recorded with that ``joined_round``.
     """
     start = time.perf_counter()
     cfg, strategy = spec.cfg, spec.strategy
@@ -165,6 +185,7 @@ def run_server(
     client_info: dict[int, dict[str, Any]] = {}
     rejected: list[dict[str, Any]] = []
     metrics_lines, elapsed_before, first_round = 0, 0.0, 0
+    run = RunRecord(uuid.uuid4().hex[:12])
     ckpt = load_checkpoint(out) if resume else None
     if resume:
         rewind_metrics(out, ckpt.metrics_lines if ckpt else 0)
@@ -175,19 +196,29 @@ def run_server(
         strategy.load_state_dict(ckpt.strategy_state)
         client_info, rejected = ckpt.client_info, ckpt.rejected
         metrics_lines, elapsed_before, first_round = ckpt.metrics_lines, ckpt.elapsed_s, ckpt.server_round + 1
+        run = RunRecord(ckpt.run_id or run.run_id, dict(ckpt.state_rounds))
         restore_rng(ckpt.rng)
         log.info("resuming %s after round %d of %d", out, ckpt.server_round, cfg.rounds)
 
-    def evaluate_all(server_round: int, train: dict[int, dict[str, float]]) -> None:
+    transport.attach(run)
+
+    def evaluate_all(server_round: int, train: dict[int, dict[str, Any]]) -> None:
         nonlocal metrics_lines
         replies = transport.evaluate(server_round, all_clients, to_wire(global_, cfg.transfer_dtype))
         for r in replies:
-            client_info[r.client_id] = {"id": r.client_id} | {k: r.metrics[k] for k in CLIENT_FIELDS if k in r.metrics}
+            if r.error:
+                continue
+            joined = client_info.get(r.client_id, {}).get("joined_round", server_round)
+            client_info[r.client_id] = (
+                {"id": r.client_id}
+                | {k: r.metrics[k] for k in CLIENT_FIELDS if k in r.metrics}
+                | {"joined_round": joined}
+            )
         rows = eval_to_rows(server_round, replies, train)
         answered = {r.client_id for r in replies}
         # a client whose node is unreachable gets a row saying so (remote engines); it rejoins when it is back
         rows += [
-            {"round": server_round, "client": c, "eval/failed": 1.0} | train.get(c, {})
+            {"round": server_round, "client": c, "eval/failed": 1.0, "eval/error": "no reply"} | train.get(c, {})
             for c in all_clients
             if c not in answered
         ]
@@ -206,8 +237,10 @@ def run_server(
             elapsed_s=elapsed_before + time.perf_counter() - start,
             rejected=rejected,
             rng=capture_rng(),
-            fingerprint={"config": config_fingerprint(spec.run_cfg or cfg)}
+            fingerprint={"config": config_fingerprint(spec.run_cfg or cfg), "engine": spec.engine}
             | (spec.fingerprint(server_round) if spec.fingerprint else {}),
+            run_id=run.run_id,
+            state_rounds=run.state_rounds,
         )
         save_checkpoint(out, ckpt)
 
@@ -223,13 +256,16 @@ def run_server(
             progress.describe(f"round {server_round}/{cfg.rounds} fit")
             shared = to_wire(global_, cfg.transfer_dtype)
             replies = transport.fit(server_round, sampled, shared, instructions, progress.step)
-            updates, train = [], {}
+            updates: list[ClientUpdate] = []
+            train: dict[int, dict[str, Any]] = {}
             for reply in replies:
+                if reply.tensors is not None:  # the client stored its state of this round, even if rejected below
+                    run.state_rounds[reply.client_id] = server_round
                 reason = rejection_reason(reply)
                 if reason:
                     log.warning("round %d: update of client %d rejected: %s", server_round, reply.client_id, reason)
                     rejected.append({"round": server_round, "client": reply.client_id, "reason": reason})
-                    train[reply.client_id] = {"train/failed": 1.0}
+                    train[reply.client_id] = {"train/failed": 1.0, "train/error": reason}
                     continue
                 assert reply.tensors is not None  # a reply without tensors has a rejection reason
                 updates.append(ClientUpdate(reply.client_id, reply.num_examples, from_wire(reply.tensors)))
@@ -266,6 +302,11 @@ def run_server(
     }
     last_round = [r for r in read_metrics(out) if r["round"] == cfg.rounds and "accuracy" in r]
     clients = [client_info[c] for c in all_clients if c in {r["client"] for r in last_round}]
+    if not clients:  # remote engines: every node failed or was gone in the last round
+        raise FedPDPOError(
+            f"no client was evaluated in the last round ({cfg.rounds}; metrics.jsonl says why), so {out} has no "
+            "summary; bring the nodes back and continue with one more round: fedpdpo run --resume DIR --rounds N"
+        )
     # The final global shared tensors (the LoRA), by model parameter name: what `fedpdpo export` and
     # `fedpdpo generate` combine with a client's local.safetensors to rebuild its personalized model.
     final_shared = {k: v.detach().cpu().contiguous() for k, v in global_.items()}

@@ -3,13 +3,15 @@
 It runs the very same ServerApp and ClientApp code as the Ray simulation and the SuperLink deployment,
 synchronously, deterministically and without starting Ray (seconds instead of tens of seconds), which makes it the
 fast path for testing the Flower apps and for measuring what a Flower client sends. Each virtual node has its own
-``Context`` whose node config holds ``partition-id`` and ``num-partitions``, as in Flower's simulation engine.
+``Context`` whose node config holds ``partition-id`` and ``num-partitions``, as in Flower's simulation engine, or the
+node config given for it (e.g. a node holding its own data file: ``client-id``, ``data-path``, ``state-dir``).
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
@@ -27,7 +29,13 @@ def _copy_content(content: RecordDict) -> RecordDict:
 
 
 class LocalGrid(Grid):
-    def __init__(self, client_app: Callable[[Message, Context], Message], num_nodes: int, run_id: int = 1) -> None:
+    def __init__(
+        self,
+        client_app: Callable[[Message, Context], Message],
+        num_nodes: int,
+        run_id: int = 1,
+        node_configs: list[dict[str, Any]] | None = None,
+    ) -> None:
         self.client_app = client_app
         self._run = Run.create_empty(run_id)
         # what Flower's ServerApp runtime sets before calling the app; Message() reads it
@@ -37,7 +45,7 @@ class LocalGrid(Grid):
             1000 + i: Context(
                 run_id=run_id,
                 node_id=1000 + i,
-                node_config={"partition-id": i, "num-partitions": num_nodes},
+                node_config=node_configs[i] if node_configs else {"partition-id": i, "num-partitions": num_nodes},
                 state=RecordDict(),
                 run_config={},
             )

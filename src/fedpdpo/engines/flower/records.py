@@ -1,8 +1,9 @@
 """How fedpdpo's tensors, config and metrics travel in Flower messages.
 
 A train message holds exactly one ``ArrayRecord`` (the strategy's shared tensors, nothing else) and one
-``ConfigRecord`` (round, the model's run config as TOML text, the strategy's instructions for the round such as
-``proximal-mu``, optional clipping norm). Keeping to one record of each
+``ConfigRecord`` (round, the model's run config as TOML text, the run's id, the client addressed and the last round
+whose trained state it returned, the strategy's instructions for the round such as ``proximal-mu``, optional
+clipping norm). Keeping to one record of each
 kind is what Flower's ``fixedclipping_mod`` requires, so the same messages work with and without DP. Replies carry
 the updated shared tensors and a ``MetricRecord``; evaluation replies add a ``ConfigRecord`` with the
 non-numeric client facts (domains, conflict flag) that the summary lists.
@@ -28,7 +29,17 @@ KEY_ROUND = "server-round"
 KEY_RUN_CONFIG = "run-config"
 KEY_STATE_ROOT = "state-root"
 KEY_NUM_EXAMPLES = "num-examples"
-KEY_PARTITION = "partition-id"
+KEY_RUN_ID = "run-id"
+KEY_CLIENT = "client-id"  # in messages: the client addressed; in a query reply: the client the node holds
+KEY_STATE_ROUND = "state-round"  # the last round whose trained state the client returned (-1: none)
+
+# Node config keys (``--node-config``, set by ``fedpdpo node`` and the simulation engine).
+NODE_PARTITION = "partition-id"  # shared data: serve this partition of the run config's data.path
+NODE_CLIENT = "client-id"  # node-local data: this node's client id ...
+NODE_DATA = "data-path"  # ... and its own data file
+NODE_TEST = "test-path"  # ... and optionally its test file
+NODE_ON_BAD_RECORD = "on-bad-record"  # ... and what to do with its bad records (default: the run config's)
+NODE_STATE_DIR = "state-dir"  # where the node keeps its clients' state (one subdirectory per run)
 
 
 def config_text(cfg: RunConfig) -> str:
@@ -57,11 +68,8 @@ def record_to_tensors(record: ArrayRecord, transfer_dtype: str = "float32") -> d
     return tensors
 
 
-def instruction(
-    shared: dict[str, torch.Tensor], cfg_text: str, server_round: int, state_root: str, extra: dict[str, Any]
-) -> RecordDict:
-    config = {KEY_ROUND: server_round, KEY_RUN_CONFIG: cfg_text, KEY_STATE_ROOT: state_root} | extra
-    return RecordDict({ARRAYS: tensors_to_record(shared), CONFIG: ConfigRecord(config)})
+def instruction(arrays: ArrayRecord, config: dict[str, Any]) -> RecordDict:
+    return RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(config)})
 
 
 def numeric_metrics(metrics: dict[str, Any]) -> MetricRecord:

@@ -2,7 +2,8 @@
 
 ``flwr.simulation.run_simulation`` runs the ServerApp in this process and the ClientApps in Ray actors; each
 actor keeps its process, so the model is loaded once per actor, not per round. Client state lives under
-``OUT/clients`` (one machine), exactly where the in-process engine keeps it.
+``OUT/clients`` (one machine), exactly where the in-process engine keeps it, so ``resume`` continues a killed run
+after its last checkpoint with the clients' state as it was.
 """
 
 from __future__ import annotations
@@ -42,17 +43,33 @@ def run_flower_sim(
     overwrite: bool = False,
     resources: SimResources | None = None,
     min_fit_replies: int = 1,
+    resume: bool = False,
+    rounds: int | None = None,
 ) -> dict[str, Any]:
-    """Run the job on Flower's Ray simulation engine; writes the same files as the in-process engine."""
+    """Run the job on Flower's Ray simulation engine; writes the same files as the in-process engine.
+
+    With ``resume``, ``cfg`` is the run's own config.toml and the run continues after its last checkpoint
+    (``rounds`` raises its number of rounds)."""
     from flwr.simulation import run_simulation
 
     from fedpdpo.engines.flower.client_app import app as client_app
 
     out = Path(out).resolve()
-    preflight(out, overwrite)  # fail before Ray starts
+    if not resume:
+        preflight(out, overwrite)  # fail before Ray starts
     result: dict[str, Any] = {}
-    with run_directory(out, overwrite=overwrite) as target:  # the server runs in this process, which holds the run
-        params = ServerParams(cfg, str(target), "flower-sim", min_fit_replies=min_fit_replies, quiet=quiet, lock=False)
+    # the server runs in this process, which holds the run
+    with run_directory(out, overwrite=overwrite, resume=resume) as target:
+        params = ServerParams(
+            cfg,
+            str(target),
+            "flower-sim",
+            min_fit_replies=min_fit_replies,
+            quiet=quiet,
+            lock=False,
+            resume=resume,
+            rounds=rounds,
+        )
         server_app = make_server_app(params, on_done=result.update)
         run_simulation(
             server_app=server_app,
