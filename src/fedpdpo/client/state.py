@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedpdpo.errors import FedPDPOError, environment_error, first_line
+from fedpdpo.timing import phase
 
 T = TypeVar("T")
 
@@ -138,6 +139,10 @@ class ClientStore:
 
         A client that trains in round ``r`` loads ``as_of_round=r - 1``; evaluation after round ``r`` loads ``r``.
         """
+        with phase("client state load"):
+            return self._load(client_id, as_of_round)
+
+    def _load(self, client_id: int, as_of_round: int | None) -> ClientState:
         state = ClientState()
         ref = self.path(client_id) / REFERENCE_FILE
         if ref.is_file():
@@ -170,8 +175,9 @@ class ClientStore:
 
     def save_reference(self, client_id: int, reference: dict[str, torch.Tensor]) -> None:
         """Cache the reference log-probs (deterministic, so written once and never versioned)."""
-        ref = {k: v.contiguous() for k, v in reference.items()}
-        atomic_write(self.path(client_id) / REFERENCE_FILE, lambda p: save_file(ref, p))
+        with phase("client state save"):
+            ref = {k: v.contiguous() for k, v in reference.items()}
+            atomic_write(self.path(client_id) / REFERENCE_FILE, lambda p: save_file(ref, p))
 
     def save(self, client_id: int, state: ClientState, server_round: int) -> None:
         """Store the state reached by training in ``server_round`` as one atomic version.
@@ -179,6 +185,10 @@ class ClientStore:
         Versions older than the one this round started from are deleted: no checkpoint can need them any more,
         because the server has checkpointed round ``server_round - 1`` before this round began.
         """
+        with phase("client state save"):
+            self._save(client_id, state, server_round)
+
+    def _save(self, client_id: int, state: ClientState, server_round: int) -> None:
         # Training may have filled more rows of the reference cache (perf.fused_reference computes a pair's
         # reference in the first step that sees it); a row never changes once computed, so rewriting the small
         # table only adds rows.

@@ -23,6 +23,7 @@ from fedpdpo.instructions import FitPlan
 from fedpdpo.losses import LossOutput, fedpdpo_objective, pairwise_accuracy
 from fedpdpo.model.naming import PERSONAL, optimizer_groups, personal_copies
 from fedpdpo.model.policy import FedPDPOModel
+from fedpdpo.timing import phase
 from fedpdpo.transfer import to_wire
 
 
@@ -88,7 +89,7 @@ def _fill_reference(
 ) -> None:
     """Write the reference log-probs (chosen, rejected) of ``pairs`` into rows ``pair.index`` of ``table``."""
     device = device_of(cfg)
-    with autocast(cfg):
+    with phase("reference pass"), autocast(cfg):
         for batch in _batches(pairs, cfg.eval_batch_size, pad_id, device):
             ref = model.reference_logps(batch).float().cpu()
             b = batch.num_pairs

@@ -14,6 +14,7 @@ from fedpdpo.data.task import ClientTask, build_task
 from fedpdpo.errors import ConfigError
 from fedpdpo.model import FedPDPOModel, load_backbone
 from fedpdpo.strategies import Strategy, get_strategy
+from fedpdpo.timing import phase
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +72,12 @@ def build_setup(cfg: RunConfig) -> RunSetup:
     check_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    clients = strategy.prepare_clients(build_clients(cfg)[0])
-    model, tokenizer = build_model(cfg)
-    tasks = [build_task(c, tokenizer, cfg) for c in clients]
+    with phase("data"):
+        clients = strategy.prepare_clients(build_clients(cfg)[0])
+    with phase("model load"):
+        model, tokenizer = build_model(cfg)
+    with phase("tokenization"):
+        tasks = [build_task(c, tokenizer, cfg) for c in clients]
     initial = model.initial_tensors()
     shared = strategy.shared_names(list(initial))
     if not shared and strategy.name != "local":
