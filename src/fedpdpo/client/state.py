@@ -134,15 +134,17 @@ class ClientStore:
         path = self.version_dir(client_id, version) / LOCAL_FILE
         return path if path.is_file() else None
 
-    def load(self, client_id: int, as_of_round: int | None = None) -> ClientState:
+    def load(self, client_id: int, as_of_round: int | None = None, optimizer: bool = True) -> ClientState:
         """The client's state at the end of round ``as_of_round`` (default: its newest state).
 
-        A client that trains in round ``r`` loads ``as_of_round=r - 1``; evaluation after round ``r`` loads ``r``.
+        A client that trains in round ``r`` loads ``as_of_round=r - 1``; evaluation after round ``r`` loads ``r``,
+        and without ``optimizer``: evaluation never reads the optimizer state (twice the size of the local modules'
+        tensors with AdamW), so it is not deserialised (``rounds_trained`` is then 0).
         """
         with phase("client state load"):
-            return self._load(client_id, as_of_round)
+            return self._load(client_id, as_of_round, optimizer)
 
-    def _load(self, client_id: int, as_of_round: int | None) -> ClientState:
+    def _load(self, client_id: int, as_of_round: int | None, optimizer: bool) -> ClientState:
         state = ClientState()
         ref = self.path(client_id) / REFERENCE_FILE
         if ref.is_file():
@@ -155,7 +157,7 @@ class ClientStore:
         damaged = "the client's saved state is damaged: restore it from a backup or run again in a new --out directory"
         if (d / LOCAL_FILE).is_file():
             state.local = read_checked(d / LOCAL_FILE, load_file, damaged)
-        if (d / OPTIMIZER_FILE).is_file():
+        if optimizer and (d / OPTIMIZER_FILE).is_file():
             blob = read_checked(d / OPTIMIZER_FILE, lambda p: torch.load(p, weights_only=True), damaged)
             state.optimizer = blob["optimizer"]
             state.personal_optimizer = blob.get("personal_optimizer")

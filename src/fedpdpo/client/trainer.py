@@ -22,7 +22,7 @@ from fedpdpo.data.tokenize import PairBatch, TokenizedPair, collate, length_buck
 from fedpdpo.instructions import FitPlan
 from fedpdpo.losses import LossOutput, fedpdpo_objective, pairwise_accuracy
 from fedpdpo.model.naming import PERSONAL, optimizer_groups, personal_copies
-from fedpdpo.model.policy import FedPDPOModel
+from fedpdpo.model.policy import FedPDPOModel, PolicyOutput
 from fedpdpo.timing import phase
 from fedpdpo.transfer import to_wire
 
@@ -68,6 +68,11 @@ def compute_dtype(cfg: RunConfig) -> torch.dtype | None:
     if cfg.precision == "bf16" or has_bf16(device_of(cfg)):
         return torch.bfloat16
     return None
+
+
+def precision_used(cfg: RunConfig) -> str:
+    """What ``cfg.precision`` resolves to on this machine: ``"bf16"`` (autocast) or ``"fp32"``."""
+    return "fp32" if compute_dtype(cfg) is None else "bf16"
 
 
 def autocast(cfg: RunConfig):
@@ -331,16 +336,33 @@ class _SplitScores:
     logp: torch.Tensor  # length-normalised policy log-prob margin
 
 
+def _reference_output(model: FedPDPOModel, batch: PairBatch, ref_table: torch.Tensor) -> PolicyOutput:
+    """What ``model(batch)`` gives while the policy is the reference (:meth:`FedPDPOModel.at_reference`), without
+    running it: the cached reference log-probs (computed on the same batches) and the zero reward head's zeros."""
+    logps = _ref_for(batch, ref_table, batch.index.device)
+    rewards = torch.zeros_like(logps) if "reward_head" in model.local else None
+    return PolicyOutput(logps, rewards, batch.response_mask[:, 1:].sum(1))
+
+
 def _score_split(
-    model: FedPDPOModel, pairs: list[TokenizedPair], ref_table: torch.Tensor, cfg: RunConfig, pad_id: int
+    model: FedPDPOModel,
+    pairs: list[TokenizedPair],
+    ref_table: torch.Tensor,
+    cfg: RunConfig,
+    pad_id: int,
+    at_reference: bool = False,
 ) -> _SplitScores:
-    """The personalized model's implicit, explicit and combined margins on ``pairs`` (and the objective)."""
+    """The personalized model's implicit, explicit and combined margins on ``pairs`` (and the objective); with
+    ``at_reference`` (the policy is the reference) from the cached reference alone."""
     device = device_of(cfg)
     sides: dict[str, list[torch.Tensor]] = {"logps": [], "ref": [], "rewards": []}  # per batch, [chosen, rejected]
     logp_margin, explicit = [], []
     for batch in _batches(pairs, cfg.eval_batch_size, pad_id, device):
-        with autocast(cfg):
-            out = model(batch)
+        if at_reference:
+            out = _reference_output(model, batch, ref_table)
+        else:
+            with autocast(cfg):
+                out = model(batch)
         b = batch.num_pairs
         logps = out.logps.float()
         sides["logps"].append(logps.cpu())
@@ -367,15 +389,24 @@ def _score_split(
 
 @torch.no_grad()
 def _global_margins(
-    model: FedPDPOModel, pairs: list[TokenizedPair], ref_table: torch.Tensor, cfg: RunConfig, pad_id: int
+    model: FedPDPOModel,
+    pairs: list[TokenizedPair],
+    ref_table: torch.Tensor,
+    cfg: RunConfig,
+    pad_id: int,
+    at_reference: bool = False,
 ) -> torch.Tensor:
-    """Implicit margins of the global policy (shared tensors as loaded, no local modules, original head)."""
+    """Implicit margins of the global policy (shared tensors as loaded, no local modules, original head); with
+    ``at_reference`` (zero LoRA: the global policy is the reference) from the cached reference alone."""
     device = device_of(cfg)
     margins = []
     for batch in _batches(pairs, cfg.eval_batch_size, pad_id, device):
-        with autocast(cfg):
-            logps = model.global_logps(batch).float()
         ref = _ref_for(batch, ref_table, device)
+        if at_reference:
+            logps = ref
+        else:
+            with autocast(cfg):
+                logps = model.global_logps(batch).float()
         b = batch.num_pairs
         margins.append((cfg.beta * ((logps[:b] - ref[:b]) - (logps[b:] - ref[b:]))).cpu())
     return torch.cat(margins)
@@ -419,12 +450,17 @@ def evaluate(
     splits = ("test", "val") if task.val else ("test",)
     ensure_reference(model, task, state, cfg, splits)
     model.eval()
-    scores = {s: _score_split(model, task.split(s), state.reference[s], cfg, task.pad_id) for s in splits}
+    # Round 0 of a strategy whose policy starts at the reference: the policy's log-probs are the reference's, bit
+    # for bit, so they are taken from the cache (same metrics, no forward pass; see _reference_output).
+    skip = cfg.perf.skip_reference_eval and model.at_reference()
+    scores = {s: _score_split(model, task.split(s), state.reference[s], cfg, task.pad_id, skip) for s in splits}
     personalized = bool(len(model.local)) or bool(personal_copies(state.local))
     if personalized and shared:  # the global policy differs from the client's own: score it too
         load_client(model, shared, state, initial)  # global shared tensors (Ditto: not the personal copies)
+        skip = cfg.perf.skip_reference_eval and model.lora_is_zero()
         for s in splits:
-            scores[s].margins["global"] = _global_margins(model, task.split(s), state.reference[s], cfg, task.pad_id)
+            ref = state.reference[s]
+            scores[s].margins["global"] = _global_margins(model, task.split(s), ref, cfg, task.pad_id, skip)
     test = scores["test"]
     metrics = test.metrics | {
         f"accuracy_{name}": pairwise_accuracy(margin).item() for name, margin in test.margins.items()

@@ -75,7 +75,7 @@ class InProcessTransport:
         s = self.setup
         replies = []
         for cid in client_ids:
-            state = self.store.load(cid, as_of_round=server_round)
+            state = self.store.load(cid, as_of_round=server_round, optimizer=False)
             self.store.save_task_info(cid, s.tasks[cid].info)
             had_reference = bool(state.reference)
             with phase(f"round {server_round}: evaluation"):

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from fedpdpo.client.state import atomic_write
+from fedpdpo.client.trainer import precision_used
 from fedpdpo.config import RunConfig
 from fedpdpo.engines.checkpoint import (
     CHECKPOINT_FILE,
@@ -260,6 +261,9 @@ def run_server(
         "num_clients": cfg.num_clients,
         "eval_score": cfg.method.eval_score,
         "precision": cfg.precision,
+        # what it resolved to on the machine running the server (in-process: the clients' machine too; a deployed
+        # node resolves "auto" on its own hardware)
+        "precision_used": precision_used(cfg),
         "time_s": round(elapsed_before + time.perf_counter() - start, 2),
         "rejected_updates": rejected,
     }
