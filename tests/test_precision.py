@@ -171,3 +171,24 @@ def test_bf16_and_fp32_short_runs_reach_the_same_accuracy(tmp_path: Path):
     for s in summaries.values():
         assert s["mean_accuracy_round0"] == 0.5
     assert abs(summaries["bf16"]["mean_accuracy"] - summaries["fp32"]["mean_accuracy"]) <= 0.1
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("algorithm", ["fedpdpo", "fedrep"])
+def test_global_margins_from_the_personalized_pass_are_the_separate_pass(tiny_cfg, algorithm, precision):
+    """Evaluation takes the global policy's log-probs from the client's own decoder pass (before its adapter, with the
+    original head): the same bits as running the global policy separately."""
+    tiny_cfg.algorithm, tiny_cfg.precision = algorithm, precision
+    tiny_cfg.lora.last_n_layers = 1
+    setup = build_setup(tiny_cfg)
+    model, task, state = setup.model, setup.tasks[0], ClientState()
+    result = fit(model, task, state, setup.initial_global(), setup.initial, setup.cfg, server_round=1)
+    trainer.ensure_reference(model, task, state, setup.cfg, ("test", "val"))
+    trainer.load_client(model, result.shared, state, setup.initial, personal=True)
+    assert len(model.local) and not model.lora_is_zero()
+    for split in ("test", "val"):
+        ref = state.reference[split]
+        scores = trainer._score_split(model, task.split(split), ref, setup.cfg, task.pad_id, with_global=True)
+        separate = trainer._global_margins(model, task.split(split), ref, setup.cfg, task.pad_id)
+        assert torch.equal(scores.margins["global"], separate)
+        assert not torch.equal(scores.margins["global"], scores.margins["implicit"])

@@ -190,13 +190,15 @@ class FedPDPOModel(nn.Module):
         return self.get_tensors(list(self.trainable()))
 
     # -- forward ----------------------------------------------------------------------------------------------
-    def forward(self, batch: PairBatch, with_reference: bool = False) -> PolicyOutput:
+    def forward(self, batch: PairBatch, with_reference: bool = False, with_global: bool = False) -> PolicyOutput:
         """Policy log-probs and explicit rewards; with ``with_reference`` also the reference log-probs, which reuse
-        the frozen prefix's output when the prefix is shared."""
+        the frozen prefix's output when the prefix is shared; with ``with_global`` (or while training the global
+        policy) also the global policy's, from the same decoder pass (the LoRA as loaded, the original head)."""
         prefix = self.prefix.hidden(batch) if self.shared_prefix else None
         ref_logps = self.reference_logps(batch, prefix) if with_reference else None
         hidden = self._hidden(batch, prefix)
-        global_logps = self._logps(hidden, batch, self.ref_head_weight)[0] if self.train_global else None
+        wants_global = self.train_global or with_global
+        global_logps = self._logps(hidden, batch, self.ref_head_weight)[0] if wants_global else None
         if "adapter" in self.local:
             hidden = self.local["adapter"](hidden)
         head = self.local["head"].get_parameter("weight") if "head" in self.local else self.ref_head_weight
