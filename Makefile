@@ -19,6 +19,7 @@ install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/fedpdpo run --config configs/demo.toml --out $(OUT) --overwrite
+	$(VENV)/bin/fedpdpo evaluate --run $(OUT)
 	$(VENV)/bin/fedpdpo report $(OUT)
 	@echo "report: $(OUT)/report.md"
 

@@ -62,3 +62,14 @@ def test_fedpdpo_objective_combines_terms_and_names_metrics_like_trl():
     # without a reward head the objective is plain DPO
     plain = fedpdpo_objective(policy, ref, None, beta=0.1, reward_weight=2.0)
     assert plain.loss.item() == pytest.approx(dpo)
+
+
+def test_global_policy_term_adds_its_dpo_loss_with_its_weight():
+    logps, ref = torch.tensor([-10.0, -12.0]), torch.tensor([-11.0, -11.0])
+    global_logps = torch.tensor([-11.0, -10.0])  # the global policy prefers the rejected side: h = 0 - 1 = -1
+    base = fedpdpo_objective(logps, ref, None, beta=0.5, reward_weight=0.0)
+    both = fedpdpo_objective(logps, ref, None, 0.5, 0.0, global_logps=global_logps, global_weight=0.3)
+    assert both.loss.item() == pytest.approx(base.loss.item() + 0.3 * -math.log(sigmoid(0.5 * -1)))
+    assert both.metrics["global/accuracies"] == 0.0 and "loss/global" in both.metrics
+    off = fedpdpo_objective(logps, ref, None, 0.5, 0.0, global_logps=global_logps, global_weight=0.0)
+    assert off.loss.item() == pytest.approx(base.loss.item()) and "loss/global" not in off.metrics

@@ -20,6 +20,7 @@ files).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -31,7 +32,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedpdpo.client.state import ClientState, ClientStore, atomic_write
-from fedpdpo.client.trainer import evaluate, load_client
+from fedpdpo.client.trainer import SCORES, evaluate, load_client
 from fedpdpo.config import load_config
 from fedpdpo.data.formats import flat
 from fedpdpo.data.tokenize import PairTokenizer
@@ -70,15 +71,19 @@ def _load_run(run_dir: Path) -> tuple[RunSetup, dict[str, torch.Tensor], ClientS
 
 
 def cross_client_matrix(setup: RunSetup, global_: dict[str, torch.Tensor], store: ClientStore) -> dict[str, Any]:
-    """``accuracy[i][j]``: client i's model on client j's test pairs, by i's own score (and by the implicit one)."""
+    """``accuracy[i][j]``: client i's model on client j's test pairs, ranked by the score client i chose on its own
+    validation pairs (and by the implicit reward)."""
     ids = [t.client_id for t in setup.tasks]
     states = {i: store.load(i) for i in ids}
     acc, implicit = [], []
     for i in ids:
+        own = evaluate(setup.model, setup.tasks[i], states[i], global_, setup.initial, setup.cfg)
+        chosen = SCORES[int(own["selected_score"])]
         row, row_implicit = [], []
         for j in ids:
             state = ClientState(local=states[i].local, reference=states[j].reference)
-            metrics = evaluate(setup.model, setup.tasks[j], state, global_, setup.initial, setup.cfg)
+            test_only = dataclasses.replace(setup.tasks[j], val=[])  # i's choice is made; j's validation unused
+            metrics = evaluate(setup.model, test_only, state, global_, setup.initial, setup.cfg, score=chosen)
             row.append(round(metrics["accuracy"], 4))
             row_implicit.append(round(metrics["accuracy_implicit"], 4))
         acc.append(row)

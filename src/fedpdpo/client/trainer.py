@@ -447,6 +447,7 @@ def evaluate(
     shared: dict[str, torch.Tensor],
     initial: dict[str, torch.Tensor],
     cfg: RunConfig,
+    score: str | None = None,
 ) -> dict[str, float]:
     """Held-out metrics of the client's model: the training objective's metrics under the same names
     (:func:`objective` over all test pairs: ``loss``, ``loss/dpo``, ``rewards/margins``, ...) and the preference
@@ -457,7 +458,8 @@ def evaluate(
     margin of the global policy (shared tensors, no local modules: what the client gets without personalizing);
     ``logp`` the length-normalised policy log-prob margin (reported, never chosen). ``accuracy`` is the test accuracy
     of the score chosen by ``method.eval_score``; ``auto`` chooses on the client's validation pairs, so a client
-    whose own modules do not beat the global model on its data falls back to it. Ties count half.
+    whose own modules do not beat the global model on its data falls back to it. ``score`` (one of :data:`SCORES`)
+    overrides that choice, e.g. to rank another client's pairs by the score this client chose. Ties count half.
     """
     device = device_of(cfg)
     model.to(device)
@@ -488,7 +490,11 @@ def evaluate(
         metrics["explicit_margin"] = test.margins["explicit"].mean().item()
     val = scores["val"].margins if "val" in scores else {}
     metrics |= {f"val/accuracy_{name}": pairwise_accuracy(margin).item() for name, margin in val.items()}
-    chosen = _choose(val, cfg.method.eval_score)
+    chosen = score or _choose(val, cfg.method.eval_score)
     metrics["selected_score"] = float(SCORES.index(chosen))
     metrics["accuracy"] = metrics[f"accuracy_{chosen}"]
+    # The policy the client would generate with: its own, unless the global one ranks its validation pairs better.
+    policy = _choose({k: v for k, v in val.items() if k in ("implicit", "global")}, "auto") if val else "implicit"
+    metrics["selected_policy"] = float(policy == "implicit")  # 1: the client's own policy, 0: the global one
+    metrics["accuracy_policy"] = metrics[f"accuracy_{policy}"]
     return metrics

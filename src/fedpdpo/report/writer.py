@@ -65,6 +65,7 @@ def build_summary(
             "accuracy_explicit",
             "accuracy_combined",
             "accuracy_global",
+            "accuracy_policy",
             "accuracy_logp",
             "reward_margin",
             "explicit_margin",
@@ -74,6 +75,7 @@ def build_summary(
         entry |= {k: v for k, v in row.items() if k.startswith("val/accuracy")}
         if "selected_score" in row:  # which score the client ranks by (chosen on its validation pairs by default)
             entry["selected_score"] = SCORES[int(row["selected_score"])]
+            entry["selected_policy"] = "own" if row.get("selected_policy", 1.0) else "global"
         per_client.append(entry)
     history = mean_accuracy_by_round(rows)
     return {
