@@ -10,11 +10,20 @@ each reference log-prob once: fedpdpo's caches (reference log-probs, frozen-pref
 there. With ``--epochs E > 1`` each pair is seen E times, as a client sees its data again over federated rounds;
 TRL then gets ``precompute_ref_log_probs=True`` (its best setting for repeated data), fedpdpo reuses its caches.
 
-Sides:
+Sides (``--precision`` sets the arithmetic of the first three; default fp32):
 
 * ``fedpdpo``: ``algorithm = "fedavg"`` (plain DPO, no local modules): the like-for-like comparison;
-* ``trl``: ``DPOTrainer`` (fp32, no gradient checkpointing by default: its fastest setting on a CPU);
-* ``fedpdpo-full``: ``algorithm = "fedpdpo"`` (personal head, reward head, adapter): reported, not compared.
+* ``trl``: ``DPOTrainer`` (no gradient checkpointing by default: its fastest setting on a CPU), with its own
+  ``bf16`` setting (accelerate's bf16 autocast, fp32 master weights: what fedpdpo's bf16 does) when the precision is
+  bf16;
+* ``fedpdpo-full``: ``algorithm = "fedpdpo"`` (personal head, reward head, adapter): reported, not compared;
+* ``fedpdpo-fp32``, ``trl-fp32``: the same two trainers in fp32 whatever ``--precision`` says, so that one
+  invocation also gives what bf16 gains over fp32 (``fedpdpo / fedpdpo-fp32``) and fedpdpo against what a user would
+  otherwise run on a CPU (``fedpdpo / trl-fp32``: TRL's fp32 against fedpdpo's chosen precision).
+
+``--precision auto`` takes bf16 where the hardware computes it (CUDA, CPUs with AVX512-BF16 or AMX; the rule of
+``precision = "auto"`` in a run config), fp32 elsewhere, for fedpdpo and TRL alike. ``--device cuda`` runs every side
+on the GPU (``benchmarks/gpu_check.sh``).
 
 Each side of each repeat runs in its own subprocess, so its peak RSS (``getrusage``) is its own. The CPU may be
 shared with other jobs, so absolute figures are noisy; the ratio is taken per repeat (sides run back to back, in
@@ -25,8 +34,9 @@ ranking accuracy (ties count half) on the same held-out pairs for every side.
     python benchmarks/bench_local_dpo.py --repeats 3 --json out.json
     python benchmarks/bench_local_dpo.py --steps 8 --epochs 4        # 8 pairs, 4 passes (rounds) over them
     python benchmarks/bench_local_dpo.py --sides fedpdpo --set perf.shared_prefix=false   # one optimization off
+    python benchmarks/bench_local_dpo.py --precision bf16 --sides fedpdpo,trl,fedpdpo-fp32,trl-fp32 --steps 8 --epochs 4
 
-The last line printed is ``ratio_pairs_per_s=<x>`` (fedpdpo / trl, median over repeats).
+The last line printed is ``ratio_pairs_per_s=<x>`` (fedpdpo / trl at the chosen precision, median over repeats).
 """
 
 from __future__ import annotations
@@ -45,16 +55,26 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_DATA = "/work/shared/data/imdb_sentiment_pairs.jsonl"
-SIDES = ("fedpdpo", "trl", "fedpdpo-full")
+SIDES = ("fedpdpo", "trl", "fedpdpo-full", "fedpdpo-fp32", "trl-fp32")
+#: Sides run in fp32 whatever --precision says.
+FP32_SIDES = ("fedpdpo-fp32", "trl-fp32")
 
 
-def job_config(args: argparse.Namespace, algorithm: str) -> dict[str, Any]:
-    """The fedpdpo config of the benchmark job (one client holding steps * batch_size training pairs)."""
+def child_env() -> dict[str, str]:
+    """This checkout's ``src`` first on the children's path (an installed fedpdpo may be another checkout's)."""
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    return os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH", "")]))}
+
+
+def job_config(args: argparse.Namespace, algorithm: str, precision: str = "fp32") -> dict[str, Any]:
+    """The fedpdpo config of the benchmark job (one client holding steps * batch_size training pairs, no validation
+    split: every pair is trained on)."""
     return {
         "algorithm": algorithm,
         "model": args.model,
         "seed": args.seed,
-        "device": "cpu",
+        "device": args.device,
+        "precision": precision,
         "num_clients": 1,
         "rounds": 1,
         "local_steps": args.steps,
@@ -75,8 +95,22 @@ def job_config(args: argparse.Namespace, algorithm: str) -> dict[str, Any]:
             "max_train_per_client": train_pairs(args),
             "max_test_per_client": args.eval_pairs,
             "max_prompt_length": args.max_prompt_length,
+            "validation_fraction": 0.0,
         },
     }
+
+
+def side_precision(args: argparse.Namespace, side: str) -> str:
+    """``fp32`` or ``bf16``: what ``side`` computes in (``--precision auto`` resolved on this machine)."""
+    if side in FP32_SIDES or args.precision == "fp32":
+        return "fp32"
+    if args.precision == "bf16":
+        return "bf16"
+    import torch
+
+    from fedpdpo.client.trainer import has_bf16
+
+    return "bf16" if has_bf16(torch.device(args.device)) else "fp32"
 
 
 def train_pairs(args: argparse.Namespace) -> int:
@@ -96,8 +130,11 @@ def train_tokens(pairs) -> int:
     return sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
 
 
-def implicit_accuracy(decoder, head_weight, disable_adapter, pairs, pad_id: int, beta: float, batch_size: int):
-    """Held-out accuracy of DPO's implicit reward ``beta * h`` (ties half), for any decoder with a PEFT adapter."""
+def implicit_accuracy(
+    decoder, head_weight, disable_adapter, pairs, pad_id: int, beta: float, batch_size: int, device: Any = "cpu"
+):
+    """Held-out accuracy of DPO's implicit reward ``beta * h`` (ties half), for any decoder with a PEFT adapter
+    (in fp32: the same scorer for every side, whatever precision it trained in)."""
     import torch
 
     from fedpdpo.data.tokenize import collate, length_bucketed_batches
@@ -107,7 +144,7 @@ def implicit_accuracy(decoder, head_weight, disable_adapter, pairs, pad_id: int,
     margins = []
     with torch.no_grad():
         for chunk in length_bucketed_batches(pairs, batch_size):
-            batch = collate(chunk, pad_id)
+            batch = collate(chunk, pad_id).to(device)
 
             def logps(batch=batch):
                 hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
@@ -121,15 +158,15 @@ def implicit_accuracy(decoder, head_weight, disable_adapter, pairs, pad_id: int,
     return pairwise_accuracy(torch.cat(margins)).item()
 
 
-def run_fedpdpo(args: argparse.Namespace, algorithm: str) -> dict[str, Any]:
+def run_fedpdpo(args: argparse.Namespace, algorithm: str, precision: str) -> dict[str, Any]:
     import torch
 
     from fedpdpo.client.state import ClientState
-    from fedpdpo.client.trainer import evaluate, fit, reference_logps
+    from fedpdpo.client.trainer import evaluate, fit, precision_used, reference_logps
     from fedpdpo.config import config_from_dict
     from fedpdpo.engines.setup import build_setup
 
-    cfg = config_from_dict(job_config(args, algorithm), args.set)
+    cfg = config_from_dict(job_config(args, algorithm, precision), args.set)
     setup = build_setup(cfg)
     task, model = setup.tasks[0], setup.model
     state = ClientState()
@@ -148,6 +185,7 @@ def run_fedpdpo(args: argparse.Namespace, algorithm: str) -> dict[str, Any]:
         server_round=1,
         on_step=lambda _s, _m: step_times.append(time.perf_counter()),
     )
+    _synchronize(args.device)
     wall = time.perf_counter() - start
     cpu = time.process_time() - cpu0
     # evaluate()'s ``accuracy_implicit`` is the quantity implicit_accuracy() computes for TRL (same pairs, same
@@ -164,10 +202,25 @@ def run_fedpdpo(args: argparse.Namespace, algorithm: str) -> dict[str, Any]:
         "train_loss": result.metrics["loss"],
         "threads": torch.get_num_threads(),
         "shared_bytes": sum(t.numel() * t.element_size() for t in result.shared.values()),
+        "precision": precision_used(setup.cfg),
+        "peak_device_bytes": _peak_device_bytes(args.device),
     }
 
 
-def run_trl(args: argparse.Namespace) -> dict[str, Any]:
+def _synchronize(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _peak_device_bytes(device: str) -> int:
+    import torch
+
+    return int(torch.cuda.max_memory_allocated()) if device.startswith("cuda") else 0
+
+
+def run_trl(args: argparse.Namespace, precision: str) -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -175,16 +228,16 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
 
     from fedpdpo.config import config_from_dict
     from fedpdpo.data import build_clients
-    from fedpdpo.engines.setup import tokenize_clients
+    from fedpdpo.data.task import build_task
     from fedpdpo.model.backbone import load_backbone
     from fedpdpo.model.policy import lora_config
 
-    cfg = config_from_dict(job_config(args, "fedavg"), args.set)
+    cfg = config_from_dict(job_config(args, "fedavg", precision), args.set)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     clients, _ = build_clients(cfg)
     backbone, tokenizer = load_backbone(cfg.model)
-    task = tokenize_clients(clients, tokenizer, cfg)[0]
+    task = build_task(clients[0], tokenizer, cfg)  # fedpdpo's own tokenization: the same ids as its side
     rows = [
         {"prompt_ids": list(p.prompt_ids), "chosen_ids": list(p.chosen_ids), "rejected_ids": list(p.rejected_ids)}
         for p in task.train
@@ -218,9 +271,9 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
             beta=cfg.beta,
             loss_type=["sigmoid"],
             max_length=cfg.max_length,
-            bf16=False,
+            bf16=precision == "bf16",
             fp16=False,
-            use_cpu=True,
+            use_cpu=args.device == "cpu",
             gradient_checkpointing=args.trl_gradient_checkpointing,
             # Over several epochs TRL's best setting computes every reference once, upfront (timed: inside train()).
             precompute_ref_log_probs=args.epochs > 1,
@@ -246,11 +299,13 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
         cpu0 = time.process_time()
         start = time.perf_counter()
         output = trainer.train()
+        _synchronize(args.device)
         wall = time.perf_counter() - start
         cpu = time.process_time() - cpu0
     peft_model = trainer.model
     peft_model.eval()
     base = peft_model.get_base_model()
+    device = next(peft_model.parameters()).device
     accuracy = implicit_accuracy(
         base.get_decoder(),
         base.get_output_embeddings().weight,
@@ -259,6 +314,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
         task.pad_id,
         cfg.beta,
         16,
+        device,
     )
     return {
         "wall_s": wall,
@@ -269,6 +325,8 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
         "accuracy": accuracy,
         "train_loss": float(output.training_loss),
         "threads": torch.get_num_threads(),
+        "precision": precision,
+        "peak_device_bytes": _peak_device_bytes(args.device),
     }
 
 
@@ -278,17 +336,18 @@ def _step_durations(start: float, ends: list[float]) -> list[float]:
 
 def child(args: argparse.Namespace) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.child == "trl":
-        result = run_trl(args)
+    precision = side_precision(args, args.child)
+    if args.child.startswith("trl"):
+        result = run_trl(args, precision)
     else:
-        result = run_fedpdpo(args, "fedavg" if args.child == "fedpdpo" else "fedpdpo")
+        result = run_fedpdpo(args, "fedpdpo" if args.child == "fedpdpo-full" else "fedavg", precision)
     result["peak_rss_bytes"] = peak_rss_bytes()
     print(json.dumps(result))
 
 
 def run_side(side: str, argv: list[str]) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", side]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), check=False)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
         raise SystemExit(f"{side} run failed (exit {proc.returncode})")
@@ -341,6 +400,8 @@ def add_job_args(p: argparse.ArgumentParser, steps: int, eval_pairs: int) -> Non
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32", help="arithmetic of both sides")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (both sides)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -364,6 +425,7 @@ def child_argv(args: argparse.Namespace) -> list[str]:
         *("--eval-pairs", str(args.eval_pairs), "--lora-r", str(args.lora_r), "--lora-alpha", str(args.lora_alpha)),
         *("--lora-targets", args.lora_targets, "--last-n-layers", str(args.last_n_layers)),
         *("--beta", str(args.beta), "--lr", str(args.lr), "--threads", str(args.threads), "--seed", str(args.seed)),
+        *("--precision", args.precision, "--device", args.device),
     ]
     if args.trl_gradient_checkpointing:
         out.append("--trl-gradient-checkpointing")
@@ -382,43 +444,65 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"unknown side(s): {sorted(unknown)}")
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in sides}
-    ratios: list[float] = []
-    cpu_ratios: list[float] = []
     for rep in range(args.repeats):
         order = sides if rep % 2 == 0 else sides[::-1]
         for side in order:
             r = run_side(side, child_argv(args))
             runs[side].append(r)
             print(
-                f"repeat {rep + 1}/{args.repeats} {side:13s} {r['pairs_per_s']:7.3f} pairs/s "
+                f"repeat {rep + 1}/{args.repeats} {side:13s} {r['precision']:4s} {r['pairs_per_s']:7.3f} pairs/s "
                 f"{r['tokens_per_s']:8.1f} tok/s  wall {r['wall_s']:7.1f} s  cpu {r['cpu_s']:7.1f} s  "
-                f"peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB  accuracy {r['accuracy']:.3f}",
+                f"peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB  accuracy {r['accuracy']:.3f}  "
+                f"load {os.getloadavg()[0]:.1f}",
                 flush=True,
             )
-        if "fedpdpo" in runs and "trl" in runs:
-            ratios.append(runs["fedpdpo"][-1]["pairs_per_s"] / runs["trl"][-1]["pairs_per_s"])
-            cpu_ratios.append(runs["fedpdpo"][-1]["pairs_per_cpu_s"] / runs["trl"][-1]["pairs_per_cpu_s"])
     summary = summarize(runs)
     print()
-    header = ("side", "pairs/s", "tokens/s", "pairs/cpu-s", "peak RSS GiB", "accuracy", "loss")
-    print("{:13s} {:>9s} {:>9s} {:>11s} {:>13s} {:>9s} {:>7s}".format(*header))
+    header = ("side", "precision", "pairs/s", "tokens/s", "pairs/cpu-s", "peak RSS GiB", "accuracy", "loss")
+    print("{:13s} {:>9s} {:>9s} {:>9s} {:>11s} {:>13s} {:>9s} {:>7s}".format(*header))
     for side, s in summary.items():
         print(
-            f"{side:13s} {s['pairs_per_s']:9.3f} {s['tokens_per_s']:9.1f} {s['pairs_per_cpu_s']:11.3f} "
-            f"{s['peak_rss_bytes'] / 2**30:13.2f} {s['accuracy']:9.3f} {s['train_loss']:7.4f}"
+            f"{side:13s} {runs[side][0]['precision']:>9s} {s['pairs_per_s']:9.3f} {s['tokens_per_s']:9.1f} "
+            f"{s['pairs_per_cpu_s']:11.3f} {s['peak_rss_bytes'] / 2**30:13.2f} {s['accuracy']:9.3f} "
+            f"{s['train_loss']:7.4f}"
         )
-    ratio = statistics.median(ratios) if ratios else float("nan")
-    if ratios:
-        rss = summary["fedpdpo"]["peak_rss_bytes"] / summary["trl"]["peak_rss_bytes"]
-        print(f"per-repeat ratios (fedpdpo/trl pairs/s): {', '.join(f'{x:.2f}' for x in ratios)}")
-        print(f"per-repeat ratios (fedpdpo/trl pairs per CPU-second): {', '.join(f'{x:.2f}' for x in cpu_ratios)}")
-        print(f"peak RSS ratio (fedpdpo/trl): {rss:.2f}")
+    comparisons = {}
+    for name, (a, b) in COMPARISONS.items():
+        if a in runs and b in runs:
+            comparisons[name] = compare(runs, a, b)
+            c = comparisons[name]
+            print(
+                f"{name} ({a}/{b}): median {c['ratio']:.2f}; per repeat {', '.join(f'{x:.2f}' for x in c['ratios'])}; "
+                f"per CPU-second {', '.join(f'{x:.2f}' for x in c['cpu_ratios'])}; peak RSS {c['rss_ratio']:.2f}"
+            )
+    like = comparisons.get("like for like")
+    ratio = like["ratio"] if like else float("nan")
     if args.json:
-        blob = {"args": vars(args), "versions": versions(), "runs": runs, "summary": summary, "ratios": ratios}
-        blob["ratio_pairs_per_s"] = ratio
-        blob["cpu_ratios"] = cpu_ratios
+        blob = {"args": vars(args), "versions": versions(), "runs": runs, "summary": summary}
+        blob |= {"comparisons": comparisons, "ratio_pairs_per_s": ratio}
+        if like:  # the keys earlier result files have
+            blob |= {"ratios": like["ratios"], "cpu_ratios": like["cpu_ratios"]}
         Path(args.json).write_text(json.dumps(blob, indent=2), encoding="utf-8")
     print(f"ratio_pairs_per_s={ratio:.3f}")
+
+
+#: Ratios printed when both sides ran: name -> (numerator side, denominator side). Each is taken per repeat (the
+#: two sides ran back to back) and the median reported.
+COMPARISONS = {
+    "like for like": ("fedpdpo", "trl"),
+    "bf16 gain": ("fedpdpo", "fedpdpo-fp32"),
+    "vs TRL fp32": ("fedpdpo", "trl-fp32"),
+    "fp32 like for like": ("fedpdpo-fp32", "trl-fp32"),
+}
+
+
+def compare(runs: dict[str, list[dict[str, Any]]], a: str, b: str) -> dict[str, Any]:
+    ratios = [x["pairs_per_s"] / y["pairs_per_s"] for x, y in zip(runs[a], runs[b], strict=True)]
+    cpu = [x["pairs_per_cpu_s"] / y["pairs_per_cpu_s"] for x, y in zip(runs[a], runs[b], strict=True)]
+    rss = statistics.median(r["peak_rss_bytes"] for r in runs[a]) / statistics.median(
+        r["peak_rss_bytes"] for r in runs[b]
+    )
+    return {"ratio": statistics.median(ratios), "ratios": ratios, "cpu_ratios": cpu, "rss_ratio": rss}
 
 
 if __name__ == "__main__":

@@ -30,6 +30,12 @@ FORWARDED = ("model", "algorithm", "data", "train_per_client", "test_per_client"
 FORWARDED += ("max_length", "last_n_layers", "threads")
 
 
+def child_env() -> dict[str, str]:
+    """This checkout's ``src`` first on the children's path (an installed fedpdpo may be another checkout's)."""
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    return os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH", "")]))}
+
+
 def run_config(args: argparse.Namespace, num_clients: int) -> dict[str, Any]:
     return {
         "algorithm": args.algorithm,
@@ -109,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     print("{:>7s} {:>8s} {:>9s} {:>13s} {:>16s} {:>10s}".format(*header))
     for n in (int(x) for x in args.clients.split(",")):
         cmd = [sys.executable, str(Path(__file__).resolve()), *forwarded, "--child", str(n)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), check=False)
         if proc.returncode != 0:
             sys.stderr.write(proc.stderr[-4000:])
             raise SystemExit(f"{n} clients: run failed (exit {proc.returncode})")

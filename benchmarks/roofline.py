@@ -118,7 +118,7 @@ def main() -> None:
 
     from fedpdpo.config import config_from_dict
     from fedpdpo.data import build_clients
-    from fedpdpo.engines.setup import tokenize_clients
+    from fedpdpo.data.task import build_task
     from fedpdpo.model.backbone import load_backbone
 
     peak = peak_matmul_flops(args.threads)
@@ -127,7 +127,7 @@ def main() -> None:
 
     cfg = config_from_dict(job_config(args, "fedavg"))
     backbone, tokenizer = load_backbone(cfg.model)
-    pairs = tokenize_clients(build_clients(cfg)[0], tokenizer, cfg)[0].train
+    pairs = build_task(build_clients(cfg)[0][0], tokenizer, cfg).train
     n_tokens = sum(2 * len(q.prompt_ids) + len(q.chosen_ids) + len(q.rejected_ids) for q in pairs) / len(pairs)
     n_response = sum(len(q.chosen_ids) + len(q.rejected_ids) for q in pairs) / len(pairs)
     flops = flops_per_pair(backbone.config, n_tokens, n_response, args.last_n_layers)

@@ -29,8 +29,8 @@ MAY_IMPORT = {
     "evaluation": CORE | {"engines", "generate", "judge"},
     "sweep": {"config", "engines", "report", "strategies"},
 }
-#: Imported by any layer: the error types and the strict JSON writer.
-BASE = {"errors", "jsonio"}
+#: Imported by any layer: the error types, the strict JSON writer and the phase clock.
+BASE = {"errors", "jsonio", "timing"}
 
 
 def _layer(module: str) -> str:

@@ -132,7 +132,7 @@ def test_fit_identical_with_warm_or_cold_prefix_cache(tiny_cfg):
         if warm:
             evaluate(model, task, ClientState(), setup.initial_global(), setup.initial, setup.cfg)
             ensure_reference(model, task, ClientState(), setup.cfg)
-            assert len(cache) == 2 * (len(task.train) + len(task.val) + len(task.test))
+            assert len(cache) == 2 * (len(task.train) + len(task.val) + len(task.test))  # evaluate scores val too
         hits = cache.hits
         result = fit(model, task, ClientState(), setup.initial_global(), setup.initial, setup.cfg, server_round=1)
         runs.append(result)

@@ -149,6 +149,10 @@ class PerfSettings:
     # Memory bound of that cache in MiB (fp32 SmolLM2: about 0.22 MiB per 100-token sequence); when full, further
     # sequences are recomputed each time, with the same values.
     prefix_cache_mb: int = 2048
+    # Evaluate a policy that is still the reference bit for bit (round 0 of every strategy that starts from it: zero
+    # LoRA update, personal head = original head, adapter and reward head zero) from the cached reference log-probs
+    # instead of running it: same metrics, no policy forward.
+    skip_reference_eval: bool = True
 
 
 @dataclass
@@ -160,6 +164,9 @@ class RunConfig:
     # Arithmetic of the forward passes: "auto" = bf16 autocast where the hardware has bf16 units (CUDA, CPUs with
     # AVX512-BF16 / AMX), else fp32; "fp32"; "bf16" (forced). Weights, optimizer and reductions stay fp32.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # Storage of the frozen backbone's linear layers: "none" (fp32) or "4bit" (NF4 via bitsandbytes, CUDA only: how
+    # federated LLM clients fit 7B backbones on one GPU; LoRA, heads and optimizer stay fp32). Needs the `quant` extra.
+    model_quantization: Literal["none", "4bit"] = "none"
     num_clients: int = 3
     rounds: int = 3
     local_steps: int = 8

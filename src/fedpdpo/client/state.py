@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedpdpo.errors import FedPDPOError, environment_error, first_line
+from fedpdpo.timing import phase
 
 T = TypeVar("T")
 
@@ -133,11 +134,17 @@ class ClientStore:
         path = self.version_dir(client_id, version) / LOCAL_FILE
         return path if path.is_file() else None
 
-    def load(self, client_id: int, as_of_round: int | None = None) -> ClientState:
+    def load(self, client_id: int, as_of_round: int | None = None, optimizer: bool = True) -> ClientState:
         """The client's state at the end of round ``as_of_round`` (default: its newest state).
 
-        A client that trains in round ``r`` loads ``as_of_round=r - 1``; evaluation after round ``r`` loads ``r``.
+        A client that trains in round ``r`` loads ``as_of_round=r - 1``; evaluation after round ``r`` loads ``r``,
+        and without ``optimizer``: evaluation never reads the optimizer state (twice the size of the local modules'
+        tensors with AdamW), so it is not deserialised (``rounds_trained`` is then 0).
         """
+        with phase("client state load"):
+            return self._load(client_id, as_of_round, optimizer)
+
+    def _load(self, client_id: int, as_of_round: int | None, optimizer: bool) -> ClientState:
         state = ClientState()
         ref = self.path(client_id) / REFERENCE_FILE
         if ref.is_file():
@@ -150,7 +157,7 @@ class ClientStore:
         damaged = "the client's saved state is damaged: restore it from a backup or run again in a new --out directory"
         if (d / LOCAL_FILE).is_file():
             state.local = read_checked(d / LOCAL_FILE, load_file, damaged)
-        if (d / OPTIMIZER_FILE).is_file():
+        if optimizer and (d / OPTIMIZER_FILE).is_file():
             blob = read_checked(d / OPTIMIZER_FILE, lambda p: torch.load(p, weights_only=True), damaged)
             state.optimizer = blob["optimizer"]
             state.personal_optimizer = blob.get("personal_optimizer")
@@ -170,8 +177,9 @@ class ClientStore:
 
     def save_reference(self, client_id: int, reference: dict[str, torch.Tensor]) -> None:
         """Cache the reference log-probs (deterministic, so written once and never versioned)."""
-        ref = {k: v.contiguous() for k, v in reference.items()}
-        atomic_write(self.path(client_id) / REFERENCE_FILE, lambda p: save_file(ref, p))
+        with phase("client state save"):
+            ref = {k: v.contiguous() for k, v in reference.items()}
+            atomic_write(self.path(client_id) / REFERENCE_FILE, lambda p: save_file(ref, p))
 
     def save(self, client_id: int, state: ClientState, server_round: int) -> None:
         """Store the state reached by training in ``server_round`` as one atomic version.
@@ -179,6 +187,10 @@ class ClientStore:
         Versions older than the one this round started from are deleted: no checkpoint can need them any more,
         because the server has checkpointed round ``server_round - 1`` before this round began.
         """
+        with phase("client state save"):
+            self._save(client_id, state, server_round)
+
+    def _save(self, client_id: int, state: ClientState, server_round: int) -> None:
         # Training may have filled more rows of the reference cache (perf.fused_reference computes a pair's
         # reference in the first step that sees it); a row never changes once computed, so rewriting the small
         # table only adds rows.

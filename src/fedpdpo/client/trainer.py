@@ -22,7 +22,8 @@ from fedpdpo.data.tokenize import PairBatch, TokenizedPair, collate, length_buck
 from fedpdpo.instructions import FitPlan
 from fedpdpo.losses import LossOutput, fedpdpo_objective, pairwise_accuracy
 from fedpdpo.model.naming import PERSONAL, optimizer_groups, personal_copies
-from fedpdpo.model.policy import FedPDPOModel
+from fedpdpo.model.policy import FedPDPOModel, PolicyOutput
+from fedpdpo.timing import phase
 from fedpdpo.transfer import to_wire
 
 
@@ -69,6 +70,11 @@ def compute_dtype(cfg: RunConfig) -> torch.dtype | None:
     return None
 
 
+def precision_used(cfg: RunConfig) -> str:
+    """What ``cfg.precision`` resolves to on this machine: ``"bf16"`` (autocast) or ``"fp32"``."""
+    return "fp32" if compute_dtype(cfg) is None else "bf16"
+
+
 def autocast(cfg: RunConfig):
     """Mixed precision for the forward passes of training, evaluation and the reference (see ``compute_dtype``)."""
     dtype = compute_dtype(cfg)
@@ -88,7 +94,7 @@ def _fill_reference(
 ) -> None:
     """Write the reference log-probs (chosen, rejected) of ``pairs`` into rows ``pair.index`` of ``table``."""
     device = device_of(cfg)
-    with autocast(cfg):
+    with phase("reference pass"), autocast(cfg):
         for batch in _batches(pairs, cfg.eval_batch_size, pad_id, device):
             ref = model.reference_logps(batch).float().cpu()
             b = batch.num_pairs
@@ -330,20 +336,51 @@ class _SplitScores:
     logp: torch.Tensor  # length-normalised policy log-prob margin
 
 
+def _reference_output(model: FedPDPOModel, batch: PairBatch, ref_table: torch.Tensor) -> PolicyOutput:
+    """What ``model(batch, with_global=True)`` gives while the policy is the reference
+    (:meth:`FedPDPOModel.at_reference`), without running it: the cached reference log-probs (computed on the same
+    batches) for the policy and the global policy, and the zero reward head's zeros."""
+    logps = _ref_for(batch, ref_table, batch.index.device)
+    rewards = torch.zeros_like(logps) if "reward_head" in model.local else None
+    return PolicyOutput(logps, rewards, batch.response_mask[:, 1:].sum(1), global_logps=logps)
+
+
+def _implicit_margin(logps: torch.Tensor, ref: torch.Tensor, num_pairs: int, beta: float) -> torch.Tensor:
+    """``beta * ((pi - ref)_chosen - (pi - ref)_rejected)`` of a batch laid out [chosen..., rejected...]."""
+    b = num_pairs
+    return (beta * ((logps[:b] - ref[:b]) - (logps[b:] - ref[b:]))).cpu()
+
+
 def _score_split(
-    model: FedPDPOModel, pairs: list[TokenizedPair], ref_table: torch.Tensor, cfg: RunConfig, pad_id: int
+    model: FedPDPOModel,
+    pairs: list[TokenizedPair],
+    ref_table: torch.Tensor,
+    cfg: RunConfig,
+    pad_id: int,
+    at_reference: bool = False,
+    with_global: bool = False,
 ) -> _SplitScores:
-    """The personalized model's implicit, explicit and combined margins on ``pairs`` (and the objective)."""
+    """The personalized model's implicit, explicit and combined margins on ``pairs`` (and the objective); with
+    ``at_reference`` (the policy is the reference) from the cached reference alone; with ``with_global`` also the
+    global policy's implicit margins (``global``), from the same decoder pass: only valid while the client's LoRA is
+    the global one (no personal copies), and identical to :func:`_global_margins` then."""
     device = device_of(cfg)
     sides: dict[str, list[torch.Tensor]] = {"logps": [], "ref": [], "rewards": []}  # per batch, [chosen, rejected]
-    logp_margin, explicit = [], []
+    logp_margin, explicit, global_margin = [], [], []
     for batch in _batches(pairs, cfg.eval_batch_size, pad_id, device):
-        with autocast(cfg):
-            out = model(batch)
+        if at_reference:
+            out = _reference_output(model, batch, ref_table)
+        else:
+            with autocast(cfg):
+                out = model(batch, with_global=with_global)
         b = batch.num_pairs
         logps = out.logps.float()
+        ref = _ref_for(batch, ref_table, device)
         sides["logps"].append(logps.cpu())
-        sides["ref"].append(_ref_for(batch, ref_table, device).cpu())
+        sides["ref"].append(ref.cpu())
+        if with_global:
+            assert out.global_logps is not None
+            global_margin.append(_implicit_margin(out.global_logps.float(), ref, b, cfg.beta))
         per_tok = logps / out.n_tokens.clamp_min(1).float()
         logp_margin.append((per_tok[:b] - per_tok[b:]).cpu())
         if out.rewards is not None:
@@ -360,23 +397,33 @@ def _score_split(
     if explicit:
         exp = torch.cat(explicit)
         margins |= {"explicit": exp, "combined": result.margins + cfg.method.eval_reward_weight * exp}
+    if with_global:
+        margins["global"] = torch.cat(global_margin)
     # pairs are visited in length-bucketed order; the margins above follow that order consistently
     return _SplitScores(margins, result.metrics, torch.cat(logp_margin))
 
 
 @torch.no_grad()
 def _global_margins(
-    model: FedPDPOModel, pairs: list[TokenizedPair], ref_table: torch.Tensor, cfg: RunConfig, pad_id: int
+    model: FedPDPOModel,
+    pairs: list[TokenizedPair],
+    ref_table: torch.Tensor,
+    cfg: RunConfig,
+    pad_id: int,
+    at_reference: bool = False,
 ) -> torch.Tensor:
-    """Implicit margins of the global policy (shared tensors as loaded, no local modules, original head)."""
+    """Implicit margins of the global policy (shared tensors as loaded, no local modules, original head); with
+    ``at_reference`` (zero LoRA: the global policy is the reference) from the cached reference alone."""
     device = device_of(cfg)
     margins = []
     for batch in _batches(pairs, cfg.eval_batch_size, pad_id, device):
-        with autocast(cfg):
-            logps = model.global_logps(batch).float()
         ref = _ref_for(batch, ref_table, device)
-        b = batch.num_pairs
-        margins.append((cfg.beta * ((logps[:b] - ref[:b]) - (logps[b:] - ref[b:]))).cpu())
+        if at_reference:
+            logps = ref
+        else:
+            with autocast(cfg):
+                logps = model.global_logps(batch).float()
+        margins.append(_implicit_margin(logps, ref, batch.num_pairs, cfg.beta))
     return torch.cat(margins)
 
 
@@ -420,12 +467,20 @@ def evaluate(
     splits = ("test", "val") if task.val else ("test",)
     ensure_reference(model, task, state, cfg, splits)
     model.eval()
-    scores = {s: _score_split(model, task.split(s), state.reference[s], cfg, task.pad_id) for s in splits}
-    personalized = bool(len(model.local)) or bool(personal_copies(state.local))
-    if personalized and shared:  # the global policy differs from the client's own: score it too
+    # Round 0 of a strategy whose policy starts at the reference: the policy's log-probs are the reference's, bit
+    # for bit, so they are taken from the cache (same metrics, no forward pass; see _reference_output).
+    skip = cfg.perf.skip_reference_eval and model.at_reference()
+    copies = bool(personal_copies(state.local))
+    # the global policy differs from the client's own: score it too, from the same decoder pass unless Ditto's
+    # personal copies replace the global LoRA in the client's model
+    fused = bool(len(model.local)) and bool(shared) and not copies
+    scores = {s: _score_split(model, task.split(s), state.reference[s], cfg, task.pad_id, skip, fused) for s in splits}
+    if copies and shared:
         load_client(model, shared, state, initial)  # global shared tensors (Ditto: not the personal copies)
+        skip = cfg.perf.skip_reference_eval and model.lora_is_zero()
         for s in splits:
-            scores[s].margins["global"] = _global_margins(model, task.split(s), state.reference[s], cfg, task.pad_id)
+            ref = state.reference[s]
+            scores[s].margins["global"] = _global_margins(model, task.split(s), ref, cfg, task.pad_id, skip)
     test = scores["test"]
     metrics = test.metrics | {
         f"accuracy_{name}": pairwise_accuracy(margin).item() for name, margin in test.margins.items()

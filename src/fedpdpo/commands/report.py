@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from fedpdpo.errors import FedPDPOError
+from fedpdpo.timing import phase
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,7 +24,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise FedPDPOError("several run directories given: say where the report goes with --out")
     out = Path(args.out or args.runs[0])
     runs = find_runs(args.runs)
-    with locked_dir(out):  # not while a run or another report writes there
+    with locked_dir(out), phase("report"):  # not while a run or another report writes there
         write_report(runs, out)
     print(out / "report.md")
     return 0

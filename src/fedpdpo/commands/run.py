@@ -133,7 +133,7 @@ def resume_config(args: argparse.Namespace):
 
 def cmd_run(args: argparse.Namespace) -> int:
     from fedpdpo.config import load_config
-    from fedpdpo.engines.setup import check_device
+    from fedpdpo.engines.setup import check_device, check_quantization
 
     if args.resume:
         cfg, args.out = resume_config(args)
@@ -152,6 +152,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             overrides.append(f'data.on_bad_record="{args.on_bad_record}"')
         cfg = load_config(args.config, overrides)
     check_device(cfg.device)
+    check_quantization(cfg)
     args.nodes = node_files(args)  # checked before anything starts
     if args.json_logs:
         from fedpdpo.report.progress import use_json_logs

@@ -25,6 +25,7 @@ from fedpdpo.instructions import Instructions
 from fedpdpo.model.backbone import resolve_model
 from fedpdpo.report.writer import write_config
 from fedpdpo.rundir import preflight, run_directory
+from fedpdpo.timing import phase
 
 log = logging.getLogger(__name__)
 
@@ -52,17 +53,18 @@ class InProcessTransport:
         for cid in client_ids:
             state = self.store.load(cid, as_of_round=server_round - 1)
             try:
-                result = fit(
-                    s.model,
-                    s.tasks[cid],
-                    state,
-                    shared,
-                    s.initial,
-                    s.cfg,
-                    server_round,
-                    instructions=instructions,
-                    on_step=lambda _step, m: on_step(m["loss"]),
-                )
+                with phase(f"round {server_round}: training"):
+                    result = fit(
+                        s.model,
+                        s.tasks[cid],
+                        state,
+                        shared,
+                        s.initial,
+                        s.cfg,
+                        server_round,
+                        instructions=instructions,
+                        on_step=lambda _step, m: on_step(m["loss"]),
+                    )
             except FloatingPointError as exc:  # rejected for this round; the client keeps its previous state
                 replies.append(FitReply(cid, len(s.tasks[cid].train), None, error=str(exc)))
                 continue
@@ -74,10 +76,11 @@ class InProcessTransport:
         s = self.setup
         replies = []
         for cid in client_ids:
-            state = self.store.load(cid, as_of_round=server_round)
+            state = self.store.load(cid, as_of_round=server_round, optimizer=False)
             self.store.save_task_info(cid, s.tasks[cid].info)
             had_reference = bool(state.reference)
-            metrics = evaluate(s.model, s.tasks[cid], state, shared, s.initial, s.cfg)
+            with phase(f"round {server_round}: evaluation"):
+                metrics = evaluate(s.model, s.tasks[cid], state, shared, s.initial, s.cfg)
             if not had_reference:
                 self.store.save_reference(cid, state.reference)  # computed once, then cached
             info = s.tasks[cid].info | {"conflict": s.clients[cid].conflict, "domains": s.clients[cid].domains}
@@ -130,5 +133,6 @@ def _run(setup: RunSetup, run_cfg: RunConfig, out: Path, quiet: bool, resume: bo
         run_cfg=run_cfg,
     )
     summary = run_server(spec, InProcessTransport(setup, store), out, quiet=quiet, resume=resume)
-    store.finalize(clients)  # finished: drop what only resuming needed
+    with phase("finalize"):
+        store.finalize(clients)  # finished: drop what only resuming needed
     return summary

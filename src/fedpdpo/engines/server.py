@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from fedpdpo.client.state import atomic_write
+from fedpdpo.client.trainer import precision_used
 from fedpdpo.config import RunConfig
 from fedpdpo.engines.checkpoint import (
     CHECKPOINT_FILE,
@@ -36,6 +37,7 @@ from fedpdpo.instructions import FitPlan, Instructions
 from fedpdpo.report.progress import RunProgress
 from fedpdpo.report.writer import append_metrics, build_summary, read_metrics, write_summary
 from fedpdpo.strategies import ClientUpdate, Strategy
+from fedpdpo.timing import phase
 from fedpdpo.transfer import from_wire, to_wire, wire_bytes
 
 log = logging.getLogger(__name__)
@@ -228,7 +230,11 @@ def run_server(
             progress.round_table(server_round, evaluated)
 
     def checkpoint(server_round: int) -> None:
-        ckpt = ServerCheckpoint(
+        with phase("checkpoint"):  # including the digests of the clients' state files (fingerprint)
+            save_checkpoint(out, checkpoint_of(server_round))
+
+    def checkpoint_of(server_round: int) -> ServerCheckpoint:
+        return ServerCheckpoint(
             server_round=server_round,
             global_shared=global_,
             strategy_state=strategy.state_dict(),
@@ -242,7 +248,6 @@ def run_server(
             run_id=run.run_id,
             state_rounds=run.state_rounds,
         )
-        save_checkpoint(out, ckpt)
 
     rounds = range(max(first_round, 1), cfg.rounds + 1)
     with RunProgress(planned_steps(strategy, cfg, rounds), quiet=quiet) as progress:
@@ -292,9 +297,22 @@ def run_server(
         "num_clients": cfg.num_clients,
         "eval_score": cfg.method.eval_score,
         "precision": cfg.precision,
+        # what it resolved to on the machine running the server (in-process: the clients' machine too; a deployed
+        # node resolves "auto" on its own hardware)
+        "precision_used": precision_used(cfg),
         "time_s": round(elapsed_before + time.perf_counter() - start, 2),
         "rejected_updates": rejected,
     }
+    with phase("summary"):
+        return _finish(spec, out, global_, client_info, meta)
+
+
+def _finish(
+    spec: ServerSpec, out: Path, global_: dict[str, torch.Tensor], client_info: dict[int, dict[str, Any]], meta: dict
+) -> dict[str, Any]:
+    """Write the final global shared tensors and summary.json; return the summary."""
+    cfg = spec.cfg
+    all_clients = list(range(cfg.num_clients))
     communication = {
         "shared_parameters": sorted(spec.initial_shared),
         "uplink_bytes_per_client_round": spec.uplink_bytes(),

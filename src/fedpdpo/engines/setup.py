@@ -8,12 +8,14 @@ from typing import Any
 
 import torch
 
+from fedpdpo.client.trainer import device_of
 from fedpdpo.config import RunConfig
 from fedpdpo.data import ClientData, build_clients
 from fedpdpo.data.task import ClientTask, build_task
 from fedpdpo.errors import ConfigError
 from fedpdpo.model import FedPDPOModel, load_backbone
 from fedpdpo.strategies import Strategy, get_strategy
+from fedpdpo.timing import phase
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +47,39 @@ def resolve(cfg: RunConfig) -> tuple[Strategy, RunConfig]:
 
 def build_model(cfg: RunConfig) -> tuple[FedPDPOModel, object]:
     """Backbone + LoRA + the local modules ``cfg.method`` switches on, initialised from ``cfg.seed`` (identical in
-    every process); ``cfg`` is a model config (see :func:`resolve`)."""
-    backbone, tokenizer = load_backbone(cfg.model)
+    every process); ``cfg`` is a model config (see :func:`resolve`). A 4-bit backbone is loaded onto its GPU, and
+    the whole model is moved there."""
+    if cfg.model_quantization == "none":
+        backbone, tokenizer = load_backbone(cfg.model)
+    else:
+        check_quantization(cfg)
+        device = device_of(cfg)
+        backbone, tokenizer = load_backbone(cfg.model, quantization=cfg.model_quantization, device=device)
     torch.manual_seed(cfg.seed)
-    return FedPDPOModel(backbone, cfg.lora, cfg.method, cfg.perf), tokenizer
+    model = FedPDPOModel(backbone, cfg.lora, cfg.method, cfg.perf)
+    if cfg.model_quantization != "none":
+        model.to(device)
+    return model, tokenizer
+
+
+def check_quantization(cfg: RunConfig) -> None:
+    """Refuse a quantized backbone where it cannot run, before anything is written: bitsandbytes' 4-bit kernels need
+    a CUDA device and the ``quant`` extra."""
+    if cfg.model_quantization == "none":
+        return
+    device = device_of(cfg)
+    if device.type != "cuda":
+        raise ConfigError(
+            f"config key 'model_quantization' is {cfg.model_quantization!r}, which needs a CUDA GPU (bitsandbytes), "
+            f'but the run\'s device is {device.type}; use model_quantization = "none"'
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            f"config key 'model_quantization' is {cfg.model_quantization!r}, but bitsandbytes is not installed; "
+            "install it with `pip install 'fedpdpo[quant]'`"
+        ) from None
 
 
 def check_device(device: str) -> None:
@@ -69,11 +100,15 @@ def check_device(device: str) -> None:
 def build_setup(cfg: RunConfig) -> RunSetup:
     strategy, cfg = resolve(cfg)
     check_device(cfg.device)
+    check_quantization(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    clients = strategy.prepare_clients(build_clients(cfg)[0])
-    model, tokenizer = build_model(cfg)
-    tasks = [build_task(c, tokenizer, cfg) for c in clients]
+    with phase("data"):
+        clients = strategy.prepare_clients(build_clients(cfg)[0])
+    with phase("model load"):
+        model, tokenizer = build_model(cfg)
+    with phase("tokenization"):
+        tasks = [build_task(c, tokenizer, cfg) for c in clients]
     initial = model.initial_tensors()
     shared = strategy.shared_names(list(initial))
     if not shared and strategy.name != "local":

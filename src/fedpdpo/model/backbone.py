@@ -147,9 +147,49 @@ def _load_path(path: Path) -> tuple[PreTrainedModel, Any]:
         raise ConfigError(f"config key 'model': cannot load {path}: {first_line(exc)}") from exc
 
 
-def load_backbone(name: str) -> tuple[PreTrainedModel, Any]:
-    """Return ``(model, tokenizer)`` in fp32 on the CPU with every parameter frozen."""
-    if name == "tiny":
+def _quantized(name: str, quantization: str, device: torch.device | None) -> tuple[PreTrainedModel, Any]:
+    """The backbone with its linear layers in 4-bit NF4 (bitsandbytes; QLoRA's storage: double quantisation, bf16
+    compute where the GPU has it), on ``device``. The output head and embeddings stay as they are (transformers
+    never quantizes them), so the reference head and the personal head copied from it are exact."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization != "4bit":
+        raise ConfigError(f"config key 'model_quantization' must be 'none' or '4bit', got {quantization!r}")
+    device = device or torch.device("cuda")
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32,
+    )
+    path = Path(name).expanduser()
+    with tempfile.TemporaryDirectory(prefix="fedpdpo-4bit-") as tmp:
+        if (path / "config.json").is_file():  # a Hugging Face model directory: never loaded dense (a 7B model is 28 GB)
+            source, tokenizer = path, AutoTokenizer.from_pretrained(path)
+        else:  # a built-in or GGUF model: its dense fp32 copy (cached on disk for GGUF), quantized on loading
+            dense, tokenizer = load_backbone(name)
+            cached = _dense_cache_path(packaged_gguf(GGUF_PACKAGES[name])) if name in GGUF_PACKAGES else None
+            if cached is not None and (cached / "config.json").is_file():
+                source = cached
+            else:
+                dense.save_pretrained(tmp)
+                source = Path(tmp)
+            del dense
+        model = AutoModelForCausalLM.from_pretrained(
+            source, quantization_config=config, dtype=torch.float32, device_map={"": device}
+        )
+    return model, tokenizer
+
+
+def load_backbone(
+    name: str, quantization: str = "none", device: torch.device | None = None
+) -> tuple[PreTrainedModel, Any]:
+    """Return ``(model, tokenizer)`` with every parameter frozen: in fp32 on the CPU, or with ``quantization =
+    "4bit"`` its linear layers in NF4 on the CUDA ``device`` (see :func:`_quantized`)."""
+    if quantization != "none":
+        model, tokenizer = _quantized(name, quantization, device)
+    elif name == "tiny":
         tokenizer = tiny_tokenizer()
         model = tiny_model(len(tokenizer))
     elif name in GGUF_PACKAGES:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -160,18 +161,44 @@ class FedPDPOModel(nn.Module):
                 raise KeyError(f"unknown parameter {name!r}")
             params[name].copy_(value.to(params[name].device, params[name].dtype))
 
+    @torch.no_grad()
+    def lora_is_zero(self) -> bool:
+        """Whether every LoRA update is exactly zero as loaded now (``A = 0`` or ``B = 0`` in each adapted layer):
+        the global policy (shared LoRA, original head) is then the reference."""
+        for module in self.peft.modules():
+            if isinstance(module, LoraLayer):
+                for key in module.lora_A:
+                    if module.lora_A[key].weight.count_nonzero() and module.lora_B[key].weight.count_nonzero():
+                        return False
+        return True
+
+    @torch.no_grad()
+    def at_reference(self) -> bool:
+        """Whether the client's policy is the reference bit for bit as loaded now: LoRA zero (:meth:`lora_is_zero`),
+        the personal head equal to the original head, the adapter's up-projection zero (identity) and the reward
+        head zero (all rewards 0). True at round 0 of every strategy whose policy starts at the reference."""
+        if not self.lora_is_zero():
+            return False
+        if "head" in self.local and not torch.equal(self.local["head"].get_parameter("weight"), self.ref_head_weight):
+            return False
+        zero_linears = [m.up for m in self.local.children() if isinstance(m, BottleneckAdapter)]
+        zero_linears += [m.score for m in self.local.children() if isinstance(m, RewardHead)]
+        return all(not p.count_nonzero() for linear in zero_linears for p in linear.parameters())
+
     def initial_tensors(self) -> dict[str, torch.Tensor]:
         """A snapshot of all trainable tensors right after construction (the round-0 state of every client)."""
         return self.get_tensors(list(self.trainable()))
 
     # -- forward ----------------------------------------------------------------------------------------------
-    def forward(self, batch: PairBatch, with_reference: bool = False) -> PolicyOutput:
+    def forward(self, batch: PairBatch, with_reference: bool = False, with_global: bool = False) -> PolicyOutput:
         """Policy log-probs and explicit rewards; with ``with_reference`` also the reference log-probs, which reuse
-        the frozen prefix's output when the prefix is shared."""
+        the frozen prefix's output when the prefix is shared; with ``with_global`` (or while training the global
+        policy) also the global policy's, from the same decoder pass (the LoRA as loaded, the original head)."""
         prefix = self.prefix.hidden(batch) if self.shared_prefix else None
         ref_logps = self.reference_logps(batch, prefix) if with_reference else None
         hidden = self._hidden(batch, prefix)
-        global_logps = self._logps(hidden, batch, self.ref_head_weight)[0] if self.train_global else None
+        wants_global = self.train_global or with_global
+        global_logps = self._logps(hidden, batch, self.ref_head_weight)[0] if wants_global else None
         if "adapter" in self.local:
             hidden = self.local["adapter"](hidden)
         head = self.local["head"].get_parameter("weight") if "head" in self.local else self.ref_head_weight
