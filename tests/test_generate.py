@@ -136,3 +136,22 @@ def test_score_skips_bad_pairs_as_its_error_message_suggests(run_dir, tmp_path, 
     assert "use --on-bad-record skip" in capsys.readouterr().err
     assert main([*base, "--on-bad-record", "skip"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["summary"]["pairs"] == 2
+
+
+def test_generate_help_shows_the_sampling_defaults(capsys):
+    """--help states the defaults, and they are SamplingConfig's (the CLI spells them without importing torch)."""
+    import dataclasses
+
+    from fedpdpo.cli import build_parser
+
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    args = parser.parse_args(["generate", "--prompt", "x"])
+    for field in dataclasses.fields(SamplingConfig):
+        default = getattr(SamplingConfig(), field.name)
+        assert getattr(args, field.name) == default
+        assert f"--{field.name.replace('_', '-')}" in shown
+    for default in ("(default: 64)", "(default: 0.7)", "(default: 0.9)", "(default: 0)"):
+        assert default in shown

@@ -140,6 +140,11 @@ CASES = [
     ("inspect --json nodir", ["data", "inspect", str(TINY_DATA), "--json", "{w}/no/r.json"], "does not exist"),
     ("inspect missing", ["data", "inspect", "{w}/missing.jsonl", "--model", "tiny"], "does not exist"),
     ("inspect --set alone", ["data", "inspect", str(TINY_DATA), *_set("lr=1")], "--set needs --partition"),
+    # config show
+    ("config show missing", ["config", "show", "--config", "{w}/missing.toml"], "does not exist"),
+    ("config show not toml", ["config", "show", "--config", "{w}/latin1.txt"], "not valid TOML"),
+    ("config show --set alone", ["config", "show", *_set("rounds=2")], "--set needs --config"),
+    ("config show lr=nan", ["config", "show", *CONFIG, *_set("lr=nan")], "config key 'lr' must be a finite number"),
     # export (item 6)
     ("export --out afile", ["export", "--run", R, "--client", "0", "--out", "{w}/afile"], "it is a file"),
     ("export no run", ["export", "--run", "{w}/emptydir", "--client", "0", "--out", "{w}/new"], "no config.toml"),
@@ -187,7 +192,8 @@ CASES = [
 def test_there_are_enough_cases_for_every_command():
     commands = {args[0] if args[0] != "data" else f"data {args[1]}" for _, args, _ in CASES}
     assert len(CASES) >= 40
-    assert commands >= {"run", "data validate", "data inspect", "export", "generate", "score", "compare", "report"}
+    expected = {"run", "data validate", "data inspect", "config", "export", "generate", "score", "compare", "report"}
+    assert commands >= expected
 
 
 @pytest.mark.parametrize(("args", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])

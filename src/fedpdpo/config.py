@@ -468,11 +468,16 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
 NOTES_HEADER = "# Paths as given, before they were made absolute:"
 
 
-def save_config(cfg: RunConfig, path: str | Path) -> None:
-    """Write ``cfg`` as TOML, with the original text of paths it made absolute as comments at the top."""
+def dump_config(cfg: RunConfig) -> str:
+    """``cfg`` as TOML (every key, defaults included), with the original text of paths it made absolute as comments
+    at the top."""
     notes = [f"#   {key} = {text}" for key, text in sorted(cfg.given_paths.items())]
     header = [NOTES_HEADER, *notes, ""] if notes else []
-    Path(path).write_text("\n".join(header) + tomli_w.dumps(config_to_dict(cfg)), encoding="utf-8")
+    return "\n".join(header) + tomli_w.dumps(config_to_dict(cfg))
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(dump_config(cfg), encoding="utf-8")
 
 
 def _read_notes(text: str) -> dict[str, str]:
