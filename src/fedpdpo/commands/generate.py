@@ -60,7 +60,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     score.add_argument("--response", action="append", help="a response to score (repeatable)")
     score.add_argument("--pairs", metavar="FILE", help="preference pairs (JSONL/parquet) to score instead")
     score.add_argument(
-        "--limit", type=int, default=20, help="with --pairs: score at most this many pairs, 0 = all (default: %(default)s)"
+        "--limit",
+        type=int,
+        default=20,
+        help="with --pairs: score at most this many pairs, 0 = all (default: %(default)s)",
     )
     score.add_argument(
         "--on-bad-record",
