@@ -93,7 +93,7 @@ def load_from_run(run_dir: str | Path, client_id: int) -> ClientModel:
         )
     model, tokenizer = build_model(cfg)  # same seed as training, so untrained local tensors match round 0
     model.set_tensors(read_checked(global_path, load_file, "the run directory is damaged: run it again"))
-    store = ClientStore(run_dir / "clients")
+    store = ClientStore(run_dir / "clients", bases=model.delta_bases())
     local = store.load(client_id).local
     task = store.task_info(client_id) or {}
     max_length = int(task.get("max_length") or cfg.max_length)

@@ -117,7 +117,7 @@ def run_inprocess(
 
 
 def _run(setup: RunSetup, run_cfg: RunConfig, out: Path, quiet: bool, resume: bool) -> dict[str, Any]:
-    store = ClientStore(out / CLIENTS_DIR)
+    store = ClientStore(out / CLIENTS_DIR, bases=setup.model.delta_bases())
     clients = range(setup.cfg.num_clients)
     spec = ServerSpec(
         setup.cfg,
@@ -149,8 +149,9 @@ def _checked_resume(cfg: RunConfig, out: Path, rounds: int | None) -> RunConfig:
         return cfg
     if ckpt is not None and ckpt.server_round >= cfg.rounds:
         log.warning(
-            "the run had finished, so its clients' optimizer states were dropped; the %d extra round(s) start them "
-            "afresh (a run started with rounds=%d would differ)",
+            "the run had finished, so its clients' optimizer states were dropped and their personalized heads kept "
+            "to fp16 precision of their change; the %d extra round(s) start from there (a run started with rounds=%d "
+            "would differ)",
             rounds - cfg.rounds,
             rounds,
         )

@@ -22,6 +22,7 @@ from fedpdpo.data.tokenize import PairBatch
 from fedpdpo.errors import ConfigError, first_line
 from fedpdpo.model.lora_targets import check_target_modules
 from fedpdpo.model.modules import BottleneckAdapter, PersonalHead, RewardHead
+from fedpdpo.model.naming import HEAD_WEIGHT
 from fedpdpo.model.prefix_cache import FrozenPrefix, run_only
 
 LOGIT_CHUNK = 1024  # response tokens per chunk of the vocabulary projection
@@ -155,6 +156,12 @@ class FedPDPOModel(nn.Module):
             if name not in params:
                 raise KeyError(f"unknown parameter {name!r}")
             params[name].copy_(value.to(params[name].device, params[name].dtype))
+
+    def delta_bases(self) -> dict[str, torch.Tensor]:
+        """The frozen tensors some local tensors start as a copy of, by the local tensor's name: a finished run
+        stores those as deltas from them (:class:`~fedpdpo.client.state.ClientStore`). The personalized head starts
+        as the backbone's head ``W_0``."""
+        return {HEAD_WEIGHT: self.ref_head_weight} if "head" in self.local else {}
 
     def initial_tensors(self) -> dict[str, torch.Tensor]:
         """A snapshot of all trainable tensors right after construction (the round-0 state of every client)."""
