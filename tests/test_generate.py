@@ -155,3 +155,20 @@ def test_generate_help_shows_the_sampling_defaults(capsys):
         assert f"--{field.name.replace('_', '-')}" in shown
     for default in ("(default: 64)", "(default: 0.7)", "(default: 0.9)", "(default: 0)"):
         assert default in shown
+
+
+def test_score_pairs_table_shows_line_numbers_and_the_rejected_text(run_dir, tmp_path, capsys, monkeypatch):
+    from fedpdpo.cli import main
+
+    monkeypatch.setenv("COLUMNS", "220")
+    pairs = tmp_path / "pairs.jsonl"
+    records = [json.loads(line) for line in TINY_DATA.read_text().splitlines()[:2]]
+    pairs.write_text("\n" + "\n".join(json.dumps(r) for r in records) + "\n")  # a blank first line: lines 2, 3
+    assert main(["score", "--run", str(run_dir), "--client", "0", "--pairs", str(pairs)]) == 0
+    out = capsys.readouterr().out
+    cells = [[c.strip() for c in line.replace("┃", "│").split("│")] for line in out.splitlines()]
+    assert ["line", "prompt", "chosen", "rejected", "implicit margin", "explicit margin"] in cells
+    rows = [r for r in cells if r[0].isdigit()]
+    assert [r[0] for r in rows] == ["2", "3"]
+    for record in records:
+        assert record["rejected"][:20] in out

@@ -207,6 +207,11 @@ def _short(text: str, width: int = 60) -> str:
     return escape(text if len(text) <= width else text[: width - 1] + "…")
 
 
+def _where(source: str, path: str) -> str:
+    """A record's place in its file without the file's name (the table's title has it): ``12``, ``row 3``."""
+    return escape(source.removeprefix(str(path)).lstrip(": ") or source)
+
+
 def _score_pairs(cm, args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -222,8 +227,8 @@ def _score_pairs(cm, args: argparse.Namespace) -> int:
     if args.limit:
         records = records[: args.limit]
     table = Table(title=f"client {cm.client_id}: {escape(args.pairs)} ({len(records)} pairs)", show_edge=False)
-    for col in ("prompt", "chosen", "implicit margin", "explicit margin"):
-        table.add_column(col, justify="right" if "margin" in col else "left")
+    for col in ("line", "prompt", "chosen", "rejected", "implicit margin", "explicit margin"):
+        table.add_column(col, justify="right" if "margin" in col or col == "line" else "left")
     implicit_margins, explicit_margins = [], []
     for rec in records:
         chosen, rejected = score(cm, rec.prompt, [rec.chosen, rec.rejected])  # prompt: text or conversation
@@ -238,7 +243,14 @@ def _score_pairs(cm, args: argparse.Namespace) -> int:
             print(dumps(row))
         else:
             shown = "-" if explicit is None else f"{explicit:+.4f}"
-            table.add_row(_short(flat(rec.prompt), 30), _short(rec.chosen, 40), f"{implicit:+.4f}", shown)
+            table.add_row(
+                _where(rec.source, args.pairs),
+                _short(flat(rec.prompt), 30),
+                _short(rec.chosen, 30),
+                _short(rec.rejected, 30),
+                f"{implicit:+.4f}",
+                shown,
+            )
     import torch
 
     summary = {"pairs": len(records), "accuracy_implicit": pairwise_accuracy(torch.tensor(implicit_margins)).item()}
