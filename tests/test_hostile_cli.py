@@ -118,6 +118,8 @@ CASES = [
     ("run --out afile", [*RUN, *CONFIG, "--out", "{w}/afile"], "it is a file"),
     ("run bad record", [*RUN, *CONFIG, *_set('data.path="{w}/bad_pairs.jsonl"'), "--out", "{w}/new"], "malformed"),
     ("run empty data", [*RUN, *CONFIG, *_set('data.path="{w}/blank.jsonl"'), "--out", "{w}/new"], "no valid"),
+    ("run unknown tracker", [*RUN, *CONFIG, *_set('report_to=["mlflow"]'), "--out", "{w}/new"], "'report_to'"),
+    ("run tracker as text", [*RUN, *CONFIG, *_set('report_to="wandb"'), "--out", "{w}/new"], "must be a list"),
     # run: existing runs, overwrite and resume (items 2 and 5)
     ("run into a run", [*RUN, *CONFIG, "--out", R], "already holds a run"),
     ("overwrite lr=nan", [*RUN, *CONFIG, *_set("lr=nan"), "--out", R, "--overwrite"], "finite"),
