@@ -13,7 +13,7 @@ same inputs gives the same bits, so a resumed run is identical to an uninterrupt
 
 A finished run keeps only each client's newest local tensors (:meth:`ClientStore.finalize`), and stores the largest
 of them, the personalized head (vocabulary x hidden: 113 MB in fp32 for SmolLM2), as an fp16 delta from the
-backbone's head it started from, in ``local.compact.safetensors`` (57 MB). The delta is small, so fp16 keeps it to
+backbone's head it started from, in ``local_compact.safetensors`` (57 MB). The delta is small, so fp16 keeps it to
 within about 5e-4 of its own size (a few 1e-7 absolute for the head's weights); reading adds the backbone's head back
 in fp32. An fp16 copy of the whole head would be the same size but lose that much of the weights themselves.
 
@@ -43,7 +43,7 @@ from fedpdpo.errors import FedPDPOError, environment_error, first_line
 T = TypeVar("T")
 
 LOCAL_FILE = "local.safetensors"
-COMPACT_FILE = "local.compact.safetensors"  # a finished run's local tensors, some as fp16 deltas (finalize)
+COMPACT_FILE = "local_compact.safetensors"  # a finished run's local tensors, some as fp16 deltas (finalize)
 TASK_FILE = "task.json"  # the client's data sizes and length limits (chosen from its own data)
 OPTIMIZER_FILE = "optimizer.pt"
 REFERENCE_FILE = "reference.safetensors"
