@@ -88,9 +88,9 @@ def test_in_memory_data_is_checked_like_a_file(tmp_path):
     assert skipped["clients"]
     with pytest.raises(DataError, match=r"data\[0\]: .*not JSON serializable"):
         fedpdpo.run(TINY_CONFIG, tmp_path / "x", data=[records[0] | {"when": object()}], overrides=FAST)
-    with pytest.raises(FedPDPOError, match="give a file in the config's data.path"):
+    with pytest.raises(FedPDPOError, match=r"give a file in the config.s data\.path"):
         fedpdpo.run(TINY_CONFIG, tmp_path / "x", data=str(TINY_DATA), overrides=FAST)
-    with pytest.raises(FedPDPOError, match="must be a datasets.Dataset or a list of records"):
+    with pytest.raises(FedPDPOError, match=r"must be a datasets\.Dataset or a list of records"):
         fedpdpo.run(TINY_CONFIG, tmp_path / "x", data={"prompt": "p"}, overrides=FAST)
     with pytest.raises(DataError, match="test_data= holds no valid preference records"):
         fedpdpo.run(TINY_CONFIG, tmp_path / "x", test_data=[{"x": 1}], overrides=[*FAST, 'data.on_bad_record="skip"'])
