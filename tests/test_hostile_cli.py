@@ -39,6 +39,9 @@ def _make_world(w: Path) -> None:
         "run_bad_summary": lambda d: (d / "summary.json").write_text("{bad"),
         "run_empty_summary": lambda d: (d / "summary.json").write_text("{}"),
         "run_bad_global": lambda d: (d / "global.safetensors").write_bytes(b"junk"),
+        "run_bad_local": lambda d: (
+            d / "clients" / "client_0" / "rounds" / "round_00001" / "local_compact.safetensors"
+        ).write_bytes(b"\0" * 16),
     }
     for name, spoil in damage.items():
         shutil.copytree(run, w / name)
@@ -158,6 +161,14 @@ CASES = [
         "not a fedpdpo",
     ),
     ("export bad global", ["export", "--run", "{w}/run_bad_global", "--client", "0", "--out", "{w}/new"], "unreadable"),
+    (
+        "export bad local state",
+        ["export", "--run", "{w}/run_bad_local", "--client", "0", "--out", "{w}/new"],
+        "local_compact.safetensors is unreadable",
+    ),
+    ("evaluate bad local state", ["evaluate", "--run", "{w}/run_bad_local", "--samples", "0"], "is unreadable"),
+    ("evaluate no run", ["evaluate", "--run", "{w}/emptydir"], "no config.toml"),
+    ("evaluate top-p", ["evaluate", "--run", R, "--top-p", "0"], "--top-p"),
     # generate and score (items 6 and 7)
     ("generate empty prompt", ["generate", "--run", R, "--client", "0", "--prompt", ""], "--prompt is empty"),
     ("generate latin-1", ["generate", "--run", R, "--client", "0", "--prompts", "{w}/latin1.txt"], "UTF-8"),

@@ -125,6 +125,7 @@ def run_inprocess(
 
 def _setup(cfg: RunConfig, progress: RunProgress) -> RunSetup:
     setup = build_setup(cfg, progress.stage)
+    progress.data_sizes({t.client_id: len(t.train) for t in setup.tasks}, sum(len(t.test) for t in setup.tasks))
     progress.setup_done(
         model=setup.cfg.model,
         clients=len(setup.tasks),

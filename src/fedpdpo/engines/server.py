@@ -140,12 +140,14 @@ def rejection_reason(reply: FitReply) -> str:
     return ""
 
 
-def planned_steps(strategy: Strategy, cfg: RunConfig, rounds: range) -> dict[int, int]:
-    """Local steps of the federated pass of each of ``rounds``, over the clients the strategy samples (what the
-    progress display counts: each such step reports once)."""
+def planned_steps(strategy: Strategy, cfg: RunConfig, rounds: range) -> dict[int, dict[int, int]]:
+    """Local steps of the federated pass of each of ``rounds``, by client the strategy samples (what the progress
+    display counts: each such step reports once)."""
     return {
-        r: len(strategy.sample_clients(r, cfg.num_clients, cfg.client_fraction, cfg.seed))
-        * FitPlan.parse(strategy.fit_instructions(r), cfg.local_steps).local_steps
+        r: dict.fromkeys(
+            strategy.sample_clients(r, cfg.num_clients, cfg.client_fraction, cfg.seed),
+            FitPlan.parse(strategy.fit_instructions(r), cfg.local_steps).local_steps,
+        )
         for r in rounds
     }
 
@@ -224,7 +226,8 @@ def run_server(
 
     rounds = range(max(first_round, 1), cfg.rounds + 1)
     evaluations = ([0] if first_round == 0 else []) + list(rounds)
-    trackers.steps = sum(planned_steps(strategy, cfg, range(1, max(first_round, 1))).values())  # resumed: go on
+    done_before = planned_steps(strategy, cfg, range(1, max(first_round, 1)))
+    trackers.steps = sum(sum(by_client.values()) for by_client in done_before.values())  # resumed: count on
 
     def on_step(loss: float) -> None:
         display.step(loss)
@@ -234,7 +237,7 @@ def run_server(
         stack.callback(trackers.close)
         if progress is None:
             stack.enter_context(display)
-        display.plan(planned_steps(strategy, cfg, rounds), evaluations, cfg.num_clients, cfg.rounds)
+        display.plan(planned_steps(strategy, cfg, rounds), evaluations, cfg.num_clients, cfg.rounds, cfg.batch_size)
         if first_round == 0:
             evaluate_all(0, {})
             checkpoint(0)

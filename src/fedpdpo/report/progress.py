@@ -70,30 +70,69 @@ def format_seconds(seconds: float | None) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
+def expected_new_pairs(steps: dict[int, dict[int, int]], batch_size: int, n_train: dict[int, int]) -> dict[int, float]:
+    """Per round, the expected number of training pairs visited for the first time in the run, over the clients that
+    train (``steps``: round -> client -> local steps). A round visits ``steps * batch_size`` of a client's ``n``
+    pairs in a fresh random order (all of them when that is more), so a pair is still unvisited after a round with
+    probability ``1 - visited / n``."""
+    unseen = dict.fromkeys(n_train, 1.0)  # share of each client's pairs not visited yet
+    new: dict[int, float] = {}
+    for r in sorted(steps):
+        new[r] = 0.0
+        for client, k in steps[r].items():
+            n = n_train.get(client, 0)
+            if n:
+                visited = min(k * batch_size, n) / n
+                new[r] += n * unseen[client] * visited
+                unseen[client] *= 1 - visited
+    return new
+
+
 class EtaModel:
     """Seconds left in a run: the work still planned times the measured cost of each kind of work.
 
-    Two kinds of work, measured separately: a local training step (the wall time of a training phase, aggregation
-    included, per step) and a client evaluation (the wall time of an evaluation phase, checkpoint included, per
-    client). Phases are contiguous: a phase lasts until the next one begins, so no time goes uncounted. The cost of
-    a kind is the one of its latest finished phase, moved towards the current phase's own rate as that phase
-    progresses: the newest measurement is the best guess, because the first evaluation also computes the reference
-    log-probs of the test pairs and the first training round those of the training pairs (and fills the
-    frozen-prefix cache), so later phases are cheaper. Before a kind was ever measured the ETA is unknown (None).
+    Phases are contiguous (a phase lasts until the next one begins, so no time goes uncounted) and of two kinds:
+
+    * **evaluation**, per client evaluated: the latest evaluation's cost per client (checkpoint included). The first
+      one also computes the frozen-prefix states and reference log-probs of every held-out pair, which later ones
+      read from the caches, so it is the dearest.
+    * **training**, ``a`` seconds per local step (aggregation included) plus ``b`` per training pair visited for the
+      first time: its frozen-prefix states and reference log-probs are computed then and cached, so the first round
+      costs most and later rounds less as fewer of their pairs are new. ``b`` is that same work per pair as the
+      evaluations measure it, ``(first - latest evaluation time) / held-out pairs``; ``a`` is what the latest training
+      round took beyond its new pairs, per step. The expected new pairs per round come from the clients' data sizes
+      (:func:`expected_new_pairs`; without them, as for remote clients, every step costs the same).
+
+    Within a phase, its own rate so far is blended in by the share of the phase done. Before a kind was ever
+    measured the ETA is unknown (None).
     """
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self.clock = clock
         self.left: dict[str, dict[int, int]] | None = None  # kind -> round -> units still planned (None: no plan yet)
-        self.cost: dict[str, float | None] = {"fit": None, "eval": None}  # seconds per unit, latest finished phase
+        self.new_pairs: dict[int, float] = {}  # round -> expected training pairs visited for the first time
+        self.test_pairs = 0  # held-out pairs of all clients (what the first evaluation computes afresh)
+        self.eval_cost: float | None = None  # seconds per client, latest evaluation
+        self.first_eval: float | None = None  # seconds of the round-0 evaluation
+        self.last_fit: tuple[float, int, float] | None = None  # latest training phase: seconds, steps, new pairs
+        self.pair_cost = 0.0  # b: seconds per training pair visited for the first time
         self.phase: tuple[str, int] | None = None
         self.phase_start = 0.0
         self.phase_units = 0  # planned units of the current phase
         self.done = 0  # units of the current phase done
 
-    def plan(self, fit_steps: dict[int, int], evals: dict[int, int]) -> None:
-        """The work ahead: training steps and client evaluations, by round."""
+    def plan(
+        self,
+        fit_steps: dict[int, int],
+        evals: dict[int, int],
+        new_pairs: dict[int, float] | None = None,
+        test_pairs: int = 0,
+    ) -> None:
+        """The work ahead: training steps and client evaluations by round, and (when the data sizes are known) the
+        expected new training pairs by round and the number of held-out pairs."""
         self.left = {"fit": dict(fit_steps), "eval": dict(evals)}
+        self.new_pairs = dict(new_pairs or {})
+        self.test_pairs = test_pairs
 
     def begin(self, kind: str, server_round: int) -> None:
         """A phase of ``kind`` ("fit" or "eval") begins for ``server_round``; the previous phase ends."""
@@ -107,42 +146,64 @@ class EtaModel:
         self.done += units
 
     def end(self) -> None:
-        """The current phase is over: its measured cost per unit becomes the cost of its kind."""
+        """The current phase is over: it becomes the measurement of its kind."""
         if self.phase is None:
             return
         kind, server_round = self.phase
+        elapsed = self.clock() - self.phase_start
         units = max(self.done, self.phase_units)  # a remote engine may report less than was planned
-        if units:
-            self.cost[kind] = (self.clock() - self.phase_start) / units
+        if units and kind == "eval":
+            self.eval_cost = elapsed / units
+            if server_round == 0:
+                self.first_eval = elapsed
+            elif self.first_eval is not None and self.test_pairs:
+                self.pair_cost = max(0.0, (self.first_eval - elapsed) / self.test_pairs)
+        elif units:
+            self.last_fit = (elapsed, units, self.new_pairs.get(server_round, 0.0))
         if self.left:
             self.left[kind].pop(server_round, None)
         self.phase = None
 
-    def _unit_cost(self, kind: str) -> float | None:
-        """Seconds per unit of ``kind`` for what is left: the current phase's rate blended in by its progress."""
-        prev = self.cost[kind]
-        if self.phase is None or self.phase[0] != kind or self.done == 0:
+    def _step_cost(self) -> float | None:
+        """``a``: seconds per step beyond the new pairs, from the latest training phase blended with the current."""
+        prev = None
+        if self.last_fit is not None:
+            seconds, steps, new = self.last_fit
+            prev = max((seconds - self.pair_cost * new) / steps, 0.25 * seconds / steps)
+        if self.phase is None or self.phase[0] != "fit" or self.done == 0:
             return prev
+        elapsed = self.clock() - self.phase_start
+        share = min(1.0, self.done / max(1, self.phase_units))
+        new_so_far = self.new_pairs.get(self.phase[1], 0.0) * share
+        rate = max((elapsed - self.pair_cost * new_so_far) / self.done, 0.25 * elapsed / self.done)
+        return rate if prev is None else share * rate + (1 - share) * prev
+
+    def _eval_cost(self) -> float | None:
+        if self.phase is None or self.phase[0] != "eval" or self.done == 0:
+            return self.eval_cost
         rate = (self.clock() - self.phase_start) / self.done
-        if prev is None:
+        if self.eval_cost is None:
             return rate
-        weight = min(1.0, self.done / max(1, self.phase_units))
-        return weight * rate + (1 - weight) * prev
+        share = min(1.0, self.done / max(1, self.phase_units))
+        return share * rate + (1 - share) * self.eval_cost
 
     def remaining(self) -> float | None:
         if self.left is None:
             return None
         total = 0.0
         for kind, rounds in self.left.items():
-            units = sum(rounds.values())
-            if self.phase is not None and self.phase[0] == kind:
-                units -= min(self.done, self.phase_units)
-            if units <= 0:
-                continue
-            cost = self._unit_cost(kind)
-            if cost is None:
-                return None
-            total += units * cost
+            for server_round, units in rounds.items():
+                share_left = 1.0
+                if self.phase == (kind, server_round):
+                    share_left = max(0, units - self.done) / units if units else 0.0
+                if share_left <= 0:
+                    continue
+                cost = self._step_cost() if kind == "fit" else self._eval_cost()
+                if cost is None:
+                    return None
+                total += share_left * units * cost
+                if kind == "fit":
+                    total += share_left * self.pair_cost * self.new_pairs.get(server_round, 0.0)
         return total
 
 
@@ -163,6 +224,8 @@ class RunProgress:
         self.clock = clock
         self.start = clock()
         self.eta = EtaModel(clock)
+        self.n_train: dict[int, int] = {}
+        self.test_pairs = 0
         self.rounds = 0
         self.total_steps = 0
         self.steps_done = 0
@@ -201,9 +264,18 @@ class RunProgress:
             described = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in facts.items())
             self._line(f"setup done in {format_seconds(elapsed)}: {described}")
 
-    def plan(self, fit_steps: dict[int, int], eval_rounds: list[int], clients: int, rounds: int) -> None:
-        """The work ahead: local steps per round, the rounds still to evaluate (all ``clients`` each time)."""
-        self.eta.plan(fit_steps, {r: clients for r in eval_rounds})
+    def data_sizes(self, n_train: dict[int, int], test_pairs: int) -> None:
+        """Each client's number of training pairs and the held-out pairs of all (engines that know them): they let
+        the ETA tell the first visit of a pair from later ones."""
+        self.n_train, self.test_pairs = dict(n_train), test_pairs
+
+    def plan(
+        self, steps: dict[int, dict[int, int]], eval_rounds: list[int], clients: int, rounds: int, batch_size: int
+    ) -> None:
+        """The work ahead: local steps per round and client, the rounds still to evaluate (all ``clients`` each)."""
+        fit_steps = {r: sum(by_client.values()) for r, by_client in steps.items()}
+        new_pairs = expected_new_pairs(steps, batch_size, self.n_train) if self.n_train else None
+        self.eta.plan(fit_steps, {r: clients for r in eval_rounds}, new_pairs, self.test_pairs)
         self.rounds = rounds
         self.total_steps = sum(fit_steps.values())
 
