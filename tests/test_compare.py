@@ -183,10 +183,18 @@ def test_aggregation_over_seeds_and_fairness_check():
 
 
 def test_report_refuses_runs_that_do_not_say_their_steps(tmp_path: Path):
-    summary = _run("a", 0, [0.5], conflict=0).summary
-    for client in summary["clients"]:
-        del client["local_steps"]
+    summary = {
+        "algorithm": "fedavg",
+        "seed": 0,
+        "mean_accuracy": 0.5,
+        "mean_accuracy_by_round": {"0": 0.5},
+        "clients": [{"id": 0, "accuracy": 0.5, "accuracy_implicit": 0.5}],
+        "communication": {"shared_parameters": [], "uplink_bytes_per_client_round": 0},
+        "time_s": 1.0,
+    }
+    summary["communication"]["downlink_bytes_per_client_round"] = 0
     (tmp_path / "summary.json").write_text(json.dumps(summary))
+    (tmp_path / "config.toml").write_text("")
     with pytest.raises(FedPDPOError, match="local steps"):
         load_run(tmp_path)
 
