@@ -23,11 +23,13 @@ MAY_IMPORT = {
     "report": {"config", "client"},  # client.state's atomic_write: run files are written like client state
     "rundir": {"client"},  # the run-directory lock and replace; client.state's atomic file writes
     "engines": CORE | {"strategies", "report", "rundir"},
-    "export": CORE | {"strategies", "engines", "rundir"},
+    "export": CORE | {"strategies", "engines", "rundir", "model_card"},
+    "model_card": set(),  # pure rendering of facts export collected
     "generate": {"data", "export", "model"},
     "judge": set(),
     "evaluation": CORE | {"engines", "generate", "judge"},
     "sweep": {"config", "engines", "report", "strategies"},
+    "api": CORE | {"engines", "sweep", "rundir", "cli"},  # the Python API: what the commands do, as functions
 }
 #: Imported by any layer: the error types, the strict JSON writer and the phase clock.
 BASE = {"errors", "jsonio", "timing"}

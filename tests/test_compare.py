@@ -205,3 +205,59 @@ def test_plot_colours_stay_distinct_for_every_algorithm():
     from fedpdpo.strategies import STRATEGIES
 
     assert len(set(_colors(len(STRATEGIES)))) == len(STRATEGIES)
+
+
+def _figures(monkeypatch) -> list:
+    """Keep the figures the plot functions close, to read their titles and legends."""
+    from fedpdpo.report import plots
+
+    kept: list = []
+    monkeypatch.setattr(plots.plt, "close", kept.append)  # pyplot itself: every plot module's figures
+    return kept
+
+
+def _texts(fig) -> tuple[str, list[str], str]:
+    ax = fig.axes[0]
+    legend = ax.get_legend()
+    return ax.get_title(), [t.get_text() for t in legend.get_texts()] if legend else [], ax.get_ylabel()
+
+
+def test_report_of_one_run_is_titled_for_that_run(compared: Path, tmp_path: Path, monkeypatch):
+    """One run: no 'Comparison report', no fairness check, no ± over a single seed; plots name run and metric."""
+    figures = _figures(monkeypatch)
+    out = tmp_path / "one"
+    assert main(["report", str(compared / "fedpdpo" / "seed0"), "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert report.startswith("# Run report: fedpdpo seed 0 (seed0)\n")
+    assert "Comparison" not in report and "Fairness" not in report and "±" not in report
+    summary = json.loads((compared / "fedpdpo" / "seed0" / "summary.json").read_text())
+    for client in summary["clients"]:
+        assert f"| {client['id']} | " in report and f"{100 * client['accuracy']:.2f}" in report
+    for name in ("accuracy_by_round", "train_loss_by_round", "per_client_accuracy"):
+        assert f"![{name}]({name}.png)" in report and (out / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
+    titles = {_texts(fig)[0]: _texts(fig) for fig in figures}
+    accuracy = titles["fedpdpo seed 0 (seed0): held-out accuracy by round"]
+    assert "chance (0.5)" in accuracy[1] and "client 0 (conflict)" in accuracy[1] and "combined score" in accuracy[2]
+    loss = titles["fedpdpo seed 0 (seed0): training loss by round"]
+    assert "training loss" in loss[2] and "chance (0.5)" not in loss[1]
+    assert "chance (0.5)" in titles["fedpdpo seed 0 (seed0): final held-out accuracy per client"][1]
+
+
+def test_comparison_plots_are_titled_and_show_training_loss(compared: Path, tmp_path: Path, monkeypatch):
+    figures = _figures(monkeypatch)
+    out = tmp_path / "cmp-report"
+    assert main(["report", str(compared / "fedpdpo"), str(compared / "fedavg"), "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert report.startswith("# Comparison report") and "## Fairness check" in report
+    rows = [line for line in report.splitlines() if line.startswith(("| 1 | ", "| 2 | "))]
+    assert len(rows) == 2 and not any("±" in row for row in rows)  # one seed each: no spread to show
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert sorted(comparison["algorithms"]["fedavg"]["train_loss_by_round"]) == ["1"]
+    titles = [_texts(fig) for fig in figures]
+    assert [t[0] for t in titles] == [
+        "cmp-report: held-out accuracy by round (band: std over seeds)",
+        "cmp-report: training loss by round (mean over seeds)",
+        "cmp-report: final held-out accuracy per client",
+    ]
+    assert all("chance (0.5)" in t[1] for t in (titles[0], titles[2]))
+    assert any(label.startswith("fedpdpo (combined score") for label in titles[0][1])

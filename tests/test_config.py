@@ -131,3 +131,34 @@ def test_relative_paths_are_saved_absolute_with_the_original_text(tmp_path, monk
     assert again == cfg and again.given_paths == cfg.given_paths
     with pytest.raises(ConfigError, match="unknown config key 'given_paths'"):
         load_config(TINY_CONFIG, ["given_paths=1"])
+
+
+# -- fedpdpo config show and --version ------------------------------------------------------------------------------
+
+
+def test_config_show_prints_the_resolved_config_with_every_default(tmp_path, capsys):
+    import tomllib
+
+    from fedpdpo.cli import main
+    from fedpdpo.config import RunConfig, config_to_dict
+
+    assert main(["config", "show", "--config", str(TINY_CONFIG), "--set", "rounds=5"]) == 0
+    text = capsys.readouterr().out
+    want = load_config(TINY_CONFIG, ["rounds=5"])
+    assert tomllib.loads(text) == config_to_dict(want)
+    assert "prefix_cache_mb = 2048" in text and "[privacy]" in text  # keys the file leaves out, at their defaults
+    assert "#   data.path = '../data/tiny_pairs.jsonl'" in text  # the path as given
+    (tmp_path / "shown.toml").write_text(text)
+    assert load_config(tmp_path / "shown.toml") == want  # what it prints is a config that runs the same
+    assert main(["config", "show"]) == 0
+    assert tomllib.loads(capsys.readouterr().out) == config_to_dict(RunConfig())
+
+
+def test_version(capsys):
+    import fedpdpo
+    from fedpdpo.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fedpdpo {fedpdpo.__version__}"

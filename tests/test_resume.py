@@ -393,3 +393,30 @@ def test_a_relative_data_path_resumes_from_another_directory(tmp_path, monkeypat
     assert "#   data.path = 'data/tiny_pairs.jsonl' relative to the working directory" in saved
     monkeypatch.chdir(tmp_path)
     assert main(["run", "--quiet", "--resume", "run"]) == 0
+
+
+def test_finalize_keeps_the_head_as_an_fp16_delta_from_its_base(tmp_path):
+    """Half the bytes; read back to within fp16 rounding of the (small) change; the fingerprint still sees the file
+    it was made from; another base is refused rather than silently giving another head."""
+    from fedpdpo.client.state import COMPACT_FILE, LOCAL_FILE, file_sha256
+    from fedpdpo.engines.fingerprint import clients_fingerprint
+    from fedpdpo.model.naming import HEAD_WEIGHT
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(512, 64, generator=gen) * 0.05
+    head = base + torch.randn(512, 64, generator=gen) * 1e-3  # what training does to it: a small change
+    other = {"local.reward_head.score.weight": torch.randn(1, 64, generator=gen)}
+    store = ClientStore(tmp_path, bases={HEAD_WEIGHT: base})
+    store.save(0, ClientState(local={HEAD_WEIGHT: head} | other), server_round=1)
+    version = store.version_dir(0, 1)
+    full_size, digest = (version / LOCAL_FILE).stat().st_size, file_sha256(version / LOCAL_FILE)
+    before = clients_fingerprint(store, [0], 1)
+    assert store.finalize([0]) > 0.45 * full_size
+    assert sorted(p.name for p in version.iterdir()) == [COMPACT_FILE]
+    local = store.load(0).local
+    assert torch.equal(local["local.reward_head.score.weight"], other["local.reward_head.score.weight"])
+    err = (local[HEAD_WEIGHT] - head).abs().max().item()
+    assert 0 < err <= 1e-3 * 2**-10 * 4  # fp16 keeps ~11 bits of the change, not of the weight
+    assert before["0"]["files"] == {LOCAL_FILE: digest} == clients_fingerprint(store, [0], 1)["0"]["files"]
+    with pytest.raises(FedPDPOError, match="another backbone"):
+        ClientStore(tmp_path, bases={HEAD_WEIGHT: base + 1}).load(0)

@@ -13,10 +13,11 @@ import os
 import sys
 import warnings
 
+from fedpdpo import __version__
 from fedpdpo.errors import FedPDPOError, environment_error
 
 #: Subcommand modules, each with ``register(subparsers)``.
-COMMANDS = ["run", "node", "data", "export", "generate", "evaluate", "compare", "report", "deploy"]
+COMMANDS = ["run", "node", "data", "config", "export", "generate", "evaluate", "compare", "report", "deploy"]
 
 
 def offline_env() -> None:
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fedpdpo", description="Federated, personalized preference alignment of LLMs."
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("--version", action="version", version=f"fedpdpo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         importlib.import_module(f"fedpdpo.commands.{name}").register(sub)

@@ -21,6 +21,9 @@ import tomli_w
 
 from fedpdpo.errors import ConfigError
 
+#: The experiment trackers ``report_to`` may name (fedpdpo/report/tracking.py).
+TRACKERS = ("tensorboard", "trackio", "wandb")
+
 
 @dataclass
 class LoraSettings:
@@ -182,6 +185,9 @@ class RunConfig:
     threads: int = 0  # 0 = torch default
     # Precision of the shared tensors on the wire, both directions (see fedpdpo/transfer.py).
     transfer_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # Experiment trackers the run logs to, as transformers' and TRL's ``report_to``: "tensorboard", "trackio",
+    # "wandb" (each an optional package; empty = none). See fedpdpo/report/tracking.py.
+    report_to: list[str] = field(default_factory=list)
     lora: LoraSettings = field(default_factory=LoraSettings)
     method: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -209,6 +215,11 @@ class RunConfig:
         for key in ("model", "partition.label"):
             if not _get(self, key).strip():
                 raise ConfigError(f"config key '{key}' is empty")
+        unknown_trackers = [name for name in self.report_to if name not in TRACKERS]
+        if unknown_trackers:
+            raise ConfigError(
+                f"config key 'report_to' names {unknown_trackers[0]!r}; known: {', '.join(TRACKERS)} (or [] for none)"
+            )
         if not self.lora.target_modules or not all(m.strip() for m in self.lora.target_modules):
             raise ConfigError(
                 f"config key 'lora.target_modules' must name at least one module, got {self.lora.target_modules}"
@@ -508,11 +519,16 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
 NOTES_HEADER = "# Paths as given, before they were made absolute:"
 
 
-def save_config(cfg: RunConfig, path: str | Path) -> None:
-    """Write ``cfg`` as TOML, with the original text of paths it made absolute as comments at the top."""
+def dump_config(cfg: RunConfig) -> str:
+    """``cfg`` as TOML (every key, defaults included), with the original text of paths it made absolute as comments
+    at the top."""
     notes = [f"#   {key} = {text}" for key, text in sorted(cfg.given_paths.items())]
     header = [NOTES_HEADER, *notes, ""] if notes else []
-    Path(path).write_text("\n".join(header) + tomli_w.dumps(config_to_dict(cfg)), encoding="utf-8")
+    return "\n".join(header) + tomli_w.dumps(config_to_dict(cfg))
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(dump_config(cfg), encoding="utf-8")
 
 
 def _read_notes(text: str) -> dict[str, str]:

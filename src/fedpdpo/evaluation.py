@@ -67,7 +67,8 @@ def _load_run(run_dir: Path) -> tuple[RunSetup, dict[str, torch.Tensor], ClientS
     if not (run_dir / GLOBAL_FILE).is_file():
         raise FedPDPOError(f"--run {run_dir}: no {GLOBAL_FILE}; the run has not finished")
     setup = build_setup(load_config(run_dir / "config.toml"))
-    return setup, load_file(run_dir / GLOBAL_FILE), ClientStore(run_dir / CLIENTS_DIR)
+    store = ClientStore(run_dir / CLIENTS_DIR, bases=setup.model.delta_bases())
+    return setup, load_file(run_dir / GLOBAL_FILE), store
 
 
 def cross_client_matrix(setup: RunSetup, global_: dict[str, torch.Tensor], store: ClientStore) -> dict[str, Any]:

@@ -5,12 +5,14 @@ A finished run directory holds its ``config.toml``, the final global shared tens
 :class:`~fedpdpo.client.state.ClientStore`).
 :func:`export_client` turns one client's view of that into a directory that the Hugging Face ecosystem understands::
 
+    ADIR/README.md                                         the model card (:mod:`fedpdpo.model_card`)
     ADIR/adapter_config.json, adapter_model.safetensors   the shared LoRA, written by PEFT's own save_pretrained,
                                                           so ``PeftModel.from_pretrained(base, ADIR)`` loads it
     ADIR/local_modules.safetensors                         personalized head, reward head, adapter (FedPDPO only)
     ADIR/fedpdpo_client.json                               what is needed to rebuild the model around them
     ADIR/tokenizer files                                   the backbone's tokenizer
     ADIR/base/                                             the backbone (always for ``tiny``; ``save_base=True``)
+                                                          named ``base`` in adapter_config.json: the export can move
     ADIR/merged/                                           optional plain causal LM (see :func:`save_merged`)
 
 PEFT alone reproduces the *global* policy (backbone + shared LoRA + original head). The client's personalized
@@ -32,13 +34,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedpdpo.client.state import ClientStore, read_checked
-from fedpdpo.config import LoraSettings, MethodConfig, RunConfig, load_config
+from fedpdpo.config import LoraSettings, MethodConfig, RunConfig, config_to_dict, load_config
+from fedpdpo.data.prompts import PromptEncoder
 from fedpdpo.engines.server import GLOBAL_FILE
 from fedpdpo.errors import FedPDPOError
 from fedpdpo.jsonio import dumps
-from fedpdpo.model.backbone import load_backbone
+from fedpdpo.model.backbone import base_model_info, load_backbone
 from fedpdpo.model.naming import is_lora, personal_copies, without_personal_copies
 from fedpdpo.model.policy import FedPDPOModel
+from fedpdpo.model_card import PROMPT, render_card
 from fedpdpo.rundir import check_out_path, replace_dir
 from fedpdpo.strategies import get_strategy
 
@@ -46,6 +50,8 @@ log = logging.getLogger(__name__)
 
 EXPORT_INFO = "fedpdpo_client.json"
 LOCAL_FILE = "local_modules.safetensors"
+BASE_DIR = "base"  # the saved base model, named by this relative path in adapter_config.json
+CARD_FILE = "README.md"  # the model card (replaces PEFT's blank template)
 FORMAT = "fedpdpo-personalized"
 FORMAT_VERSION = 1
 
@@ -87,7 +93,7 @@ def load_from_run(run_dir: str | Path, client_id: int) -> ClientModel:
         )
     model, tokenizer = build_model(cfg)  # same seed as training, so untrained local tensors match round 0
     model.set_tensors(read_checked(global_path, load_file, "the run directory is damaged: run it again"))
-    store = ClientStore(run_dir / "clients")
+    store = ClientStore(run_dir / "clients", bases=model.delta_bases())
     local = store.load(client_id).local
     task = store.task_info(client_id) or {}
     max_length = int(task.get("max_length") or cfg.max_length)
@@ -156,24 +162,21 @@ def _write_export(
     merged: bool,
     save_base: bool,
 ) -> tuple[list[str], str]:
-    """Write the export into ``tmp``, with paths inside it as they will be once it is renamed to ``out``."""
+    """Write the export into ``tmp``; nothing in it names ``tmp`` or ``out``, so it can be moved and copied."""
+    base = base_model_info(cfg.model)
     base_dir = ""
     if save_base or cfg.model == "tiny":
         # The tiny backbone exists only inside fedpdpo; saving it lets plain PEFT/transformers load the adapter.
         backbone, tokenizer = load_backbone(cfg.model)
-        backbone.save_pretrained(tmp / "base")
-        tokenizer.save_pretrained(tmp / "base")
-        base_dir = "base"
-    peft_cfg = cm.model.peft.peft_config["default"]
-    peft_cfg.base_model_name_or_path = (
-        str(tmp / base_dir) if base_dir else (cm.model.peft.get_base_model().config.name_or_path or cfg.model)
-    )
-    cm.model.peft.save_pretrained(tmp)  # PEFT reads the base model's config here, so it must name the existing copy
-    if base_dir:  # ... and then where that copy will be once ``tmp`` is renamed to ``out``
-        adapter_config = tmp / "adapter_config.json"
-        saved = json.loads(adapter_config.read_text(encoding="utf-8"))
-        saved["base_model_name_or_path"] = str(out / base_dir)
-        adapter_config.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        backbone.save_pretrained(tmp / BASE_DIR)
+        tokenizer.save_pretrained(tmp / BASE_DIR)
+        base_dir = BASE_DIR
+    # What plain PEFT loads the adapter onto: the saved copy by its path relative to the export, else the Hub id users
+    # know the model by, else the model as this machine has it. Embedding layers are never trained, so PEFT need not
+    # look the base up to decide whether to save them.
+    peft_base = base_dir or base["hub_id"] or cm.model.peft.get_base_model().config.name_or_path or cfg.model
+    cm.model.peft.peft_config["default"].base_model_name_or_path = peft_base
+    cm.model.peft.save_pretrained(tmp, save_embedding_layers=False)
     cm.tokenizer.save_pretrained(tmp)
     local = {k: v.detach().cpu().contiguous() for k, v in cm.model.local.state_dict().items()}
     if local:
@@ -185,6 +188,7 @@ def _write_export(
         "run": str(run_dir),
         "algorithm": cfg.algorithm,
         "model": cfg.model,
+        "base_model": base,
         "base_dir": base_dir,
         "beta": cfg.beta,
         "max_length": cm.max_length,
@@ -197,8 +201,50 @@ def _write_export(
     merged_kind = save_merged(tmp, cm, base_spec, tmp / "merged") if merged else ""
     info["merged"] = merged_kind
     (tmp / EXPORT_INFO).write_text(dumps(info, indent=2) + "\n", encoding="utf-8")
+    card = info | {
+        "run_name": run_dir.name,
+        "peft_base": peft_base,
+        "prompt": prompt_info(cm.tokenizer),
+        "local_module_groups": [m for m in ("head", "reward_head", "adapter") if m in cm.model.local],
+    }
+    (tmp / CARD_FILE).write_text(render_card(card, _run_facts(run_dir, cfg, client_id)), encoding="utf-8")
     files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
     return files, merged_kind
+
+
+def prompt_info(tokenizer: Any) -> dict[str, Any]:
+    """How training builds a prompt for ``tokenizer``: with its chat template or not, an example rendering with the
+    user's text as :data:`~fedpdpo.model_card.PROMPT`, and the token that ends a response."""
+    encoder = PromptEncoder(tokenizer)
+    head = encoder.encode(PROMPT).head
+    if encoder.use_chat_template:
+        messages = [{"role": "user", "content": PROMPT}]
+        example = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    else:
+        example = tokenizer.decode(list(head)) + PROMPT
+    end = encoder.end_id
+    return {
+        "chat_template": encoder.use_chat_template,
+        "example": example,
+        "head_ids": list(head),
+        "end_token": None if end is None else tokenizer.convert_ids_to_tokens(end),
+    }
+
+
+def _run_facts(run_dir: Path, cfg: RunConfig, client_id: int) -> dict[str, Any]:
+    """What the model card says about the run: its config, summary and this client's entry (empty where missing or
+    unreadable: a card is written for any run that can be exported)."""
+    facts: dict[str, Any] = {"config": config_to_dict(cfg)}
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return facts
+    if isinstance(summary, dict):
+        facts["summary"] = summary
+        clients = summary.get("clients")
+        clients = clients if isinstance(clients, list) else []
+        facts["client"] = next((c for c in clients if isinstance(c, dict) and c.get("id") == client_id), {})
+    return facts
 
 
 #: Keys of fedpdpo_client.json that loading an export reads.

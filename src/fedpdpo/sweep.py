@@ -78,16 +78,18 @@ def resume_run(path: Path, expected: RunConfig, quiet: bool) -> dict[str, Any] |
 
 
 def run_comparison(
-    config: str | Path,
+    config: str | Path | RunConfig,
     algorithms: Sequence[str],
     seeds: Sequence[int],
     out: str | Path,
     overrides: Sequence[str] = (),
     quiet: bool = False,
 ) -> dict[str, Any]:
-    """Run (or skip, when finished) every algorithm x seed, then write comparison.json, report.md and plots."""
+    """Run (or skip, when finished) every algorithm x seed, then write comparison.json, report.md and plots.
+
+    ``config``: a TOML file (with ``overrides`` applied) or a resolved config (the Python API's)."""
     out = Path(out).resolve()
-    base = load_config(config, list(overrides))
+    base = config if isinstance(config, RunConfig) else load_config(config, list(overrides))
     for algo in algorithms:
         get_strategy(algo)  # unknown names fail before anything runs
     jobs = [(a, s) for a in algorithms for s in seeds]

@@ -11,6 +11,12 @@ round ``r`` (:meth:`ClientStore.load` with ``as_of_round``), and keeps at most t
 from plus the new one. Because all randomness is derived from (seed, round, client), re-running a round from the
 same inputs gives the same bits, so a resumed run is identical to an uninterrupted one.
 
+A finished run keeps only each client's newest local tensors (:meth:`ClientStore.finalize`), and stores the largest
+of them, the personalized head (vocabulary x hidden: 113 MB in fp32 for SmolLM2), as an fp16 delta from the
+backbone's head it started from, in ``local_compact.safetensors`` (57 MB). The delta is small, so fp16 keeps it to
+within about 5e-4 of its own size (a few 1e-7 absolute for the head's weights); reading adds the backbone's head back
+in fp32. An fp16 copy of the whole head would be the same size but lose that much of the weights themselves.
+
 The reference log-probs never change (frozen backbone), so they live unversioned in ``reference.safetensors``.
 Only the engine that runs the client (the in-process loop or the Flower ClientApp on the client's node) reads or
 writes this directory; nothing in it is sent to the server.
@@ -18,16 +24,18 @@ writes this directory; nothing in it is sent to the server.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fedpdpo.errors import FedPDPOError, environment_error, first_line
@@ -36,11 +44,15 @@ from fedpdpo.timing import phase
 T = TypeVar("T")
 
 LOCAL_FILE = "local.safetensors"
+COMPACT_FILE = "local_compact.safetensors"  # a finished run's local tensors, some as fp16 deltas (finalize)
 TASK_FILE = "task.json"  # the client's data sizes and length limits (chosen from its own data)
 OPTIMIZER_FILE = "optimizer.pt"
 REFERENCE_FILE = "reference.safetensors"
 VERSIONS_DIR = "rounds"
 VERSION_PREFIX = "round_"
+# Metadata of a compact file: the tensors stored as fp16 deltas (JSON list), a digest of each one's base (JSON object),
+# and the digest of the local.safetensors it was made from (which a resume's fingerprint compares).
+DELTAS_KEY, BASES_KEY, SOURCE_KEY = "fp16_deltas", "base_sha256", "source_sha256"
 
 
 def fsync_dir(path: Path) -> None:
@@ -76,6 +88,31 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     fsync_dir(path.parent)
 
 
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def _load_compact(path: Path) -> tuple[dict[str, torch.Tensor], list[str], dict[str, str]]:
+    """A compact file's tensors, the names stored as deltas and the digest of each one's base."""
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata() or {})
+    return load_file(path), json.loads(meta[DELTAS_KEY]), json.loads(meta[BASES_KEY])
+
+
+def compacted_from(path: Path) -> str:
+    """The digest of the ``local.safetensors`` that the compact file ``path`` was made from."""
+    with safe_open(str(path), "pt") as f:
+        return str((f.metadata() or {}).get(SOURCE_KEY, ""))
+
+
 def read_checked(path: Path, load: Callable[[Path], T], remedy: str) -> T:
     """``load(path)``; a corrupt file is a one-line error naming it and what to do, not a deserializer traceback."""
     try:
@@ -98,10 +135,17 @@ class ClientState:
 
 
 class ClientStore:
-    """Reads and writes :class:`ClientState` under ``root/client_<id>/``."""
+    """Reads and writes :class:`ClientState` under ``root/client_<id>/``.
 
-    def __init__(self, root: str | Path) -> None:
+    ``bases``: the frozen tensors some local tensors start as copies of, by the local tensor's name
+    (``FedPDPOModel.delta_bases``). :meth:`finalize` stores those as fp16 deltas from them and :meth:`load` adds them
+    back; a store without ``bases`` compacts nothing and cannot read what a finished run compacted.
+    """
+
+    def __init__(self, root: str | Path, bases: Mapping[str, torch.Tensor] | None = None) -> None:
         self.root = Path(root)
+        self.bases = dict(bases or {})
+        self._base_digests: dict[str, str] = {}
 
     def path(self, client_id: int) -> Path:
         return self.root / f"client_{client_id}"
@@ -157,12 +201,36 @@ class ClientStore:
         damaged = "the client's saved state is damaged: restore it from a backup or run again in a new --out directory"
         if (d / LOCAL_FILE).is_file():
             state.local = read_checked(d / LOCAL_FILE, load_file, damaged)
+        elif (d / COMPACT_FILE).is_file():
+            state.local = self._expand(d / COMPACT_FILE, damaged)
         if optimizer and (d / OPTIMIZER_FILE).is_file():
             blob = read_checked(d / OPTIMIZER_FILE, lambda p: torch.load(p, weights_only=True), damaged)
             state.optimizer = blob["optimizer"]
             state.personal_optimizer = blob.get("personal_optimizer")
             state.rounds_trained = int(blob["rounds_trained"])
         return state
+
+    def _base_digest(self, name: str) -> str:
+        if name not in self._base_digests:
+            self._base_digests[name] = tensor_sha256(self.bases[name])
+        return self._base_digests[name]
+
+    def _expand(self, path: Path, remedy: str) -> dict[str, torch.Tensor]:
+        """The local tensors of a compact file, fp16 deltas added back to their bases in fp32."""
+        tensors, deltas, digests = read_checked(path, _load_compact, remedy)
+        for name in deltas:
+            if name not in self.bases:
+                raise FedPDPOError(
+                    f"{path} stores {name} as a delta from the backbone's tensor, but it was read without the "
+                    "backbone (internal error: give ClientStore the model's delta_bases())"
+                )
+            if self._base_digest(name) != digests.get(name):
+                raise FedPDPOError(
+                    f"{path} stores {name} as a delta from another backbone than this run's model loads now (was "
+                    "the model file replaced?); the client's personalized head cannot be rebuilt"
+                )
+            tensors[name] = self.bases[name].detach().float().cpu() + tensors[name].float()
+        return tensors
 
     def save_task_info(self, client_id: int, info: dict[str, Any]) -> None:
         """Record the client's data sizes and length limits (``task.json``) when they are new or changed: export,
@@ -222,7 +290,8 @@ class ClientStore:
         self._prune(client_id, server_round)
 
     def finalize(self, client_ids: Iterable[int]) -> int:
-        """Shrink a finished run to what evaluation, export and generation read: each client's newest local tensors.
+        """Shrink a finished run to what evaluation, export and generation read: each client's newest local tensors,
+        those with a base (the personalized head) as fp16 deltas from it (see the module doc).
 
         Older versions and optimizer states only serve resuming an unfinished run (the optimizer of 3 clients of
         SmolLM2 is 650 MB, twice their personal heads); a finished run has nothing left to resume, so a comparison
@@ -235,11 +304,39 @@ class ClientStore:
             older = (f for r in versions[:-1] for f in self.version_dir(cid, r).rglob("*") if f.is_file())
             freed += sum(f.stat().st_size for f in older)
             self._prune(cid, versions[-1] + 1)  # every version before the newest
-            optimizer = self.version_dir(cid, versions[-1]) / OPTIMIZER_FILE
+            newest = self.version_dir(cid, versions[-1])
+            optimizer = newest / OPTIMIZER_FILE
             if optimizer.is_file():
                 freed += optimizer.stat().st_size
                 optimizer.unlink()
+            freed += self._compact(newest)
         return freed
+
+    def _compact(self, version: Path) -> int:
+        """Replace ``version``'s local tensors by a compact file (tensors with a base as fp16 deltas); returns the
+        bytes freed. Written before the full file is deleted, so a kill in between leaves both (and ``load`` reads
+        the full one)."""
+        path = version / LOCAL_FILE
+        if not path.is_file():
+            return 0
+        local = read_checked(path, load_file, "the client's saved state is damaged: run again in a new --out directory")
+        names = [n for n, b in self.bases.items() if n in local and local[n].shape == b.shape]
+        if not names:
+            return 0
+        packed = {
+            n: (t.float() - self.bases[n].detach().float().cpu()).half() if n in names else t.contiguous()
+            for n, t in local.items()
+        }
+        meta = {
+            DELTAS_KEY: json.dumps(names),
+            BASES_KEY: json.dumps({n: self._base_digest(n) for n in names}),
+            SOURCE_KEY: file_sha256(path),
+        }
+        atomic_write(version / COMPACT_FILE, lambda p: save_file(packed, p, metadata=meta))
+        size = path.stat().st_size
+        path.unlink()
+        fsync_dir(version)
+        return size - (version / COMPACT_FILE).stat().st_size
 
     def _prune(self, client_id: int, server_round: int) -> None:
         start = self.latest_version(client_id, server_round - 1)

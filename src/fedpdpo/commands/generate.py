@@ -36,10 +36,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     prompts = gen.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     prompts.add_argument("--prompts", metavar="FILE", help="prompts: one per line, or JSONL with a 'prompt' field")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    gen.add_argument("--top-p", type=float, default=0.9)
-    gen.add_argument("--seed", type=int, default=0, help="sampling seed (the same for every model compared)")
+    # the defaults of fedpdpo.generate.SamplingConfig, spelled here so that --help needs no torch import
+    gen.add_argument(
+        "--max-new-tokens", type=int, default=64, help="tokens to sample per response at most (default: %(default)s)"
+    )
+    gen.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: %(default)s)")
+    gen.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass, in (0, 1] (default: %(default)s)")
+    gen.add_argument(
+        "--seed", type=int, default=0, help="sampling seed, the same for every model compared (default: %(default)s)"
+    )
     gen.add_argument("--with-global", action="store_true", help="also answer with the global model")
     gen.add_argument("--with-base", action="store_true", help="also answer with the base (reference) model")
     gen.set_defaults(func=cmd_generate)
@@ -55,10 +60,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     score.add_argument("--response", action="append", help="a response to score (repeatable)")
     score.add_argument("--pairs", metavar="FILE", help="preference pairs (JSONL/parquet) to score instead")
     score.add_argument(
-        "--limit", type=int, default=20, help="with --pairs: score at most this many pairs (default 20; 0 = all)"
+        "--limit",
+        type=int,
+        default=20,
+        help="with --pairs: score at most this many pairs, 0 = all (default: %(default)s)",
     )
     score.add_argument(
-        "--on-bad-record", choices=["error", "skip"], default="error", help="with --pairs: what to do with bad pairs"
+        "--on-bad-record",
+        choices=["error", "skip"],
+        default="error",
+        help="with --pairs: what to do with bad pairs (default: %(default)s)",
     )
     score.set_defaults(func=cmd_score)
 
@@ -196,6 +207,11 @@ def _short(text: str, width: int = 60) -> str:
     return escape(text if len(text) <= width else text[: width - 1] + "…")
 
 
+def _where(source: str, path: str) -> str:
+    """A record's place in its file without the file's name (the table's title has it): ``12``, ``row 3``."""
+    return escape(source.removeprefix(str(path)).lstrip(": ") or source)
+
+
 def _score_pairs(cm, args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -211,8 +227,8 @@ def _score_pairs(cm, args: argparse.Namespace) -> int:
     if args.limit:
         records = records[: args.limit]
     table = Table(title=f"client {cm.client_id}: {escape(args.pairs)} ({len(records)} pairs)", show_edge=False)
-    for col in ("prompt", "chosen", "implicit margin", "explicit margin"):
-        table.add_column(col, justify="right" if "margin" in col else "left")
+    for col in ("line", "prompt", "chosen", "rejected", "implicit margin", "explicit margin"):
+        table.add_column(col, justify="right" if "margin" in col or col == "line" else "left")
     implicit_margins, explicit_margins = [], []
     for rec in records:
         chosen, rejected = score(cm, rec.prompt, [rec.chosen, rec.rejected])  # prompt: text or conversation
@@ -227,7 +243,14 @@ def _score_pairs(cm, args: argparse.Namespace) -> int:
             print(dumps(row))
         else:
             shown = "-" if explicit is None else f"{explicit:+.4f}"
-            table.add_row(_short(flat(rec.prompt), 30), _short(rec.chosen, 40), f"{implicit:+.4f}", shown)
+            table.add_row(
+                _where(rec.source, args.pairs),
+                _short(flat(rec.prompt), 30),
+                _short(rec.chosen, 30),
+                _short(rec.rejected, 30),
+                f"{implicit:+.4f}",
+                shown,
+            )
     import torch
 
     summary = {"pairs": len(records), "accuracy_implicit": pairwise_accuracy(torch.tensor(implicit_margins)).item()}

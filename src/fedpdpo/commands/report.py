@@ -1,4 +1,4 @@
-"""``fedpdpo report``: rebuild comparison.json, report.md and plots from finished runs."""
+"""``fedpdpo report``: report.md, comparison.json and plots of one finished run or a comparison of several."""
 
 from __future__ import annotations
 
@@ -10,7 +10,13 @@ from fedpdpo.timing import phase
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    rep = sub.add_parser("report", help="rebuild a comparison report from finished run directories")
+    rep = sub.add_parser(
+        "report",
+        help="write report.md and plots of one finished run, or a comparison of several",
+        description="One run: its clients' results, accuracy and training loss by round (plots titled with the "
+        "run). Several: a comparison of their algorithms over seeds, with a fairness check. The sections of "
+        "`fedpdpo evaluate` are included where it was run.",
+    )
     rep.add_argument("runs", nargs="+", help="run directories, or directories holding runs (searched recursively)")
     rep.add_argument("--out", help="where to write the report (default: the only RUN_DIR given)")
     rep.set_defaults(func=cmd_report)

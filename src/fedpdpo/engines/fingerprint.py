@@ -7,7 +7,8 @@ checkpoint stores
 
 * ``config``: every setting of the resolved config, by dotted key;
 * ``clients`` (engines that keep client state in the run directory): per client, the round of the state version it
-  holds as of the checkpoint and a SHA-256 of each file of that version (local modules, optimizer state);
+  holds as of the checkpoint and a SHA-256 of each file of that version (local modules, optimizer state); a finished
+  run's compacted local tensors count as the file they were made from (``ClientStore.finalize``);
 
 and :func:`check_resume` compares them with the directory before anything runs. The reference log-prob cache is not
 fingerprinted (training adds rows to it between checkpoints, and missing rows are computed again from the frozen
@@ -23,7 +24,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from fedpdpo.client.state import OPTIMIZER_FILE, REFERENCE_FILE, ClientStore
+from fedpdpo.client.state import (
+    COMPACT_FILE,
+    LOCAL_FILE,
+    OPTIMIZER_FILE,
+    REFERENCE_FILE,
+    ClientStore,
+    compacted_from,
+)
 from fedpdpo.config import RunConfig, config_to_dict
 from fedpdpo.engines.checkpoint import load_checkpoint
 from fedpdpo.errors import FedPDPOError, first_line
@@ -69,7 +77,9 @@ def clients_fingerprint(store: ClientStore, client_ids: Iterable[int], as_of_rou
         files: dict[str, str] = {}
         if version is not None:
             d = store.version_dir(cid, version)
-            files = {f.name: file_digest(f) for f in sorted(d.iterdir()) if f.is_file()}
+            files = {f.name: file_digest(f) for f in sorted(d.iterdir()) if f.is_file() and f.name != COMPACT_FILE}
+            if LOCAL_FILE not in files and (d / COMPACT_FILE).is_file():  # finished: the file it was made from
+                files[LOCAL_FILE] = compacted_from(d / COMPACT_FILE)
         prints[str(cid)] = {"round": version, "files": files}
     return prints
 
@@ -149,8 +159,9 @@ def checked_resume(cfg: RunConfig, out: Path, rounds: int | None, store: ClientS
         return cfg
     if ckpt is not None and ckpt.server_round >= cfg.rounds:
         log.warning(
-            "the run had finished, so its clients' optimizer states were dropped; the %d extra round(s) start them "
-            "afresh (a run started with rounds=%d would differ)",
+            "the run had finished, so its clients' optimizer states were dropped and their personalized heads kept "
+            "to fp16 precision of their change; the %d extra round(s) start from there (a run started with rounds=%d "
+            "would differ)",
             rounds - cfg.rounds,
             rounds,
         )

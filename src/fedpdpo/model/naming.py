@@ -20,6 +20,9 @@ LOCAL = "local"
 LORA_MARK = ".lora_"  # PEFT's tuner prefix "lora_", as it appears inside a parameter name
 LORA_A_MARK = ".lora_A."
 REWARD_HEAD = f"{LOCAL}.reward_head"
+#: The personalized head's weight: initialised as a copy of the backbone's output head, so a finished run stores it
+#: as a small delta from that head (``ClientStore.finalize``).
+HEAD_WEIGHT = f"{LOCAL}.head.weight"
 #: Ditto's personal copy of shared tensor ``n`` is kept in the client's local state under ``PERSONAL + n``.
 PERSONAL = "personal/"
 

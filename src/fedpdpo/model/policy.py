@@ -23,6 +23,7 @@ from fedpdpo.data.tokenize import PairBatch
 from fedpdpo.errors import ConfigError, first_line
 from fedpdpo.model.lora_targets import check_target_modules
 from fedpdpo.model.modules import BottleneckAdapter, PersonalHead, RewardHead
+from fedpdpo.model.naming import HEAD_WEIGHT
 from fedpdpo.model.prefix_cache import FrozenPrefix, run_only
 
 LOGIT_CHUNK = 1024  # response tokens per chunk of the vocabulary projection
@@ -184,6 +185,12 @@ class FedPDPOModel(nn.Module):
         zero_linears = [m.up for m in self.local.children() if isinstance(m, BottleneckAdapter)]
         zero_linears += [m.score for m in self.local.children() if isinstance(m, RewardHead)]
         return all(not p.count_nonzero() for linear in zero_linears for p in linear.parameters())
+
+    def delta_bases(self) -> dict[str, torch.Tensor]:
+        """The frozen tensors some local tensors start as a copy of, by the local tensor's name: a finished run
+        stores those as deltas from them (:class:`~fedpdpo.client.state.ClientStore`). The personalized head starts
+        as the backbone's head ``W_0``."""
+        return {HEAD_WEIGHT: self.ref_head_weight} if "head" in self.local else {}
 
     def initial_tensors(self) -> dict[str, torch.Tensor]:
         """A snapshot of all trainable tensors right after construction (the round-0 state of every client)."""

@@ -123,6 +123,31 @@ def _summary_problem(summary: Any) -> str:
     return ""
 
 
+def run_curves(run: Run) -> dict[str, dict[str, dict[str, float]]]:
+    """Per-round curves of one run from its ``metrics.jsonl``: held-out ``accuracy`` and ``train_loss`` (the mean
+    loss of a client's local steps in the round), each by client id then round (as strings, like JSON keys)."""
+    path = run.path / "metrics.jsonl"
+    curves: dict[str, dict[str, dict[str, float]]] = {"accuracy": {}, "train_loss": {}}
+    if not path.is_file():
+        return curves
+    rows = _parse(path, lambda text: [json.loads(line) for line in text.splitlines() if line.strip()])
+    for row in rows:
+        for key, curve in curves.items():
+            value = row.get(key) if isinstance(row, dict) else None
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                curve.setdefault(str(row.get("client")), {})[str(row.get("round"))] = float(value)
+    return curves
+
+
+def mean_by_round(by_client: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The mean over clients of a per-client curve, by round."""
+    rounds: dict[int, list[float]] = {}
+    for curve in by_client.values():
+        for r, v in curve.items():
+            rounds.setdefault(int(r), []).append(v)
+    return {str(r): statistics.fmean(vs) for r, vs in sorted(rounds.items())}
+
+
 def find_runs(paths: Sequence[str | Path]) -> list[Run]:
     """Finished runs in ``paths``: each path is a run directory or a directory holding runs (searched recursively)."""
     found: dict[Path, Run] = {}
@@ -178,6 +203,8 @@ def summarize_algorithm(runs: Sequence[Run]) -> dict[str, Any]:
     comm = first.summary["communication"]
     per_round_bytes = comm["uplink_bytes_per_client_round"] + comm["downlink_bytes_per_client_round"]
     times = [float(r.summary["time_s"]) for r in runs]
+    losses = [mean_by_round(run_curves(r)["train_loss"]) for r in runs]
+    loss_rounds = sorted({int(k) for curve in losses for k in curve})
     return {
         "seeds": [r.seed for r in runs],
         "runs": [str(r.path) for r in runs],
@@ -200,6 +227,10 @@ def summarize_algorithm(runs: Sequence[Run]) -> dict[str, Any]:
         ],
         "accuracy_by_round": by_round_mean,
         "accuracy_by_round_std": by_round_std,
+        # mean over clients of the mean loss of their local steps, per round, then mean over seeds
+        "train_loss_by_round": {
+            str(r): statistics.fmean(c[str(r)] for c in losses if str(r) in c) for r in loss_rounds
+        },
         "shared_tensors": len(comm["shared_parameters"]),
         "uplink_bytes_per_client_round": comm["uplink_bytes_per_client_round"],
         "communication_bytes_total": per_round_bytes * first.client_rounds,
@@ -238,19 +269,52 @@ def build_comparison(runs: Sequence[Run]) -> dict[str, Any]:
     }
 
 
+def run_label(run: Run) -> str:
+    """How a report names one run: algorithm, seed and directory."""
+    return f"{run.algorithm} seed {run.seed} ({run.path.resolve().name})"
+
+
 def write_report(runs: Sequence[Run], out: str | Path) -> dict[str, Any]:
-    """Write ``comparison.json``, the PNG plots and ``report.md`` for ``runs`` into ``out``."""
+    """Write ``comparison.json``, the PNG plots and ``report.md`` for ``runs`` into ``out``.
+
+    One run gets a report of that run (its clients, their curves); several get a comparison of the algorithms."""
     from fedpdpo.report.evaluation import evaluation_section
-    from fedpdpo.report.markdown import render_report
-    from fedpdpo.report.plots import plot_accuracy_by_round, plot_per_client
+    from fedpdpo.report.markdown import render_report, render_run_report
+    from fedpdpo.report.plots import (
+        plot_accuracy_by_round,
+        plot_per_client,
+        plot_run_curves,
+        plot_train_loss_by_round,
+    )
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     comparison = build_comparison(runs)
-    plots = {
-        "accuracy_by_round": plot_accuracy_by_round(comparison, out / "accuracy_by_round.png"),
-        "per_client_accuracy": plot_per_client(comparison, out / "per_client_accuracy.png"),
-    }
+    if len(runs) == 1:
+        run = runs[0]
+        label = run_label(run)
+        comparison["run"] = {
+            "label": label,
+            "path": str(run.path),
+            "eval_score": run.summary.get("eval_score"),
+            "curves": run_curves(run),
+            "client_labels": {
+                str(c["id"]): f"client {c['id']}{' (conflict)' if c.get('conflict') else ''}"
+                for c in run.summary["clients"]
+            },
+        }
+        plots = {
+            "accuracy_by_round": plot_run_curves(comparison["run"], "accuracy", out / "accuracy_by_round.png"),
+            "train_loss_by_round": plot_run_curves(comparison["run"], "train_loss", out / "train_loss_by_round.png"),
+            "per_client_accuracy": plot_per_client(comparison, out / "per_client_accuracy.png", label),
+        }
+    else:
+        names = out.resolve().name
+        plots = {
+            "accuracy_by_round": plot_accuracy_by_round(comparison, out / "accuracy_by_round.png", names),
+            "train_loss_by_round": plot_train_loss_by_round(comparison, out / "train_loss_by_round.png", names),
+            "per_client_accuracy": plot_per_client(comparison, out / "per_client_accuracy.png", names),
+        }
     comparison["plots"] = {k: p.name for k, p in plots.items()}
     evaluation = [
         line
@@ -258,7 +322,9 @@ def write_report(runs: Sequence[Run], out: str | Path) -> dict[str, Any]:
         for line in evaluation_section(f"{run.algorithm} seed {run.seed}", run.summary, out)
     ]
     atomic_write(out / "comparison.json", lambda p: Path(p).write_text(dumps(comparison, indent=2) + "\n"))
-    atomic_write(
-        out / "report.md", lambda p: Path(p).write_text(render_report(comparison, evaluation), encoding="utf-8")
-    )
+    if len(runs) == 1:
+        text = render_run_report(comparison, runs[0].summary, evaluation)
+    else:
+        text = render_report(comparison, evaluation)
+    atomic_write(out / "report.md", lambda p: Path(p).write_text(text, encoding="utf-8"))
     return comparison

@@ -1,4 +1,5 @@
-"""``report.md`` of a comparison: setup, ranked table, per-client table, fairness check, plots."""
+"""``report.md``: of a comparison (setup, ranked table, fairness check, plots) or of one run (setup, its clients,
+accuracy by round, plots)."""
 
 from __future__ import annotations
 
@@ -40,8 +41,63 @@ def _conflict_mark(client: dict[str, Any], n_seeds: int) -> str:
     return "" if n == 0 else "*" if n == n_seeds else "~"
 
 
+def _plots(comparison: dict[str, Any]) -> list[str]:
+    plots = comparison.get("plots", {})
+    return ["", "## Plots", "", *[f"![{name}]({file})" for name, file in plots.items()]] if plots else []
+
+
+def _evaluation(evaluation: list[str] | None) -> list[str]:
+    return ["", "## Behaviour and personalization (`fedpdpo evaluate`)", "", *evaluation] if evaluation else []
+
+
+def render_run_report(comparison: dict[str, Any], summary: dict[str, Any], evaluation: list[str] | None = None) -> str:
+    """The report of one run: its clients' results and curves (no seeds to average, nothing to compare)."""
+    run = comparison["run"]
+    (name,) = comparison["ranking"]
+    algo = comparison["algorithms"][name]
+    loss = run["curves"]["train_loss"]
+    last = str(summary.get("rounds"))
+    lines = [f"# Run report: {run['label']}", "", *_setup_lines(comparison["setup"]), ""]
+    lines += [
+        "Accuracy = held-out pairwise preference accuracy (chosen ranked above rejected) by the "
+        f"`{summary.get('eval_score')}` score, after the last round; the implicit, explicit and combined columns "
+        "rank by the DPO implicit reward, the explicit reward head and both. Train loss = mean loss of the "
+        "client's local steps in the last round.",
+        "",
+        "| client | preferences | domains | train / test pairs | accuracy % | implicit % | explicit % | combined % | "
+        "train loss |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in summary["clients"]:
+        client_loss = loss.get(str(c["id"]), {}).get(last)
+        lines.append(
+            f"| {c['id']} | {'swapped (conflict)' if c.get('conflict') else 'as in the data'} | "
+            f"{', '.join(c.get('domains') or []) or '-'} | {c.get('n_train', '-')} / {c.get('n_test', '-')} | "
+            f"{_pct(c['accuracy'])} | {_pct(c.get('accuracy_implicit'))} | {_pct(c.get('accuracy_explicit'))} | "
+            f"{_pct(c.get('accuracy_combined'))} | {'-' if client_loss is None else f'{client_loss:.4f}'} |"
+        )
+    lines.append(
+        f"| **mean** | | | | **{_pct(algo['mean_accuracy'])}** | {_pct(algo['mean_accuracy_implicit'])} | | | |"
+    )
+    by_round = ", ".join(
+        f"round {r}: {_pct(v)} %" for r, v in sorted(algo["accuracy_by_round"].items(), key=lambda kv: int(kv[0]))
+    )
+    lines += [
+        "",
+        f"Mean accuracy by round: {by_round} (round 0 is before training: every margin is 0 and ties count half).",
+        "",
+        f"Sent per client and round: {_bytes(algo['uplink_bytes_per_client_round'])} "
+        f"({algo['shared_tensors']} shared tensors), {_bytes(algo['communication_bytes_total'])} in all; "
+        f"{algo['time_s_mean']:.0f} s of training and evaluation.",
+    ]
+    lines += _plots(comparison) + _evaluation(evaluation)
+    lines += ["", "## Run", "", f"- `{run['path']}`"]
+    return "\n".join(lines) + "\n"
+
+
 def render_report(comparison: dict[str, Any], evaluation: list[str] | None = None) -> str:
-    """The report; ``evaluation`` holds the sections of ``fedpdpo evaluate`` (judge, cross-client) when run."""
+    """The report of a comparison; ``evaluation`` holds the sections of ``fedpdpo evaluate`` (judge, cross-client)
+    when run."""
     algos = comparison["algorithms"]
     lines = ["# Comparison report", "", *_setup_lines(comparison["setup"]), ""]
     lines += [
@@ -55,13 +111,18 @@ def render_report(comparison: dict[str, Any], evaluation: list[str] | None = Non
     ]
     for rank, name in enumerate(comparison["ranking"], 1):
         a = algos[name]
+
+        def std(value: float, seeds: int = len(a["seeds"])) -> float | None:
+            return value if seeds > 1 else None  # one seed has no spread to show
+
         per_client = " / ".join(
             f"{100 * v:.1f}" + _conflict_mark(c, len(a["seeds"]))
             for v, c in zip(a["per_client_accuracy"], a["clients"], strict=True)
         )
         lines.append(
-            f"| {rank} | {name} | {_pct(a['mean_accuracy'], a['std_accuracy'])} | "
-            f"{_pct(a['mean_accuracy_implicit'], a['std_accuracy_implicit'])} | {_pct(a['mean_accuracy_round0'])} | "
+            f"| {rank} | {name} | {_pct(a['mean_accuracy'], std(a['std_accuracy']))} | "
+            f"{_pct(a['mean_accuracy_implicit'], std(a['std_accuracy_implicit']))} | "
+            f"{_pct(a['mean_accuracy_round0'])} | "
             f"{_pct(a['accuracy_conflict_clients'])} | {_pct(a['accuracy_other_clients'])} | "
             f"{per_client} | {len(a['seeds'])} | {_bytes(a['uplink_bytes_per_client_round'])} | "
             f"{_bytes(a['communication_bytes_total'])} | {a['time_s_mean']:.0f} |"
@@ -70,8 +131,8 @@ def render_report(comparison: dict[str, Any], evaluation: list[str] | None = Non
         "",
         "Per-client values are means over seeds by client id; `*` marks a client with swapped (conflicting) "
         "preferences in every seed, `~` in some seeds only (the partition, and so the conflicting client, depends "
-        "on the seed; the conflict/other columns group clients by their role in each seed). Std is over seeds "
-        "(0 with one seed).",
+        "on the seed; the conflict/other columns group clients by their role in each seed). ± is the std over "
+        "seeds, shown where an algorithm ran with several.",
         "",
     ]
     problems = comparison["fairness_differences"]
@@ -84,12 +145,7 @@ def render_report(comparison: dict[str, Any], evaluation: list[str] | None = Non
             "All runs share model, data, partition, LoRA, optimizer settings and the total number of local "
             "gradient steps."
         )
-    plots = comparison.get("plots", {})
-    if plots:
-        lines += ["", "## Plots", ""]
-        lines += [f"![{name}]({file})" for name, file in plots.items()]
-    if evaluation:
-        lines += ["", "## Behaviour and personalization (`fedpdpo evaluate`)", "", *evaluation]
+    lines += _plots(comparison) + _evaluation(evaluation)
     lines += ["", "## Runs", ""]
     for name in comparison["ranking"]:
         lines += [f"- {name}: " + ", ".join(f"`{p}`" for p in algos[name]["runs"])]
