@@ -18,6 +18,12 @@ from matplotlib.ticker import MaxNLocator
 MARKERS = "osD^v<>ph*"
 
 
+def score_label(score: str | None) -> str:
+    """How a plot names ``method.eval_score``: with ``auto`` each client ranks pairs by the score its own
+    validation pairs chose, so no single score name is true for every client."""
+    return {"auto": "validation-chosen", None: "?"}.get(score, score or "?")
+
+
 def _colors(n: int) -> list:
     """One distinct colour per algorithm: tab10 repeats after 10, and a comparison can hold 15 algorithms."""
     cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
@@ -52,7 +58,7 @@ def plot_accuracy_by_round(comparison: dict[str, Any], path: Path, subject: str)
         x = [int(r) for r in rounds]
         y = [algo["accuracy_by_round"][r] for r in rounds]
         s = [algo["accuracy_by_round_std"][r] for r in rounds]
-        label = f"{name} ({algo.get('eval_score') or '?'} score, {len(algo['seeds'])} seed(s))"
+        label = f"{name} ({score_label(algo.get('eval_score'))} score, {len(algo['seeds'])} seed(s))"
         (line,) = ax.plot(x, y, marker=MARKERS[i % len(MARKERS)], color=colors[i], label=label)
         ax.fill_between(
             x,
@@ -116,7 +122,7 @@ def plot_run_curves(run: dict[str, Any], metric: str, path: Path) -> Path:
     if metric == "accuracy":
         _chance(ax)
         ax.set_xlabel("round (0 = before training)")
-        ax.set_ylabel(f"held-out pairwise accuracy ({run['eval_score']} score)")
+        ax.set_ylabel(f"held-out pairwise accuracy ({score_label(run['eval_score'])} score)")
         ax.set_ylim(0, 1)
         return _save(fig, ax, path, f"{run['label']}: held-out accuracy by round", legend_outside=True)
     ax.set_xlabel("round")
