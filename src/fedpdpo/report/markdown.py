@@ -36,6 +36,13 @@ def _setup_lines(setup: dict[str, Any]) -> list[str]:
     ]
 
 
+def _mean(clients: list[dict[str, Any]], score: str) -> float | None:
+    """Mean over clients of ``accuracy_<score>``; None when a client lacks it (e.g. no reward head: no explicit)."""
+    values = [c.get(f"accuracy_{score}") for c in clients]
+    known = [float(v) for v in values if v is not None]
+    return sum(known) / len(known) if known and len(known) == len(values) else None
+
+
 def _conflict_mark(client: dict[str, Any], n_seeds: int) -> str:
     n = len(client.get("conflict_in_seeds", []))
     return "" if n == 0 else "*" if n == n_seeds else "~"
@@ -59,25 +66,33 @@ def render_run_report(comparison: dict[str, Any], summary: dict[str, Any], evalu
     last = str(summary.get("rounds"))
     lines = [f"# Run report: {run['label']}", "", *_setup_lines(comparison["setup"]), ""]
     lines += [
-        "Accuracy = held-out pairwise preference accuracy (chosen ranked above rejected) by the "
-        f"`{summary.get('eval_score')}` score, after the last round; the implicit, explicit and combined columns "
-        "rank by the DPO implicit reward, the explicit reward head and both. Train loss = mean loss of the "
-        "client's local steps in the last round.",
+        "Accuracy = held-out pairwise preference accuracy (chosen ranked above rejected) after the last round, by "
+        'the score named in the next column (with `eval_score = "auto"` each client\'s own validation pairs chose '
+        "it). Implicit, explicit and combined rank by the personalized model's DPO implicit reward, its explicit "
+        "reward head and both; global ranks by the global policy (shared LoRA, original head, no local module) on "
+        "the same client's pairs: personalized against global. Train loss = mean loss of the client's local steps "
+        "in the last round.",
         "",
-        "| client | preferences | domains | train / test pairs | accuracy % | implicit % | explicit % | combined % | "
-        "train loss |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|",
+        "| client | preferences | domains | train / val / test pairs | accuracy % | by | implicit % | explicit % | "
+        "combined % | global % | train loss |",
+        "|---:|---|---|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for c in summary["clients"]:
         client_loss = loss.get(str(c["id"]), {}).get(last)
         lines.append(
             f"| {c['id']} | {'swapped (conflict)' if c.get('conflict') else 'as in the data'} | "
-            f"{', '.join(c.get('domains') or []) or '-'} | {c.get('n_train', '-')} / {c.get('n_test', '-')} | "
-            f"{_pct(c['accuracy'])} | {_pct(c.get('accuracy_implicit'))} | {_pct(c.get('accuracy_explicit'))} | "
-            f"{_pct(c.get('accuracy_combined'))} | {'-' if client_loss is None else f'{client_loss:.4f}'} |"
+            f"{', '.join(c.get('domains') or []) or '-'} | "
+            f"{c.get('n_train', '-')} / {c.get('n_val', '-')} / {c.get('n_test', '-')} | "
+            f"{_pct(c['accuracy'])} | {c.get('selected_score', summary.get('eval_score'))} | "
+            f"{_pct(c.get('accuracy_implicit'))} | {_pct(c.get('accuracy_explicit'))} | "
+            f"{_pct(c.get('accuracy_combined'))} | {_pct(c.get('accuracy_global'))} | "
+            f"{'-' if client_loss is None else f'{client_loss:.4f}'} |"
         )
+    means = [_pct(_mean(summary["clients"], k)) for k in ("explicit", "combined", "global")]
     lines.append(
-        f"| **mean** | | | | **{_pct(algo['mean_accuracy'])}** | {_pct(algo['mean_accuracy_implicit'])} | | | |"
+        f"| **mean** | | | | **{_pct(algo['mean_accuracy'])}** | | {_pct(algo['mean_accuracy_implicit'])} | "
+        + " | ".join(means)
+        + " | |"
     )
     by_round = ", ".join(
         f"round {r}: {_pct(v)} %" for r, v in sorted(algo["accuracy_by_round"].items(), key=lambda kv: int(kv[0]))
