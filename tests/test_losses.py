@@ -73,3 +73,30 @@ def test_global_policy_term_adds_its_dpo_loss_with_its_weight():
     assert both.metrics["global/accuracies"] == 0.0 and "loss/global" in both.metrics
     off = fedpdpo_objective(logps, ref, None, 0.5, 0.0, global_logps=global_logps, global_weight=0.0)
     assert off.loss.item() == pytest.approx(base.loss.item()) and "loss/global" not in off.metrics
+
+
+def test_rpo_term_adds_the_chosen_sides_per_token_nll():
+    """RPO (TRL's rpo_alpha): alpha times the chosen responses' NLL per token, pooled over the batch."""
+    logps = torch.tensor([-10.0, -30.0, -12.0, -9.0])  # chosen: -10 (5 tokens), -30 (10 tokens); then rejected
+    ref = torch.tensor([-11.0, -29.0, -11.0, -11.0])
+    n_tokens = torch.tensor([5.0, 10.0, 4.0, 3.0])
+    base = fedpdpo_objective(logps, ref, None, beta=0.1, reward_weight=0.0)
+    rpo = fedpdpo_objective(logps, ref, None, 0.1, 0.0, n_tokens=n_tokens, rpo_alpha=0.5)
+    assert rpo.metrics["loss/nll"] == pytest.approx(40.0 / 15.0)
+    assert rpo.loss.item() == pytest.approx(base.loss.item() + 0.5 * 40.0 / 15.0)
+    assert torch.equal(rpo.margins, base.margins)  # ranking is unchanged: the term only shapes training
+    off = fedpdpo_objective(logps, ref, None, 0.1, 0.0, n_tokens=n_tokens, rpo_alpha=0.0)
+    assert "loss/nll" not in off.metrics and off.loss.item() == pytest.approx(base.loss.item())
+
+
+def test_rpo_term_raises_the_chosen_likelihood_in_a_training_step(tiny_cfg):
+    """A local round with rpo_alpha > 0 trains on the NLL term and reports it (loss/nll, as in evaluation)."""
+    from fedpdpo.client.state import ClientState
+    from fedpdpo.client.trainer import fit
+    from fedpdpo.engines.setup import build_setup
+
+    tiny_cfg.method.rpo_alpha = 1.0
+    tiny_cfg.local_steps = 6
+    setup = build_setup(tiny_cfg)
+    result = fit(setup.model, setup.tasks[0], ClientState(), setup.initial_global(), setup.initial, setup.cfg, 1)
+    assert result.metrics["loss/nll"] > 0

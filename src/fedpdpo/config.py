@@ -52,6 +52,9 @@ class MethodConfig:
     # gamma: weight of the DPO loss of the global policy (shared LoRA with the original head, no local modules),
     # trained next to the client's own so that the shared tensors stay a good policy by themselves (0 = off).
     global_weight: float = 0.0
+    # rpo_alpha: weight of the chosen responses' per-token NLL added to the loss (RPO; TRL's DPOConfig.rpo_alpha). Keeps
+    # the policies generating fluent text of the kind each client chose (docs/method.md, "Generation").
+    rpo_alpha: float = 0.0
     # alpha: weight of the explicit reward margin in the combined evaluation score.
     eval_reward_weight: float = 1.0
     personal_head: bool = True
@@ -335,6 +338,7 @@ RANGES: dict[str, Range] = {
     "method.reward_weight": NON_NEGATIVE,
     "method.eval_reward_weight": NON_NEGATIVE,
     "method.global_weight": NON_NEGATIVE,
+    "method.rpo_alpha": NON_NEGATIVE,
     "method.adapter_dim": POSITIVE,
     "method.reward_layer": NON_NEGATIVE,
     "method.local_lr_scale": POSITIVE,

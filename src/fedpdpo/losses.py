@@ -6,7 +6,9 @@ Notation for one pair (x, y_w, y_l): ``h = [log pi(y_w) - log pi_ref(y_w)] - [lo
   ``L = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)``
 * IPO (Azar et al. 2023): ``L = (h - 1 / (2 beta))^2``
 * explicit reward (Bradley-Terry): ``L_r = -log sigmoid(r(x, y_w) - r(x, y_l))``
-* FedPDPO: ``L = L_DPO + lambda * L_r (+ gamma * L_DPO of the global policy, when method.global_weight = gamma > 0)``
+* RPO (Pang et al. 2024; TRL's ``rpo_alpha``): ``L_NLL = -sum log pi(y_w) / |y_w|`` over the batch's chosen tokens
+* FedPDPO: ``L = L_DPO + lambda * L_r (+ alpha * L_NLL when method.rpo_alpha = alpha > 0)
+  (+ gamma * L_DPO of the global policy, when method.global_weight = gamma > 0)``
 
 Metric names follow TRL's DPOTrainer: ``rewards/chosen`` is ``beta * (log pi - log pi_ref)`` of the chosen side.
 """
@@ -68,10 +70,14 @@ def fedpdpo_objective(
     label_smoothing: float = 0.0,
     global_logps: torch.Tensor | None = None,
     global_weight: float = 0.0,
+    n_tokens: torch.Tensor | None = None,
+    rpo_alpha: float = 0.0,
 ) -> LossOutput:
     """The FedPDPO loss for a batch laid out as [chosen..., rejected...] (see ``PairBatch``); ``global_logps`` are
     the log-probs of the global policy (shared tensors, no local modules), whose DPO loss is added with weight
-    ``global_weight``."""
+    ``global_weight``; ``n_tokens`` (response tokens per sequence) gives the chosen side's per-token negative
+    log-likelihood, added with weight ``rpo_alpha``: DPO alone can lower the likelihood of both sides and let a
+    policy that ranks pairs well generate degenerate text; the NLL keeps it generating the client's chosen kind."""
     b = policy_logps.shape[0] // 2
     losses, r_chosen, r_rejected = dpo_loss(
         policy_logps[:b], policy_logps[b:], ref_logps[:b], ref_logps[b:], beta, loss_type, label_smoothing
@@ -94,6 +100,10 @@ def fedpdpo_objective(
         metrics["loss/reward"] = rm_loss.item()
         metrics["explicit/margins"] = explicit_margin.mean().item()
         metrics["explicit/accuracies"] = pairwise_accuracy(explicit_margin).item()
+    if n_tokens is not None and rpo_alpha > 0:
+        nll = -policy_logps[:b].sum() / n_tokens[:b].sum().clamp_min(1)
+        loss = loss + rpo_alpha * nll
+        metrics["loss/nll"] = nll.item()
     if global_logps is not None and global_weight > 0:
         g_losses, g_chosen, g_rejected = dpo_loss(
             global_logps[:b], global_logps[b:], ref_logps[:b], ref_logps[b:], beta, loss_type, label_smoothing

@@ -149,10 +149,11 @@ def objective(
     rewards: torch.Tensor | None,
     cfg: RunConfig,
     global_logps: torch.Tensor | None = None,
+    n_tokens: torch.Tensor | None = None,
 ) -> LossOutput:
     """The run's objective on pairs laid out [chosen..., rejected...]: what training minimises and what evaluation
-    reports, through the same function (as TRL computes train and eval losses), so both honour ``loss_type`` and
-    ``label_smoothing`` and carry the same metric names."""
+    reports, through the same function (as TRL computes train and eval losses), so both honour ``loss_type``,
+    ``label_smoothing`` and ``rpo_alpha`` and carry the same metric names."""
     return fedpdpo_objective(
         logps.float(),
         ref,
@@ -163,6 +164,8 @@ def objective(
         cfg.method.label_smoothing,
         None if global_logps is None else global_logps.float(),
         cfg.method.global_weight,
+        None if n_tokens is None else n_tokens.float(),
+        cfg.method.rpo_alpha,
     )
 
 
@@ -228,7 +231,8 @@ def _run_steps(
             out = model(batch, with_reference=need_ref)
             if need_ref:
                 _store_reference(batch, out.ref_logps, ref_table)
-            result = objective(out.logps, _ref_for(batch, ref_table, device), out.rewards, cfg, out.global_logps)
+            ref = _ref_for(batch, ref_table, device)
+            result = objective(out.logps, ref, out.rewards, cfg, out.global_logps, out.n_tokens)
         loss = result.loss
         if anchor is not None:
             loss = loss + 0.5 * run.mu * sum(((p - a) ** 2).sum() for p, a in anchor)
@@ -365,7 +369,7 @@ def _score_split(
     global policy's implicit margins (``global``), from the same decoder pass: only valid while the client's LoRA is
     the global one (no personal copies), and identical to :func:`_global_margins` then."""
     device = device_of(cfg)
-    sides: dict[str, list[torch.Tensor]] = {"logps": [], "ref": [], "rewards": []}  # per batch, [chosen, rejected]
+    sides: dict[str, list[torch.Tensor]] = {"logps": [], "ref": [], "rewards": [], "n_tokens": []}  # per batch
     logp_margin, explicit, global_margin = [], [], []
     for batch in _batches(pairs, cfg.eval_batch_size, pad_id, device):
         if at_reference:
@@ -378,6 +382,7 @@ def _score_split(
         ref = _ref_for(batch, ref_table, device)
         sides["logps"].append(logps.cpu())
         sides["ref"].append(ref.cpu())
+        sides["n_tokens"].append(out.n_tokens.cpu())
         if with_global:
             assert out.global_logps is not None
             global_margin.append(_implicit_margin(out.global_logps.float(), ref, b, cfg.beta))
@@ -392,7 +397,8 @@ def _score_split(
         halves = [t.chunk(2) for t in sides[key]]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves])
 
-    result = objective(laid_out("logps"), laid_out("ref"), laid_out("rewards") if explicit else None, cfg)
+    rewards = laid_out("rewards") if explicit else None
+    result = objective(laid_out("logps"), laid_out("ref"), rewards, cfg, n_tokens=laid_out("n_tokens"))
     margins = {"implicit": result.margins}
     if explicit:
         exp = torch.cat(explicit)
