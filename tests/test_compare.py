@@ -233,6 +233,11 @@ def test_report_of_one_run_is_titled_for_that_run(compared: Path, tmp_path: Path
     summary = json.loads((compared / "fedpdpo" / "seed0" / "summary.json").read_text())
     for client in summary["clients"]:
         assert f"| {client['id']} | " in report and f"{100 * client['accuracy']:.2f}" in report
+    # personalized against global, per client, with the score each client ranks by (issue 14: report both)
+    assert "| accuracy % | by | implicit % | explicit % | combined % | global % |" in report
+    for client in summary["clients"]:
+        row = next(line for line in report.splitlines() if line.startswith(f"| {client['id']} | "))
+        assert f"| {client['selected_score']} |" in row and f"{100 * client['accuracy_global']:.2f}" in row
     for name in ("accuracy_by_round", "train_loss_by_round", "per_client_accuracy"):
         assert f"![{name}]({name}.png)" in report and (out / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
     titles = {_texts(fig)[0]: _texts(fig) for fig in figures}
