@@ -10,6 +10,23 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "tiny.toml"
 TINY_DATA = ROOT / "data" / "tiny_pairs.jsonl"
+#: The shared IMDB pairs the real-model tests read (skipped where ../shared/data is absent).
+IMDB = ROOT.parent / "shared" / "data" / "imdb_sentiment_pairs.jsonl"
+#: ``--set`` overrides of configs/tiny.toml for the smallest real SmolLM2 job: one client, 2 steps, 4 + 4 pairs.
+SMOLLM2_SMALL = [
+    'model="smollm2"',
+    "num_clients=1",
+    "local_steps=2",
+    "batch_size=2",
+    "max_length=64",
+    "data.max_prompt_length=0",
+    "lr=1e-3",
+    "lora.last_n_layers=2",
+    "method.adapter_dim=16",
+    "data.max_train_per_client=4",
+    "data.max_test_per_client=4",
+    "partition.conflict_fraction=0.0",
+]
 #: For subprocesses: this checkout's package first (a virtualenv's editable install may point at another checkout).
 PYTHONPATH = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
 

@@ -24,27 +24,11 @@ from fedpdpo.client.trainer import compute_dtype, device_of, reference_logps
 from fedpdpo.config import load_config
 from fedpdpo.engines.setup import build_setup
 from fedpdpo.errors import ConfigError
-from tests.conftest import ROOT, TINY_CONFIG, subprocess_env
+from tests.conftest import IMDB, ROOT, SMOLLM2_SMALL, TINY_CONFIG, subprocess_env
 
-IMDB = ROOT.parent / "shared" / "data" / "imdb_sentiment_pairs.jsonl"
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device")
 needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
-
-SMOLLM2_SMALL = [
-    'model="smollm2"',
-    "num_clients=1",
-    "local_steps=2",
-    "batch_size=2",
-    "max_length=64",
-    "data.max_prompt_length=0",
-    "lr=1e-3",
-    "lora.last_n_layers=2",
-    "method.adapter_dim=16",
-    "data.max_train_per_client=4",
-    "data.max_test_per_client=4",
-    "partition.conflict_fraction=0.0",
-]
 
 
 @pytest.mark.gpu

@@ -21,9 +21,7 @@ from fedpdpo.config import load_config
 from fedpdpo.data.tokenize import collate
 from fedpdpo.engines.inprocess import run_inprocess
 from fedpdpo.engines.setup import build_setup
-from tests.conftest import ROOT, TINY_CONFIG
-
-IMDB = ROOT.parent / "shared" / "data" / "imdb_sentiment_pairs.jsonl"
+from tests.conftest import IMDB, ROOT, TINY_CONFIG
 
 
 @pytest.mark.parametrize("hardware", [True, False])

@@ -16,30 +16,12 @@ from fedpdpo.cli import main
 from fedpdpo.client import ClientState, evaluate, fit
 from fedpdpo.config import load_config
 from fedpdpo.engines.setup import build_setup
-from tests.conftest import ROOT, TINY_CONFIG
-
-IMDB = ROOT.parent / "shared" / "data" / "imdb_sentiment_pairs.jsonl"
+from tests.conftest import IMDB, ROOT, SMOLLM2_SMALL, TINY_CONFIG
 
 
 @pytest.mark.smoke
 def test_smollm2_smoke_fit_and_evaluate():
-    cfg = load_config(
-        TINY_CONFIG,
-        [
-            'model="smollm2"',
-            "num_clients=1",
-            "local_steps=2",
-            "batch_size=2",
-            "max_length=64",
-            "data.max_prompt_length=0",
-            "lr=1e-3",
-            "lora.last_n_layers=2",
-            "method.adapter_dim=16",
-            "data.max_train_per_client=4",
-            "data.max_test_per_client=4",
-            "partition.conflict_fraction=0.0",
-        ],
-    )
+    cfg = load_config(TINY_CONFIG, SMOLLM2_SMALL)
     setup = build_setup(cfg)
     assert setup.model.peft.get_base_model().config.vocab_size == 49152
     assert setup.tokenizer.chat_template  # ChatML prompt rendering is exercised
