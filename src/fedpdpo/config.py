@@ -53,7 +53,7 @@ class MethodConfig:
     # trained next to the client's own so that the shared tensors stay a good policy by themselves (0 = off).
     global_weight: float = 0.0
     # rpo_alpha: weight of the chosen responses' per-token NLL added to the loss (RPO; TRL's DPOConfig.rpo_alpha). Keeps
-    # the policies generating fluent text of the kind each client chose (docs/method.md, "Generation").
+    # the policies generating fluent text of the kind each client chose (docs/method.md, "Objective").
     rpo_alpha: float = 0.0
     # alpha: weight of the explicit reward margin in the combined evaluation score.
     eval_reward_weight: float = 1.0

@@ -7,7 +7,7 @@ Notation for one pair (x, y_w, y_l): ``h = [log pi(y_w) - log pi_ref(y_w)] - [lo
 * IPO (Azar et al. 2023): ``L = (h - 1 / (2 beta))^2``
 * explicit reward (Bradley-Terry): ``L_r = -log sigmoid(r(x, y_w) - r(x, y_l))``
 * RPO (Pang et al. 2024; TRL's ``rpo_alpha``): ``L_NLL = -sum log pi(y_w) / |y_w|`` over the batch's chosen tokens
-* FedPDPO: ``L = L_DPO + lambda * L_r (+ alpha * L_NLL when method.rpo_alpha = alpha > 0)
+* FedPDPO: ``L = L_DPO + lambda * L_r (+ rho * L_NLL when method.rpo_alpha = rho > 0)
   (+ gamma * L_DPO of the global policy, when method.global_weight = gamma > 0)``
 
 Metric names follow TRL's DPOTrainer: ``rewards/chosen`` is ``beta * (log pi - log pi_ref)`` of the chosen side.
