@@ -18,8 +18,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/fedpdpo run --config configs/demo.toml --out $(OUT) --overwrite
-	$(VENV)/bin/fedpdpo evaluate --run $(OUT)
+	$(VENV)/bin/fedpdpo run --config configs/demo.toml --out $(OUT) --overwrite --evaluate
 	$(VENV)/bin/fedpdpo report $(OUT)
 	@echo "report: $(OUT)/report.md"
 

@@ -90,3 +90,30 @@ def test_cli_evaluate_with_a_custom_judge_and_report(run_dir, capsys):
     report = (run_dir / "report.md").read_text()
     assert "What the models generate" in report and "Cross-client accuracy" in report
     assert main(["evaluate", "--run", str(run_dir), "--samples", "-1"]) == 2
+
+
+def test_a_partial_evaluation_keeps_the_other_part(run_dir, capsys):
+    """`--samples 0` (matrix only) after a judged evaluation, then `--no-matrix`: each call replaces the part it
+    measured and keeps the other one, in evaluation.json and summary.json alike."""
+    assert main(["evaluate", "--run", str(run_dir), "--samples", "2", "--max-new-tokens", "3"]) == 0
+    judged = json.loads((run_dir / "evaluation.json").read_text())["judge"]
+    assert main(["evaluate", "--run", str(run_dir), "--samples", "0"]) == 0
+    assert set(json.loads(capsys.readouterr().out.splitlines()[-1])) == {"cross_client"}
+    for name in ("evaluation.json", "summary.json"):
+        kept = json.loads((run_dir / name).read_text())
+        assert kept["judge"]["clients"] == judged["clients"] and "cross_client" in kept
+    assert main(["evaluate", "--run", str(run_dir), "--no-matrix", "--samples", "1", "--max-new-tokens", "2"]) == 0
+    both = json.loads((run_dir / "evaluation.json").read_text())
+    assert both["judge"]["clients"][0]["samples"] == 1 and "cross_client" in both
+
+
+def test_run_with_evaluate_writes_the_evaluation(tmp_path, capsys):
+    """`fedpdpo run --evaluate` = `fedpdpo run` then `fedpdpo evaluate --run OUT` (its defaults), in one process."""
+    out = tmp_path / "run"
+    argv = ["run", "--config", str(TINY_CONFIG), "--out", str(out), "--quiet", "--evaluate", "--set", "rounds=1"]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert set(printed["evaluation"]) == {"cross_client", "judge"}
+    saved = json.loads((out / "evaluation.json").read_text())
+    assert saved["judge"]["settings"]["samples"] == EvaluationSettings().samples
+    assert json.loads((out / "summary.json").read_text())["cross_client"] == saved["cross_client"]

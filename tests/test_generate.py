@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+import fedpdpo.generate as generate_module
 from fedpdpo.config import load_config
 from fedpdpo.data import PairTokenizer, PreferenceRecord, collate, load_records
 from fedpdpo.export import export_client, load_from_run
@@ -56,6 +57,16 @@ def test_sample_token_greedy_and_nucleus():
     drawn = {sample_token(logits, 1.0, 0.85, gen) for _ in range(200)}
     assert drawn == {1, 2}  # nucleus {0.6, 0.3}; the 0.05 tails are cut
     assert len({sample_token(logits, 1.0, 1.0, gen) for _ in range(400)}) == 4
+
+
+def test_nucleus_beyond_the_candidates_falls_back_to_the_whole_vocabulary(monkeypatch):
+    """With 2 candidates holding 0.6 of the mass, a 0.95 nucleus needs the third token: the same set as a full sort,
+    and a nucleus inside the candidates never draws outside it."""
+    monkeypatch.setattr(generate_module, "NUCLEUS_CANDIDATES", 2)
+    logits = torch.log(torch.tensor([0.02, 0.35, 0.25, 0.2, 0.18]))
+    gen = torch.Generator().manual_seed(0)
+    assert {sample_token(logits, 1.0, 0.95, gen) for _ in range(400)} == {1, 2, 3, 4}
+    assert {sample_token(logits, 1.0, 0.5, gen) for _ in range(200)} == {1, 2}
 
 
 def test_sampling_is_seeded(cm):

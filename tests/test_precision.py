@@ -141,7 +141,7 @@ def test_smollm2_bf16_logps_close_to_fp32():
     batch = collate(pairs, task.pad_id)
     margins = {}
     for c in (fp32, bf16):
-        with torch.no_grad(), autocast(c):
+        with torch.no_grad(), autocast(c, model):
             out = model(batch, with_reference=True)
         h = out.logps.float() - out.ref_logps.float()
         margins[c.precision] = h[: len(pairs)] - h[len(pairs) :]
@@ -190,3 +190,33 @@ def test_global_margins_from_the_personalized_pass_are_the_separate_pass(tiny_cf
         separate = trainer._global_margins(model, task.split(split), ref, setup.cfg, task.pad_id)
         assert torch.equal(scores.margins["global"], separate)
         assert not torch.equal(scores.margins["global"], scores.margins["implicit"])
+
+
+@pytest.mark.parametrize("with_copy", [True, False])
+def test_frozen_bf16_copies_give_the_same_bits_and_are_put_back(tiny_cfg, with_copy):
+    """Under bf16 autocast the frozen Linear weights are swapped for bf16 copies (perf.frozen_low_precision_copy):
+    the log-probs, rewards and gradients equal those of autocast casting the fp32 weights itself, and the fp32
+    weights are back in place afterwards."""
+    tiny_cfg.precision = "bf16"
+    tiny_cfg.lora.last_n_layers = 1
+    setup = build_setup(tiny_cfg)
+    model, task = setup.model, setup.tasks[0]
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.trainable().values():
+            p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    batch = collate(task.train[:4], task.pad_id)
+    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+
+    def run(copy: bool) -> tuple[torch.Tensor, ...]:
+        model.low_precision_copy = copy
+        with autocast(setup.cfg, model):
+            out = model(batch, with_reference=True)
+        loss = out.logps.float().sum() + out.rewards.float().sum()
+        grads = torch.autograd.grad(loss, list(model.trainable().values()))
+        return (out.logps, out.ref_logps, out.rewards, *grads)
+
+    plain, copied = run(False), run(with_copy)
+    assert all(torch.equal(a, b) for a, b in zip(plain, copied, strict=True))
+    after = dict(model.named_parameters())
+    assert all(after[n] is p and p.dtype == torch.float32 for n, p in frozen.items())

@@ -159,6 +159,11 @@ class PerfSettings:
     # LoRA update, personal head = original head, adapter and reward head zero) from the cached reference log-probs
     # instead of running it: same metrics, no policy forward.
     skip_reference_eval: bool = True
+    # Under bf16 autocast, run the frozen Linear layers on bf16 copies of their weights made once per model, instead
+    # of letting autocast cast each fp32 weight at every call (its cast cache keeps only trainable tensors). The
+    # copies are the values autocast would compute, so results are bit for bit the same; costs half the frozen
+    # Linear weights' fp32 size in memory.
+    frozen_low_precision_copy: bool = True
 
 
 @dataclass

@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedpdpo.client.state import ClientState, ClientStore, atomic_write
-from fedpdpo.client.trainer import SCORES, evaluate, load_client
+from fedpdpo.client.trainer import SCORES, autocast, evaluate, load_client
 from fedpdpo.config import load_config
 from fedpdpo.data.formats import flat
 from fedpdpo.data.tokenize import PairTokenizer
@@ -82,9 +82,12 @@ def cross_client_matrix(setup: RunSetup, global_: dict[str, torch.Tensor], store
         chosen = SCORES[int(own["selected_score"])]
         row, row_implicit = [], []
         for j in ids:
-            state = ClientState(local=states[i].local, reference=states[j].reference)
-            test_only = dataclasses.replace(setup.tasks[j], val=[])  # i's choice is made; j's validation unused
-            metrics = evaluate(setup.model, test_only, state, global_, setup.initial, setup.cfg, score=chosen)
+            if j == i:  # its own test pairs, ranked by the score it chose: measured just above
+                metrics = own
+            else:
+                state = ClientState(local=states[i].local, reference=states[j].reference)
+                test_only = dataclasses.replace(setup.tasks[j], val=[])  # i's choice is made; j's val unused
+                metrics = evaluate(setup.model, test_only, state, global_, setup.initial, setup.cfg, score=chosen)
             row.append(round(metrics["accuracy"], 4))
             row_implicit.append(round(metrics["accuracy_implicit"], 4))
         acc.append(row)
@@ -147,10 +150,8 @@ def judge_clients(
                 prompt_ids = pair_tok.prompt_ids(prompt)
                 key = (variant, cid if variant == "personalized" else None, tuple(prompt_ids), count)
                 if key not in sampled:
-                    sampling = SamplingConfig(
-                        settings.max_new_tokens, settings.temperature, settings.top_p, settings.seed
-                    )
-                    ids = sample_responses(model, prompt_ids, variant, count, sampling, stop)
+                    with autocast(setup.cfg, model):  # the run's precision, as in training
+                        ids = sample_responses(model, prompt_ids, variant, count, sampling, stop)
                     sampled[key] = [setup.tokenizer.decode(x, skip_special_tokens=True) for x in ids]
                 out.extend(sampled[key])
             texts[variant] = out
@@ -201,14 +202,17 @@ def evaluate_run(run_dir: str | Path, settings: EvaluationSettings | None = None
         result["cross_client"] = cross_client_matrix(setup, global_, store)
     if settings.samples > 0:
         result["judge"] = judge_clients(setup, global_, store, settings)
-    text = json.dumps(result, indent=2, allow_nan=False) + "\n"
-    atomic_write(run_dir / EVALUATION_FILE, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    # a part this call skipped (--no-matrix, --samples 0) keeps what an earlier call measured
+    path = run_dir / EVALUATION_FILE
+    merged = (json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}) | result
+    text = json.dumps(merged, indent=2, allow_nan=False) + "\n"
+    atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text(encoding="utf-8"))
-        summary.update({k: v for k, v in result.items()})
-        if "judge" in summary:
-            summary["judge"] = {k: v for k, v in result["judge"].items() if k != "settings"}
+        summary.update(merged)
+        if "judge" in merged:
+            summary["judge"] = {k: v for k, v in merged["judge"].items() if k != "settings"}
         body = json.dumps(summary, indent=2, allow_nan=False) + "\n"
         atomic_write(summary_path, lambda p: Path(p).write_text(body, encoding="utf-8"))
     return result

@@ -34,17 +34,26 @@ class SamplingConfig:
     seed: int = 0
 
 
+NUCLEUS_CANDIDATES = 256  # most probable tokens examined first for the nucleus; the whole vocabulary if they fall short
+
+
 def sample_token(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
-    """One token id from ``logits`` [V]: greedy at temperature 0, else nucleus (top-p) sampling."""
+    """One token id from ``logits`` [V]: greedy at temperature 0, else nucleus (top-p) sampling.
+
+    The nucleus (the smallest set of most probable tokens whose mass reaches ``top_p``) is found among the
+    :data:`NUCLEUS_CANDIDATES` most probable tokens, and only when their mass falls short of ``top_p`` by sorting the
+    whole vocabulary: the same set either way, without a sort of 49k-262k probabilities per token and row."""
     if temperature <= 0:
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        keep = sorted_probs.cumsum(0) - sorted_probs < top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs.cpu(), 1, generator=gen))
+    if top_p >= 1.0:
+        return int(torch.multinomial(probs.cpu(), 1, generator=gen))
+    top, order = probs.topk(min(NUCLEUS_CANDIDATES, probs.numel()))  # descending
+    if float(top.sum()) < top_p and top.numel() < probs.numel():
+        top, order = probs.sort(descending=True)
+    keep = top.cumsum(0) - top < top_p  # the first token always stays
+    pick = torch.multinomial(top[keep].cpu(), 1, generator=gen)
+    return int(order[keep][pick])
 
 
 def _device(cm: ClientModel) -> torch.device:
@@ -68,6 +77,8 @@ def sample_responses(
     gens = [torch.Generator().manual_seed(sampling.seed + k) for k in range(n)]
     personal = variant == "personalized"
     head = model.local["head"].weight if personal and "head" in model.local else model.ref_head_weight
+    if torch.is_autocast_enabled(head.device.type):  # cast the [V, H] head once, not at every token
+        head = head.to(torch.get_autocast_dtype(head.device.type))
     adapter = model.local["adapter"] if personal and "adapter" in model.local else None
     responses: list[list[int]] = [[] for _ in range(n)]
     open_rows = set(range(n))

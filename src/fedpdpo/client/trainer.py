@@ -75,12 +75,16 @@ def precision_used(cfg: RunConfig) -> str:
     return "fp32" if compute_dtype(cfg) is None else "bf16"
 
 
-def autocast(cfg: RunConfig):
-    """Mixed precision for the forward passes of training, evaluation and the reference (see ``compute_dtype``)."""
+@contextlib.contextmanager
+def autocast(cfg: RunConfig, model: FedPDPOModel):
+    """Mixed precision for the forward passes of training, evaluation and the reference (see ``compute_dtype``),
+    with the model's frozen weights already in that precision (``FedPDPOModel.frozen_weights_as``)."""
     dtype = compute_dtype(cfg)
     if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_of(cfg).type, dtype=dtype)
+        yield
+        return
+    with torch.autocast(device_of(cfg).type, dtype=dtype), model.frozen_weights_as(dtype):
+        yield
 
 
 def _batches(pairs: list[TokenizedPair], batch_size: int, pad_id: int, device: torch.device):
@@ -94,7 +98,7 @@ def _fill_reference(
 ) -> None:
     """Write the reference log-probs (chosen, rejected) of ``pairs`` into rows ``pair.index`` of ``table``."""
     device = device_of(cfg)
-    with phase("reference pass"), autocast(cfg):
+    with phase("reference pass"), autocast(cfg, model):
         for batch in _batches(pairs, cfg.eval_batch_size, pad_id, device):
             ref = model.reference_logps(batch).float().cpu()
             b = batch.num_pairs
@@ -226,7 +230,7 @@ def _run_steps(
         idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
         # de-duplicate when the client has fewer pairs than the batch size
         batch = collate([task.train[i] for i in dict.fromkeys(idx)], task.pad_id).to(device)
-        with autocast(cfg):
+        with autocast(cfg, model):
             need_ref = cfg.perf.fused_reference and bool(torch.isnan(ref_table[batch.index.cpu()]).any())
             out = model(batch, with_reference=need_ref)
             if need_ref:
@@ -375,7 +379,7 @@ def _score_split(
         if at_reference:
             out = _reference_output(model, batch, ref_table)
         else:
-            with autocast(cfg):
+            with autocast(cfg, model):
                 out = model(batch, with_global=with_global)
         b = batch.num_pairs
         logps = out.logps.float()
@@ -427,7 +431,7 @@ def _global_margins(
         if at_reference:
             logps = ref
         else:
-            with autocast(cfg):
+            with autocast(cfg, model):
                 logps = model.global_logps(batch).float()
         margins.append(_implicit_margin(logps, ref, batch.num_pairs, cfg.beta))
     return torch.cat(margins)

@@ -50,15 +50,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         seed=args.seed,
         matrix=not args.no_matrix,
     )
-    result = evaluate_run(args.run, settings)
-    brief: dict = {}
+    print(json.dumps(brief(evaluate_run(args.run, settings))))
+    return 0
+
+
+def brief(result: dict) -> dict:
+    """What the command prints of an evaluation: the matrix's summary numbers and the judge table's rows."""
+    out: dict = {}
     if "cross_client" in result:
         m = result["cross_client"]
-        brief["cross_client"] = {k: m[k] for k in ("own_mean", "others_mean", "worst_client", "spread")}
+        out["cross_client"] = {k: m[k] for k in ("own_mean", "others_mean", "worst_client", "spread")}
     if "judge" in result:
-        brief["judge"] = [
+        out["judge"] = [
             {k: v for k, v in row.items() if k != "examples" and not k.endswith("mean_score")}
             for row in result["judge"]["clients"]
         ]
-    print(json.dumps(brief))
-    return 0
+    return out

@@ -33,6 +33,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="replace a run already in --out, once the new run has finished (it runs in OUT.overwrite until then)",
     )
     run.add_argument("--on-bad-record", choices=["error", "skip"], help="what to do with invalid data records")
+    run.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="when the run has finished, also do what `fedpdpo evaluate --run OUT` does with its defaults (judge "
+        "and cross-client matrix), in this process: the frozen layers' outputs computed in training are reused",
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bar or tables")
     run.add_argument(
         "--json-logs", action="store_true", help="progress, round metrics and log records as JSON lines on stderr"
@@ -171,6 +177,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         "mean_accuracy": summary["mean_accuracy"],
         "time_s": summary["time_s"],
     }
+    if args.evaluate:
+        from fedpdpo.commands.evaluate import brief
+        from fedpdpo.evaluation import evaluate_run
+
+        result["evaluation"] = brief(evaluate_run(args.out))
     print(dumps(result))
     return 0
 

@@ -10,6 +10,8 @@ vocabulary dominates the cost, and prompt positions never enter the loss.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -90,12 +92,16 @@ def response_logps(
     rows, cols = projected.nonzero(as_tuple=True)
     states = hidden[:, :-1][rows, cols]  # [T, H]
     targets = input_ids[:, 1:][rows, cols]  # [T]
+    if torch.is_autocast_enabled(weight.device.type):
+        # one cast of the [V, H] head per call (autocast would cast it again for every chunk, and its gradient back)
+        weight = weight.to(torch.get_autocast_dtype(weight.device.type))
     token_logps = []
     for start in range(0, states.shape[0], LOGIT_CHUNK):
         logits = states[start : start + LOGIT_CHUNK] @ weight.T
-        logits = logits.float()
-        tgt = targets[start : start + LOGIT_CHUNK]
-        token_logps.append(logits.gather(1, tgt[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1))
+        # fused fp32 log-softmax + pick: one pass forward and one backward over [chunk, V] (a gather minus a
+        # logsumexp takes several, and its backward scatters into a zero [chunk, V] tensor)
+        ce = torch.nn.functional.cross_entropy(logits.float(), targets[start : start + LOGIT_CHUNK], reduction="none")
+        token_logps.append(-ce)
     flat = torch.cat(token_logps) if token_logps else hidden.new_zeros(0)
     if project_mask is not None:
         flat = flat * target_mask[rows, cols]
@@ -127,6 +133,8 @@ class FedPDPOModel(nn.Module):
         self.shared_prefix = perf.shared_prefix and self.split_layer > 0
         self.prefix = FrozenPrefix(self.decoder, self.split_layer, perf)
         self.project_all = not perf.response_only_logits  # send every real position through the head (as TRL)
+        self.low_precision_copy = perf.frozen_low_precision_copy
+        self._low_copies: dict[torch.dtype, list[tuple[nn.Linear, nn.Parameter]]] = {}
         self.local = nn.ModuleDict()  # named so that fedpdpo.model.naming.is_local recognises its tensors
         if method.personal_head:
             self.local["head"] = PersonalHead(self.ref_head_weight)
@@ -144,6 +152,35 @@ class FedPDPOModel(nn.Module):
         # Train the global policy (shared LoRA, original head, no adapter) alongside the client's own, so the shared
         # tensors stay a good policy on their own (method.global_weight; only with local modules to differ from).
         self.train_global = method.global_weight > 0 and ("head" in self.local or "adapter" in self.local)
+
+    # -- precision --------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def frozen_weights_as(self, dtype: torch.dtype | None) -> Iterator[None]:
+        """Within the block, every frozen ``nn.Linear`` of the decoder (the LoRA layers' base weights included)
+        holds a ``dtype`` copy of its weight, made once per model and dtype (``None``: no change).
+
+        Meant for autocast to ``dtype``: autocast recasts a frozen fp32 weight at every call (it caches casts of
+        trainable tensors only), and the copy holds exactly the values that cast gives, so outputs are unchanged.
+        Embeddings, norms and the output head keep fp32 (they are not matmuls autocast would cast, or are cast
+        once per call by :func:`response_logps`)."""
+        if dtype is None or not self.low_precision_copy:
+            yield
+            return
+        copies = self._low_copies.get(dtype)
+        if copies is None:
+            copies = self._low_copies[dtype] = [
+                (m, nn.Parameter(m.weight.detach().to(dtype), requires_grad=False))
+                for m in self.decoder.modules()
+                if isinstance(m, nn.Linear) and not m.weight.requires_grad and m.weight.dtype != dtype
+            ]
+        originals = [(m, m.weight) for m, _ in copies]
+        try:
+            for m, low in copies:
+                m.weight = low
+            yield
+        finally:
+            for m, weight in originals:
+                m.weight = weight
 
     # -- parameters -------------------------------------------------------------------------------------------
     def trainable(self) -> dict[str, nn.Parameter]:
