@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fedpdpo.data.tokenize import PairTokenizer, collate
@@ -61,3 +62,22 @@ def test_ablation_strategies_drop_modules(tiny_cfg):
     model, _ = build_model(cfg)
     assert len(model.local) == 0
     assert all(".lora_" in n for n in model.trainable())
+
+
+def test_head_lr_scale_gives_the_head_its_own_step(tiny_cfg):
+    """``method.head_lr_scale`` splits the personalized head from the adapter; 0 keeps the groups as they were
+    (so a client state saved without it resumes)."""
+    from fedpdpo.model.naming import HEAD_WEIGHT, optimizer_groups
+
+    model, _ = build_model(tiny_cfg)
+    params = model.trainable()
+    tiny_cfg.lr, tiny_cfg.method.local_lr_scale, tiny_cfg.method.reward_lr_scale = 1e-3, 1.0, 10.0
+    plain = optimizer_groups(params, tiny_cfg)
+    assert [g["lr"] for g in plain] == [1e-3, 1e-3, 1e-2]
+    assert any(p is params[HEAD_WEIGHT] for p in plain[1]["params"])
+    tiny_cfg.method.head_lr_scale = 0.05
+    split = optimizer_groups(params, tiny_cfg)
+    assert [g["lr"] for g in split] == pytest.approx([1e-3, 1e-3, 5e-5, 1e-2])
+    assert [id(p) for p in split[2]["params"]] == [id(params[HEAD_WEIGHT])]
+    assert all(p is not params[HEAD_WEIGHT] for p in split[1]["params"]) and split[1]["params"]
+    assert sum(len(g["params"]) for g in split) == len(params)

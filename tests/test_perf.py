@@ -16,7 +16,7 @@ from fedpdpo.data.tokenize import collate
 from fedpdpo.engines.setup import build_model, build_setup
 from fedpdpo.errors import ConfigError
 from fedpdpo.model.backbone import load_backbone
-from fedpdpo.model.policy import FedPDPOModel
+from fedpdpo.model.policy import FedPDPOModel, response_logps
 
 PLAIN = PerfSettings(shared_prefix=False, fused_reference=False, response_only_logits=False, prefix_cache=False)
 
@@ -211,3 +211,33 @@ def test_reward_layer_must_be_frozen(tiny_cfg):
         _setup(tiny_cfg)
     with pytest.raises(ConfigError, match=r"method\.reward_layer"):
         config_from_dict({"data": {"path": "x.jsonl"}, "method": {"reward_layer": -1}})
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_head_logps_match_the_plain_formulation(bf16):
+    """``response_logps`` (fused fp32 cross-entropy, one head cast per call) against what benchmarks/bench_head.py
+    times it with (gather minus logsumexp, autocast's per-chunk cast): the same log-probs and gradients up to
+    float rounding, over more than one chunk."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_head.py"
+    spec = importlib.util.spec_from_file_location("bench_head", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    gen = torch.Generator().manual_seed(0)
+    tokens, hidden_size, vocab = bench.LOGIT_CHUNK + 50, 16, 300
+    weight = torch.randn(vocab, hidden_size, generator=gen).requires_grad_(True)
+    hidden = torch.randn(1, tokens + 1, hidden_size, generator=gen).requires_grad_(True)
+    ids = torch.randint(0, vocab, (1, tokens + 1), generator=gen)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[0, 0] = False
+    values = []
+    for fn in (
+        lambda: response_logps(hidden, ids, mask, weight)[0],
+        lambda: bench.plain_logps(hidden[0, :-1], ids[0, 1:], weight).sum()[None],
+    ):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            value = fn()
+        grads = torch.autograd.grad(value.sum(), [weight, hidden])
+        values.append((value.detach(), *grads))
+    tol = {"rtol": 1e-2, "atol": 1e-2} if bf16 else {"rtol": 1e-5, "atol": 1e-4}
+    for a, b in zip(*values, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), **tol)

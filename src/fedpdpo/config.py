@@ -72,6 +72,10 @@ class MethodConfig:
     local_lr_scale: float = 0.1
     # Learning rate multiplier for the explicit reward head (a linear probe: it needs a larger step).
     reward_lr_scale: float = 10.0
+    # Learning rate multiplier for the personalized LM head alone (0: local_lr_scale, as the adapter). Adam moves
+    # every one of the head's vocabulary rows by about lr per step, however small its gradient, so a step that
+    # suits the 74k-weight adapter distorts the 28M-weight head's whole output distribution (docs/method.md).
+    head_lr_scale: float = 0.0
     # Parameters of the strategies that use them (others ignore them); the strategy sends them to its clients
     # with each round's instructions. FedProx: proximal term weight mu on the shared parameters (0 = its default).
     proximal_mu: float = 0.0
@@ -347,6 +351,7 @@ RANGES: dict[str, Range] = {
     "method.adapter_dim": POSITIVE,
     "method.reward_layer": NON_NEGATIVE,
     "method.local_lr_scale": POSITIVE,
+    "method.head_lr_scale": NON_NEGATIVE,
     "method.reward_lr_scale": POSITIVE,
     "method.proximal_mu": NON_NEGATIVE,
     "method.head_steps": NON_NEGATIVE,

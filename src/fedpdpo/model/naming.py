@@ -44,6 +44,11 @@ def is_local(name: str) -> bool:
     return name.startswith(LOCAL + ".")
 
 
+def is_head(name: str) -> bool:
+    """The personalized LM head's weight (FedPer's and FedRep's local head too)."""
+    return name == HEAD_WEIGHT
+
+
 def is_reward_head(name: str) -> bool:
     return name.startswith(REWARD_HEAD)
 
@@ -72,13 +77,18 @@ def without_personal_copies(local: dict) -> dict:
 def optimizer_groups(params: dict[str, nn.Parameter], cfg: RunConfig) -> list[dict]:
     """AdamW parameter groups: LoRA at ``lr`` (shared or kept local: local, fedsa-lora, lg-fedavg) and the local
     modules at their own scale: the 28M-parameter personalized head needs a smaller step than LoRA, the reward head
-    (a linear probe) a larger one. Within a group the parameters keep the model's order (the optimizer state of a
-    resumed client is matched by position)."""
-    modules = [p for n, p in params.items() if is_local(n) and not is_reward_head(n)]
+    (a linear probe) a larger one; with ``method.head_lr_scale`` the head gets its own group apart from the adapter.
+    Within a group the parameters keep the model's order (the optimizer state of a resumed client is matched by
+    position)."""
+    method = cfg.method
+    own_head = method.head_lr_scale > 0
+    modules = [p for n, p in params.items() if is_local(n) and not is_reward_head(n) and not (own_head and is_head(n))]
+    head = [p for n, p in params.items() if own_head and is_head(n)]
     reward = [p for n, p in params.items() if is_reward_head(n)]
     groups: list[dict] = [{"params": [p for n, p in params.items() if not is_local(n)], "lr": cfg.lr}]
-    if modules:
-        groups.append({"params": modules, "lr": cfg.lr * cfg.method.local_lr_scale})
+    for members, scale in ((modules, method.local_lr_scale), (head, method.head_lr_scale)):
+        if members:
+            groups.append({"params": members, "lr": cfg.lr * scale})
     if reward:
-        groups.append({"params": reward, "lr": cfg.lr * cfg.method.reward_lr_scale})
+        groups.append({"params": reward, "lr": cfg.lr * method.reward_lr_scale})
     return groups
