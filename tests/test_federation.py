@@ -325,6 +325,9 @@ def test_run_refuses_node_files_without_flower_deploy(tmp_path, capsys):
     assert "--node-data and --node-test need --engine flower-deploy" in capsys.readouterr().err
     assert main([*args, "--engine", "flower-deploy", "--node-data", "zero=x"]) == 2
     assert "--node-data expects ID=PATH" in capsys.readouterr().err
+    node = ["--engine", "flower-deploy", "--node-data", f"0={TINY_DATA}", "--evaluate"]
+    assert main([*args, *node]) == 2  # the data lives on the nodes: nothing to evaluate here
+    assert "drop --evaluate" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

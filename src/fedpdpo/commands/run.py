@@ -160,6 +160,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_device(cfg.device)
     check_quantization(cfg)
     args.nodes = node_files(args)  # checked before anything starts
+    if args.evaluate and (args.nodes or not cfg.data.path):
+        raise FedPDPOError(
+            "--evaluate samples and scores each client's held-out pairs here, but the nodes hold the data "
+            "(--node-data, or no data.path); drop --evaluate"
+        )
     if args.json_logs:
         from fedpdpo.report.progress import use_json_logs
 
