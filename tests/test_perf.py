@@ -17,6 +17,7 @@ from fedpdpo.engines.setup import build_model, build_setup
 from fedpdpo.errors import ConfigError
 from fedpdpo.model.backbone import load_backbone
 from fedpdpo.model.policy import FedPDPOModel, response_logps
+from tests.conftest import TINY_CONFIG
 
 PLAIN = PerfSettings(shared_prefix=False, fused_reference=False, response_only_logits=False, prefix_cache=False)
 
@@ -241,3 +242,18 @@ def test_head_logps_match_the_plain_formulation(bf16):
     tol = {"rtol": 1e-2, "atol": 1e-2} if bf16 else {"rtol": 1e-5, "atol": 1e-4}
     for a, b in zip(*values, strict=True):
         torch.testing.assert_close(a.float(), b.float(), **tol)
+
+
+def test_profile_fit_benchmark_profiles_the_call_asked_for(monkeypatch, capsys):
+    """benchmarks/profile_fit.py prints the operator table of the N-th fit call, and exits 2 when there is none."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_fit.py"
+    spec = importlib.util.spec_from_file_location("profile_fit", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    base = ["profile_fit.py", "--config", str(TINY_CONFIG), "--set", "rounds=1", "--set", "local_steps=1"]
+    monkeypatch.setattr("sys.argv", [*base, "--call", "2", "--rows", "3"])
+    assert bench.main() == 0
+    captured = capsys.readouterr()
+    assert "fit call 2:" in captured.err and "aten::" in captured.out
+    monkeypatch.setattr("sys.argv", [*base, "--call", "99"])
+    assert bench.main() == 2
