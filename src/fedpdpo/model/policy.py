@@ -171,7 +171,8 @@ class FedPDPOModel(nn.Module):
             copies = self._low_copies[dtype] = [
                 (m, nn.Parameter(m.weight.detach().to(dtype), requires_grad=False))
                 for m in self.decoder.modules()
-                if isinstance(m, nn.Linear) and not m.weight.requires_grad and m.weight.dtype != dtype
+                # fp32 only: what autocast recasts (a 4-bit layer's packed uint8 weight is not a matrix to cast)
+                if isinstance(m, nn.Linear) and not m.weight.requires_grad and m.weight.dtype == torch.float32
             ]
         originals = [(m, m.weight) for m, _ in copies]
         try:
