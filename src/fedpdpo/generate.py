@@ -76,7 +76,7 @@ def sample_responses(
     device = next(model.parameters()).device
     gens = [torch.Generator().manual_seed(sampling.seed + k) for k in range(n)]
     personal = variant == "personalized"
-    head = model.local["head"].weight if personal and "head" in model.local else model.ref_head_weight
+    head = model.local["head"].get_parameter("weight") if personal and "head" in model.local else model.ref_head_weight
     if torch.is_autocast_enabled(head.device.type):  # cast the [V, H] head once, not at every token
         head = head.to(torch.get_autocast_dtype(head.device.type))
     adapter = model.local["adapter"] if personal and "adapter" in model.local else None
