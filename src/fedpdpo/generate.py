@@ -20,7 +20,7 @@ import torch
 from fedpdpo.data.formats import Text
 from fedpdpo.data.tokenize import PairBatch, PairTokenizer, TokenizedPair, collate
 from fedpdpo.export import ClientModel
-from fedpdpo.model.policy import FedPDPOModel
+from fedpdpo.model.policy import FedPDPOModel, cast_once_for_autocast
 
 Variant = Literal["personalized", "global", "base"]
 VARIANTS: tuple[Variant, ...] = ("personalized", "global", "base")
@@ -77,8 +77,7 @@ def sample_responses(
     gens = [torch.Generator().manual_seed(sampling.seed + k) for k in range(n)]
     personal = variant == "personalized"
     head = model.local["head"].get_parameter("weight") if personal and "head" in model.local else model.ref_head_weight
-    if torch.is_autocast_enabled(head.device.type):  # cast the [V, H] head once, not at every token
-        head = head.to(torch.get_autocast_dtype(head.device.type))
+    head = cast_once_for_autocast(head)
     adapter = model.local["adapter"] if personal and "adapter" in model.local else None
     responses: list[list[int]] = [[] for _ in range(n)]
     open_rows = set(range(n))

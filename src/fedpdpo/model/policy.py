@@ -73,6 +73,14 @@ def add_lora(model: PreTrainedModel, cfg: LoraSettings) -> PeftModel:
         raise ConfigError(f"config key 'lora': {first_line(exc)}") from exc
 
 
+def cast_once_for_autocast(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` in the active autocast dtype of its device (itself outside autocast). For a matrix used many times
+    in one pass (the [V, H] head: per logit chunk, per sampled token), where autocast would cast it at every use and
+    send each use's gradient back through its own cast."""
+    device = weight.device.type
+    return weight.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else weight
+
+
 def response_logps(
     hidden: torch.Tensor,
     input_ids: torch.Tensor,
@@ -92,9 +100,7 @@ def response_logps(
     rows, cols = projected.nonzero(as_tuple=True)
     states = hidden[:, :-1][rows, cols]  # [T, H]
     targets = input_ids[:, 1:][rows, cols]  # [T]
-    if torch.is_autocast_enabled(weight.device.type):
-        # one cast of the [V, H] head per call (autocast would cast it again for every chunk, and its gradient back)
-        weight = weight.to(torch.get_autocast_dtype(weight.device.type))
+    weight = cast_once_for_autocast(weight)
     token_logps = []
     for start in range(0, states.shape[0], LOGIT_CHUNK):
         logits = states[start : start + LOGIT_CHUNK] @ weight.T
