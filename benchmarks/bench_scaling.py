@@ -6,10 +6,11 @@ clients are added while wall time grows linearly (every client does the same fix
 pairs, ``--steps`` steps). Each client count runs in its own subprocess, so its peak RSS is its own.
 
     python benchmarks/bench_scaling.py                           # tiny model, 3 / 10 / 30 clients
-    python benchmarks/bench_scaling.py --clients 3,10 --model smollm2 --json scaling.json
+    python benchmarks/bench_scaling.py --model smollm2 --max-length 128 --max-prompt-length 0 --last-n-layers 4
 
 Also reported: bytes of shared tensors each client sends per round (the only uplink traffic) and the client state
-kept on disk. The CPU may be shared with other jobs, so wall times are noisy; memory is not.
+kept on disk. The CPU may be shared with other jobs, so wall times are noisy; the process's CPU seconds much less
+(they still grow somewhat when two jobs share a core's caches); memory is not.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 
 DEFAULT_DATA = "/work/shared/data/imdb_sentiment_pairs.jsonl"
 FORWARDED = ("model", "algorithm", "data", "train_per_client", "test_per_client", "steps", "batch_size")
-FORWARDED += ("max_length", "last_n_layers", "threads")
+FORWARDED += ("max_length", "max_prompt_length", "last_n_layers", "threads")
 
 
 def child_env() -> dict[str, str]:
@@ -54,7 +55,7 @@ def run_config(args: argparse.Namespace, num_clients: int) -> dict[str, Any]:
             "path": args.data,
             "max_train_per_client": args.train_per_client,
             "max_test_per_client": args.test_per_client,
-            "max_prompt_length": 16,
+            "max_prompt_length": args.max_prompt_length,
         },
     }
 
@@ -67,9 +68,9 @@ def child(args: argparse.Namespace) -> None:
 
     cfg = config_from_dict(run_config(args, args.child))
     with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         run_inprocess(cfg, Path(tmp) / "run", quiet=True)
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         state_bytes = sum(f.stat().st_size for f in (Path(tmp) / "run").rglob("clients/**/*") if f.is_file())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     setup = build_setup(cfg)  # after the peak was read: only to size the uplink
@@ -77,6 +78,7 @@ def child(args: argparse.Namespace) -> None:
     out = {
         "clients": args.child,
         "wall_s": wall,
+        "cpu_s": cpu,
         "peak_rss_bytes": peak,
         "uplink_bytes_per_client": uplink,
         "client_state_bytes_on_disk": state_bytes,
@@ -95,6 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--max-prompt-length", type=int, default=16, help="0: chosen from the data (data.max_prompt_length)")
     p.add_argument("--last-n-layers", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", metavar="PATH")
@@ -111,8 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     for key in FORWARDED:
         forwarded += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     results = []
-    header = ("clients", "wall s", "s/client", "peak RSS MiB", "uplink B/client", "state MiB")
-    print("{:>7s} {:>8s} {:>9s} {:>13s} {:>16s} {:>10s}".format(*header))
+    header = ("clients", "wall s", "s/client", "CPU s/client", "peak RSS MiB", "uplink B/client", "state MiB")
+    print("{:>7s} {:>8s} {:>9s} {:>13s} {:>13s} {:>16s} {:>10s}".format(*header))
     for n in (int(x) for x in args.clients.split(",")):
         cmd = [sys.executable, str(Path(__file__).resolve()), *forwarded, "--child", str(n)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), check=False)
@@ -122,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         results.append(r)
         print(
-            f"{n:7d} {r['wall_s']:8.1f} {r['wall_s'] / n:9.2f} {r['peak_rss_bytes'] / 2**20:13.0f} "
+            f"{n:7d} {r['wall_s']:8.1f} {r['wall_s'] / n:9.2f} {r['cpu_s'] / n:13.2f} "
+            f"{r['peak_rss_bytes'] / 2**20:13.0f} "
             f"{r['uplink_bytes_per_client']:16d} {r['client_state_bytes_on_disk'] / 2**20:10.1f}",
             flush=True,
         )
