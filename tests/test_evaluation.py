@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from fedpdpo.cli import main
 from fedpdpo.config import load_config
 from fedpdpo.engines.inprocess import run_inprocess
 from fedpdpo.errors import ConfigError
-from fedpdpo.evaluation import EvaluationSettings, evaluate_run
+from fedpdpo.evaluation import EvaluationSettings, difference_to_base, evaluate_run
 from fedpdpo.judge import Judge, load_judge
 from tests.conftest import TINY_CONFIG
 
@@ -77,7 +78,17 @@ def test_matrix_diagonal_is_each_clients_own_accuracy_and_judge_reads_each_side(
         for model in ("personalized", "global", "base"):
             assert 0.0 <= rows[c["id"]][f"{model}/match"] <= 1.0
             assert 0.0 <= rows[c["id"]][f"{model}/win_rate_vs_base"] <= 1.0
+        for model in ("personalized", "global"):
+            oriented = rows[c["id"]][f"{model}/oriented_score"] - rows[c["id"]]["base/oriented_score"]
+            assert rows[c["id"]][f"{model}/vs_base"] == pytest.approx(oriented, abs=2e-4)
+            assert rows[c["id"]][f"{model}/vs_base_se"] >= 0.0
     assert json.loads((run_dir / "evaluation.json").read_text()) == result
+
+
+def test_difference_to_base_and_its_standard_error():
+    diff, se = difference_to_base(np.array([1.0, 3.0]), np.array([0.0, 0.0, 0.0]))
+    assert diff == 2.0 and se == pytest.approx(np.sqrt(2.0 / 2 + 0.0 / 3))  # sample variance of [1, 3] is 2
+    assert difference_to_base(np.array([0.5]), np.array([0.0, 1.0])) == (0.0, None)
 
 
 def test_cli_evaluate_with_a_custom_judge_and_report(run_dir, capsys):
@@ -89,6 +100,7 @@ def test_cli_evaluate_with_a_custom_judge_and_report(run_dir, capsys):
     assert main(["report", str(run_dir)]) == 0
     report = (run_dir / "report.md").read_text()
     assert "What the models generate" in report and "Cross-client accuracy" in report
+    assert "minus base: personalized / global" in report and " +- " in report
     assert main(["evaluate", "--run", str(run_dir), "--samples", "-1"]) == 2
 
 

@@ -10,8 +10,9 @@ limits), its final global tensors and each client's private state, and computes:
   (shared LoRA, original head) and the base model, scored by a judge the method did not train
   (:mod:`fedpdpo.judge`). Which side a client prefers is read off the judge's scores of its own training pairs
   (chosen minus rejected), so the table says, per client and model, the mean judge score oriented to the client's
-  taste, the share of samples on the client's side (for judges where 0 is neutral) and the win rate of each
-  model's samples against the base model's.
+  taste, the share of samples on the client's side (for judges where 0 is neutral), the win rate of each
+  model's samples against the base model's, and each model's oriented mean minus the base model's with its
+  standard error (so that a lean can be told from sampling noise: with 16 samples it is often 0.2-0.3).
 
 Both go into ``DIR/evaluation.json`` and into ``summary.json`` (keys ``cross_client`` and ``judge``), which
 ``fedpdpo report`` renders. The client data must be readable where this runs (simulation runs, or a node's own
@@ -116,6 +117,15 @@ def _direction(judge: Judge, setup: RunSetup, cid: int, n: int) -> tuple[float, 
     return (float(np.sign(diff)), diff)
 
 
+def difference_to_base(oriented: np.ndarray, base: np.ndarray) -> tuple[float, float | None]:
+    """Mean of ``oriented`` minus mean of ``base`` and the standard error of that difference (two independent
+    samples: ``sqrt(var_a / n_a + var_b / n_b)``, sample variances); None with fewer than 2 samples on a side."""
+    diff = float(oriented.mean() - base.mean())
+    if min(len(oriented), len(base)) < 2:
+        return diff, None
+    return diff, float(np.sqrt(oriented.var(ddof=1) / len(oriented) + base.var(ddof=1) / len(base)))
+
+
 def _prompts(setup: RunSetup, cid: int, k: int) -> list[tuple[Any, int]]:
     """``k`` (prompt, sample index) slots over the client's distinct held-out prompts, in order of first use."""
     distinct = list(dict.fromkeys(r.prompt for r in setup.clients[cid].test))
@@ -174,6 +184,10 @@ def judge_clients(
                 row[f"{v}/match"] = round(float((oriented > 0).mean()), 4)
             wins = (oriented[:, None] > base[None, :]).mean() + 0.5 * (oriented[:, None] == base[None, :]).mean()
             row[f"{v}/win_rate_vs_base"] = round(float(wins), 4)
+            if v != "base":
+                diff, se = difference_to_base(oriented, base)
+                row[f"{v}/vs_base"] = round(diff, 4)
+                row[f"{v}/vs_base_se"] = None if se is None else round(se, 4)
         row["examples"] = {v: texts[v][:2] for v in MODELS}
         rows.append(row)
         log.info(

@@ -18,12 +18,22 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
 
+def _vs_base(row: dict[str, Any], model: str) -> str:
+    """``+0.120 +- 0.080``; "-" for evaluations written before the difference was recorded."""
+    diff, se = row.get(f"{model}/vs_base"), row.get(f"{model}/vs_base_se")
+    if diff is None:
+        return "-"
+    return f"{diff:+.3f}" if se is None else f"{diff:+.3f} +- {se:.3f}"
+
+
 def judge_lines(judge: dict[str, Any]) -> list[str]:
     neutral = judge.get("zero_is_neutral", False)
     lines = [
         f"Judge: {judge['judge']}. Samples per client and model: {judge['clients'][0]['samples']}. "
         "Each client's side is read from its own training pairs (judge score of chosen minus rejected); "
-        "'oriented' scores are multiplied by that side's sign, so higher is better for every client.",
+        "'oriented' scores are multiplied by that side's sign, so higher is better for every client. "
+        "'minus base' is a model's oriented mean minus the base model's, +- one standard error: a difference "
+        "beyond about twice its standard error is a lean that sampling noise alone rarely gives.",
         "",
     ]
     head = "| client | prefers | train margin | oriented score: personalized / global / base |"
@@ -31,8 +41,8 @@ def judge_lines(judge: dict[str, Any]) -> list[str]:
     if neutral:
         head += " on the client's side %: personalized / global / base |"
         sep += "---|"
-    head += " win rate vs base %: personalized / global |"
-    sep += "---|"
+    head += " win rate vs base %: personalized / global | minus base: personalized / global |"
+    sep += "---|---|"
     lines += [head, sep]
     for row in judge["clients"]:
         cid = f"{row['client']}{' (conflict)' if row['conflict'] else ''}"
@@ -45,6 +55,7 @@ def judge_lines(judge: dict[str, Any]) -> list[str]:
         if neutral:
             cells.append(" / ".join(_pct(row.get(f"{m}/match")) for m in MODELS))
         cells.append(" / ".join(_pct(row[f"{m}/win_rate_vs_base"]) for m in ("personalized", "global")))
+        cells.append(" / ".join(_vs_base(row, m) for m in ("personalized", "global")))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
