@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from fedpdpo.client.state import ClientState
 from fedpdpo.client.trainer import fit
 from fedpdpo.data.partition import ClientData
+from fedpdpo.engines.server import planned_steps
 from fedpdpo.engines.setup import build_setup
 from fedpdpo.errors import ConfigError
 from fedpdpo.strategies import STRATEGIES, ClientUpdate, get_strategy, weighted_average
@@ -212,6 +213,30 @@ def test_fedrep_head_phase_leaves_shared_tensors_alone(tiny_cfg):
     assert result.metrics["steps"] == cfg.local_steps
     result = fit(setup.model, setup.tasks[0], ClientState(), shared, setup.initial, cfg, 1)
     assert any(not torch.equal(result.shared[n], shared[n]) for n in shared if ".lora_B." in n)
+
+
+def test_fedpdpo_personal_first_steps(tiny_cfg):
+    """``method.personal_first_steps`` becomes FedPDPO's instruction; those steps train the local modules alone
+    against the received LoRA (all of them local-only: the LoRA comes back unchanged), then the joint steps follow
+    and the progress display counts both."""
+    assert get_strategy("fedpdpo", tiny_cfg).fit_instructions(1) == {}
+    tiny_cfg.method.personal_first_steps = 3
+    assert get_strategy("fedpdpo", tiny_cfg).fit_instructions(1) == {"personal-first-steps": 3}
+    assert get_strategy("fedavg", tiny_cfg).fit_instructions(1) == {}
+    assert planned_steps(get_strategy("fedpdpo", tiny_cfg), tiny_cfg, range(1, 3)) == {
+        r: dict.fromkeys(range(tiny_cfg.num_clients), tiny_cfg.local_steps + 3) for r in (1, 2)
+    }
+    setup = build_setup(tiny_cfg)
+    shared, cfg = setup.initial_global(), setup.cfg
+    only_local = {"personal-first-steps": 3, "local-steps": 0}
+    result = fit(setup.model, setup.tasks[0], ClientState(), shared, setup.initial, cfg, 1, instructions=only_local)
+    assert all(torch.equal(result.shared[n], shared[n]) for n in shared)
+    assert not torch.equal(result.state.local["local.adapter.down.weight"], setup.initial["local.adapter.down.weight"])
+    assert result.metrics["steps"] == 3
+    both = {"personal-first-steps": 2, "local-steps": 2}
+    result = fit(setup.model, setup.tasks[0], ClientState(), shared, setup.initial, cfg, 1, instructions=both)
+    assert any(not torch.equal(result.shared[n], shared[n]) for n in shared if ".lora_B." in n)
+    assert result.metrics["steps"] == 4
 
 
 def test_unshared_lora_trains_at_the_full_learning_rate(tiny_cfg):

@@ -82,6 +82,9 @@ class MethodConfig:
     # FedRep: the first head_steps local steps of a round train only the local modules, the rest only the shared
     # tensors (0 = its default, half of local_steps).
     head_steps: int = 0
+    # FedPDPO: extra steps at the start of each round that train only the local modules against the global shared
+    # tensors just received, before the joint steps (0 = off; docs/method.md, "Personal-first steps").
+    personal_first_steps: int = 0
     # Ditto: weight lambda of the pull of each client's personal copy of the shared tensors towards the global ones
     # (0 = its default).
     ditto_lambda: float = 0.0
@@ -355,6 +358,7 @@ RANGES: dict[str, Range] = {
     "method.reward_lr_scale": POSITIVE,
     "method.proximal_mu": NON_NEGATIVE,
     "method.head_steps": NON_NEGATIVE,
+    "method.personal_first_steps": NON_NEGATIVE,
     "method.ditto_lambda": NON_NEGATIVE,
     "data.test_fraction": Range(0, 1, low_open=True, high_open=True),
     "data.max_train_per_client": NON_NEGATIVE,

@@ -18,12 +18,15 @@ LOCAL_STEPS = "local-steps"
 PROXIMAL_MU = "proximal-mu"
 #: FedRep: the first ``head-steps`` steps train only the local tensors, the rest only the shared ones (0 = off).
 HEAD_STEPS = "head-steps"
+#: FedPDPO: ``personal-first-steps`` extra steps at the start of the round train only the local tensors against the
+#: received global ones (which the client's model is evaluated with), before the joint steps (0 = off).
+PERSONAL_FIRST_STEPS = "personal-first-steps"
 #: Ditto: weight ``lambda`` of the pull of the personal copy towards the global tensors (0 = no personal pass).
 DITTO_LAMBDA = "ditto-lambda"
 #: Ditto: steps of the personal pass (default: those of the federated pass).
 PERSONAL_STEPS = "personal-steps"
 
-KEYS = frozenset({LOCAL_STEPS, PROXIMAL_MU, HEAD_STEPS, DITTO_LAMBDA, PERSONAL_STEPS})
+KEYS = frozenset({LOCAL_STEPS, PROXIMAL_MU, HEAD_STEPS, PERSONAL_FIRST_STEPS, DITTO_LAMBDA, PERSONAL_STEPS})
 
 Instructions = dict[str, int | float]
 
@@ -40,6 +43,7 @@ class FitPlan:
     local_steps: int
     proximal_mu: float = 0.0
     head_steps: int = 0
+    personal_first_steps: int = 0  # FedPDPO: local-only steps before the joint ones, in the same pass
     ditto_lambda: float = 0.0
     personal_steps: int = 0  # 0 without Ditto's personal pass
 
@@ -57,11 +61,17 @@ class FitPlan:
             local_steps=steps,
             proximal_mu=float(instructions.get(PROXIMAL_MU, 0.0)),
             head_steps=int(instructions.get(HEAD_STEPS, 0)),
+            personal_first_steps=int(instructions.get(PERSONAL_FIRST_STEPS, 0)),
             ditto_lambda=ditto_lambda,
             personal_steps=int(instructions.get(PERSONAL_STEPS, steps)) if ditto_lambda > 0 else 0,
         )
 
     @property
+    def pass_steps(self) -> int:
+        """Gradient steps of the federated pass (each reports to the progress display)."""
+        return self.personal_first_steps + self.local_steps
+
+    @property
     def total_steps(self) -> int:
         """Gradient steps the client runs in the round, both passes together."""
-        return self.local_steps + self.personal_steps
+        return self.pass_steps + self.personal_steps

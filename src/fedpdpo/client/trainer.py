@@ -202,6 +202,8 @@ class _Steps:
     anchor: dict[str, torch.Tensor] | None = None  # proximal term mu/2 * ||w - anchor||^2 on these tensors
     mu: float = 0.0
     head_steps: int = 0  # FedRep: the first head_steps train only the local tensors, the rest only the shared
+    # FedPDPO's personal-first steps: the first local_first train only the local tensors, the rest all of them
+    local_first: int = 0
 
 
 def _run_steps(
@@ -244,6 +246,9 @@ def _run_steps(
         loss.backward()
         if run.head_steps:
             for p in shared_params if step < run.head_steps else local_params:
+                p.grad = None
+        elif step < run.local_first:
+            for p in shared_params:
                 p.grad = None
         grad_norm = torch.nn.utils.clip_grad_norm_(list(run.params.values()), cfg.max_grad_norm)
         result.metrics["grad_norm"] = float(grad_norm)
@@ -289,7 +294,8 @@ def fit(
         optimizer.load_state_dict(state.optimizer)
     seed = derive_seed(cfg.seed, server_round, task.client_id)
     anchor = {n: params[n].detach().clone() for n in shared} if plan.proximal_mu > 0 else None
-    run = _Steps(optimizer, params, set(shared), seed, plan.local_steps, anchor, plan.proximal_mu, plan.head_steps)
+    run = _Steps(optimizer, params, set(shared), seed, plan.pass_steps, anchor, plan.proximal_mu, plan.head_steps)
+    run.local_first = plan.personal_first_steps
     metrics = _run_steps(model, task, state, cfg, run, on_step)
     update = to_wire(model.get_tensors(list(shared)), cfg.transfer_dtype)
     personal = personal_copies(state.local)  # Ditto's copies, kept aside: state.local is rebuilt below

@@ -167,7 +167,7 @@ def planned_steps(strategy: Strategy, cfg: RunConfig, rounds: range) -> dict[int
     return {
         r: dict.fromkeys(
             strategy.sample_clients(r, cfg.num_clients, cfg.client_fraction, cfg.seed),
-            FitPlan.parse(strategy.fit_instructions(r), cfg.local_steps).local_steps,
+            FitPlan.parse(strategy.fit_instructions(r), cfg.local_steps).pass_steps,
         )
         for r in rounds
     }

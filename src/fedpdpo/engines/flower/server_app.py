@@ -264,7 +264,7 @@ class GridTransport:
         instructions: Instructions,
         on_step: Callable[[float], None],
     ) -> list[FitReply]:
-        steps = FitPlan.parse(instructions, self.local_steps).local_steps  # progress: a remote client reports once
+        steps = FitPlan.parse(instructions, self.local_steps).pass_steps  # progress: a remote client reports once
         if self.secagg:
             return self._secure_fit(server_round, client_ids, shared, instructions, steps, on_step)
         replies, missing = self._send(MessageType.TRAIN, server_round, client_ids, shared, instructions)
