@@ -235,6 +235,7 @@ def test_report_of_one_run_is_titled_for_that_run(compared: Path, tmp_path: Path
         assert f"| {client['id']} | " in report and f"{100 * client['accuracy']:.2f}" in report
     # personalized against global, per client, with the score each client ranks by (issue 14: report both)
     assert "| accuracy % | by | implicit % | explicit % | combined % | global % |" in report
+    assert "Validation accuracy (the clients' own held-out training pairs, by their score) by round: round 1:" in report
     for client in summary["clients"]:
         row = next(line for line in report.splitlines() if line.startswith(f"| {client['id']} | "))
         assert f"| {client['selected_score']} |" in row and f"{100 * client['accuracy_global']:.2f}" in row
@@ -267,3 +268,38 @@ def test_comparison_plots_are_titled_and_show_training_loss(compared: Path, tmp_
     ]
     assert all("chance (0.5)" in t[1] for t in (titles[0], titles[2]))
     assert any(label.startswith("fedpdpo (validation-chosen score") for label in titles[0][1])
+
+
+def test_validation_curve_and_where_it_peaks():
+    """The summary's validation curve reads each client's selected score on its own validation pairs; the run
+    report says where it peaked (the earliest of equal rounds) and whether later rounds overfit."""
+    from fedpdpo.report.markdown import _validation_lines
+    from fedpdpo.report.writer import build_summary, validation_by_round
+
+    def row(rnd: int, client: int, selected: int, val: dict[str, float]) -> dict:
+        return {"round": rnd, "client": client, "accuracy": 0.6, "selected_score": float(selected)} | {
+            f"val/accuracy_{k}": v for k, v in val.items()
+        }
+
+    rows = [{"round": 0, "client": c, "accuracy": 0.5, "selected_score": 0.0} for c in (0, 1)]
+    for rnd, (a, b) in enumerate([(0.6, 0.7), (0.8, 0.9), (0.8, 0.9)], start=1):
+        rows += [row(rnd, 0, 0, {"implicit": a, "combined": 0.1}), row(rnd, 1, 1, {"implicit": 0.1, "combined": b})]
+    assert validation_by_round(rows) == pytest.approx({1: 0.65, 2: 0.85, 3: 0.85})
+    summary = build_summary(rows, {"rounds": 3}, [{"id": 0}, {"id": 1}], {})
+    assert summary["best_val_round"] == 2
+    assert summary["mean_val_accuracy_by_round"] == pytest.approx({"1": 0.65, "2": 0.85, "3": 0.85})
+    (line,) = [s for s in _validation_lines(summary) if s]
+    assert "round 1: 65.00 %" in line and "peaked at round 2 of 3: later rounds overfit" in line
+    summary["best_val_round"] = 3
+    assert "peaked at the last round." in _validation_lines(summary)[1]
+    without_val = [r for r in rows if r["round"] == 0] + [
+        {"round": 1, "client": 0, "accuracy": 0.6, "selected_score": 0.0}
+    ]
+    summary = build_summary(without_val, {"rounds": 1}, [{"id": 0}], {})
+    assert summary["mean_val_accuracy_by_round"] == {} and "best_val_round" not in summary
+    assert _validation_lines(summary) == []
+
+
+def test_run_report_has_the_validation_curve(compared: Path):
+    summary = json.loads((compared / "fedpdpo" / "seed0" / "summary.json").read_text())
+    assert sorted(summary["mean_val_accuracy_by_round"]) == ["1"] and summary["best_val_round"] == 1

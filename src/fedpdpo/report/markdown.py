@@ -57,6 +57,26 @@ def _evaluation(evaluation: list[str] | None) -> list[str]:
     return ["", "## Behaviour and personalization (`fedpdpo evaluate`)", "", *evaluation] if evaluation else []
 
 
+def _validation_lines(summary: dict[str, Any]) -> list[str]:
+    """The validation curve and where it peaked (nothing for runs without validation pairs or older summaries)."""
+    curve = summary.get("mean_val_accuracy_by_round") or {}
+    if not curve:
+        return []
+    best, last = summary["best_val_round"], max(int(r) for r in curve)
+    by_round = ", ".join(f"round {r}: {_pct(v)} %" for r, v in sorted(curve.items(), key=lambda kv: int(kv[0])))
+    verdict = (
+        "the last round"
+        if best == last
+        else f"round {best} of {last}: later rounds overfit the clients' pairs, so fewer rounds or local steps would "
+        "do (the results above are those of the last round)"
+    )
+    return [
+        "",
+        f"Validation accuracy (the clients' own held-out training pairs, by their score) by round: {by_round}; "
+        f"it peaked at {verdict}.",
+    ]
+
+
 def render_run_report(comparison: dict[str, Any], summary: dict[str, Any], evaluation: list[str] | None = None) -> str:
     """The report of one run: its clients' results and curves (no seeds to average, nothing to compare)."""
     run = comparison["run"]
@@ -100,6 +120,7 @@ def render_run_report(comparison: dict[str, Any], summary: dict[str, Any], evalu
     lines += [
         "",
         f"Mean accuracy by round: {by_round} (round 0 is before training: every margin is 0 and ties count half).",
+        *_validation_lines(summary),
         "",
         f"Sent per client and round: {_bytes(algo['uplink_bytes_per_client_round'])} "
         f"({algo['shared_tensors']} shared tensors), {_bytes(algo['communication_bytes_total'])} in all; "

@@ -38,6 +38,22 @@ def mean_accuracy_by_round(rows: list[dict[str, Any]]) -> dict[int, float]:
     return {k: statistics.fmean(v) for k, v in sorted(by_round.items())}
 
 
+def validation_by_round(rows: list[dict[str, Any]]) -> dict[int, float]:
+    """Per trained round, the clients' mean validation accuracy of the score each of them ranks by (its own
+    held-out training pairs; clients without validation pairs are left out).
+
+    Why: the test accuracy of the last round is the headline, but only the validation curve may say how many rounds
+    a budget needs; where it peaks before the last round, the local modules overfit (docs/results.md, full budget)."""
+    by_round: dict[int, list[float]] = {}
+    for r in rows:
+        if r["round"] < 1 or "selected_score" not in r:
+            continue
+        value = r.get(f"val/accuracy_{SCORES[int(r['selected_score'])]}")
+        if value is not None:
+            by_round.setdefault(r["round"], []).append(value)
+    return {k: statistics.fmean(v) for k, v in sorted(by_round.items())}
+
+
 def build_summary(
     rows: list[dict[str, Any]],
     meta: dict[str, Any],
@@ -78,11 +94,15 @@ def build_summary(
             entry["selected_policy"] = "own" if row.get("selected_policy", 1.0) else "global"
         per_client.append(entry)
     history = mean_accuracy_by_round(rows)
+    validation = validation_by_round(rows)
+    peak = {"best_val_round": max(validation, key=lambda k: (validation[k], -k))} if validation else {}
     return {
         **meta,
         "mean_accuracy": statistics.fmean(c["accuracy"] for c in per_client),
         "mean_accuracy_round0": history.get(0),
         "mean_accuracy_by_round": {str(k): v for k, v in history.items()},
+        "mean_val_accuracy_by_round": {str(k): v for k, v in validation.items()},
+        **peak,
         "clients": per_client,
         "communication": communication,
     }
