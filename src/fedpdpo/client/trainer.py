@@ -201,9 +201,10 @@ class _Steps:
     steps: int
     anchor: dict[str, torch.Tensor] | None = None  # proximal term mu/2 * ||w - anchor||^2 on these tensors
     mu: float = 0.0
-    head_steps: int = 0  # FedRep: the first head_steps train only the local tensors, the rest only the shared
-    # FedPDPO's personal-first steps: the first local_first train only the local tensors, the rest all of them
-    local_first: int = 0
+    # The first local_only_steps train only the local tensors (FedRep's head phase, FedPDPO's personal-first steps);
+    # the rest train all of them, or only the shared ones with shared_only_after (FedRep's representation phase).
+    local_only_steps: int = 0
+    shared_only_after: bool = False
 
 
 def _run_steps(
@@ -244,12 +245,9 @@ def _run_steps(
             loss = loss + 0.5 * run.mu * sum(((p - a) ** 2).sum() for p, a in anchor)
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if run.head_steps:
-            for p in shared_params if step < run.head_steps else local_params:
-                p.grad = None
-        elif step < run.local_first:
-            for p in shared_params:
-                p.grad = None
+        frozen = shared_params if step < run.local_only_steps else local_params if run.shared_only_after else []
+        for p in frozen:
+            p.grad = None
         grad_norm = torch.nn.utils.clip_grad_norm_(list(run.params.values()), cfg.max_grad_norm)
         result.metrics["grad_norm"] = float(grad_norm)
         if not math.isfinite(loss.item()) or not math.isfinite(float(grad_norm)):
@@ -294,8 +292,17 @@ def fit(
         optimizer.load_state_dict(state.optimizer)
     seed = derive_seed(cfg.seed, server_round, task.client_id)
     anchor = {n: params[n].detach().clone() for n in shared} if plan.proximal_mu > 0 else None
-    run = _Steps(optimizer, params, set(shared), seed, plan.pass_steps, anchor, plan.proximal_mu, plan.head_steps)
-    run.local_first = plan.personal_first_steps
+    run = _Steps(
+        optimizer,
+        params,
+        set(shared),
+        seed,
+        plan.pass_steps,
+        anchor,
+        plan.proximal_mu,
+        local_only_steps=plan.head_steps or plan.personal_first_steps,
+        shared_only_after=plan.head_steps > 0,
+    )
     metrics = _run_steps(model, task, state, cfg, run, on_step)
     update = to_wire(model.get_tensors(list(shared)), cfg.transfer_dtype)
     personal = personal_copies(state.local)  # Ditto's copies, kept aside: state.local is rebuilt below
