@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from fedpdpo.client.selection import load_final
 from fedpdpo.client.state import ClientState, ClientStore, atomic_write
 from fedpdpo.client.trainer import SCORES, autocast, evaluate, load_client
 from fedpdpo.config import load_config
@@ -76,10 +77,12 @@ def cross_client_matrix(setup: RunSetup, global_: dict[str, torch.Tensor], store
     """``accuracy[i][j]``: client i's model on client j's test pairs, ranked by the score client i chose on its own
     validation pairs (and by the implicit reward)."""
     ids = [t.client_id for t in setup.tasks]
-    states = {i: store.load(i) for i in ids}
+    finals = {i: load_final(store, i, global_) for i in ids}
+    states = {i: state for i, (state, _) in finals.items()}
     acc, implicit = [], []
     for i in ids:
-        own = evaluate(setup.model, setup.tasks[i], states[i], global_, setup.initial, setup.cfg)
+        shared = finals[i][1]  # the client's kept round's shared tensors (select_round), else the final global ones
+        own = evaluate(setup.model, setup.tasks[i], states[i], shared, setup.initial, setup.cfg)
         chosen = SCORES[int(own["selected_score"])]
         row, row_implicit = [], []
         for j in ids:
@@ -88,7 +91,7 @@ def cross_client_matrix(setup: RunSetup, global_: dict[str, torch.Tensor], store
             else:
                 state = ClientState(local=states[i].local, reference=states[j].reference)
                 test_only = dataclasses.replace(setup.tasks[j], val=[])  # i's choice is made; j's val unused
-                metrics = evaluate(setup.model, test_only, state, global_, setup.initial, setup.cfg, score=chosen)
+                metrics = evaluate(setup.model, test_only, state, shared, setup.initial, setup.cfg, score=chosen)
             row.append(round(metrics["accuracy"], 4))
             row_implicit.append(round(metrics["accuracy_implicit"], 4))
         acc.append(row)
@@ -151,10 +154,11 @@ def judge_clients(
         by_prompt: dict[Any, int] = {}
         for prompt, _ in slots:
             by_prompt[prompt] = by_prompt.get(prompt, 0) + 1
-        state = store.load(cid)
+        state, own_shared = load_final(store, cid, global_)
         texts: dict[str, list[str]] = {}
         for variant in MODELS:
-            load_client(model, global_, state, setup.initial, personal=variant == "personalized")
+            personal = variant == "personalized"
+            load_client(model, own_shared if personal else global_, state, setup.initial, personal=personal)
             out: list[str] = []
             for prompt, count in by_prompt.items():
                 prompt_ids = pair_tok.prompt_ids(prompt)

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from fedpdpo.client.selection import load_final
 from fedpdpo.client.state import ClientStore, read_checked
 from fedpdpo.config import LoraSettings, MethodConfig, RunConfig, config_to_dict, load_config
 from fedpdpo.data.prompts import PromptEncoder
@@ -92,9 +93,11 @@ def load_from_run(run_dir: str | Path, client_id: int) -> ClientModel:
             "older fedpdpo; run it again"
         )
     model, tokenizer = build_model(cfg)  # same seed as training, so untrained local tensors match round 0
-    model.set_tensors(read_checked(global_path, load_file, "the run directory is damaged: run it again"))
+    global_ = read_checked(global_path, load_file, "the run directory is damaged: run it again")
     store = ClientStore(run_dir / "clients", bases=model.delta_bases())
-    local = store.load(client_id).local
+    state, shared = load_final(store, client_id, global_)  # select_round = "best_val": the round the client kept
+    model.set_tensors(shared)
+    local = state.local
     task = store.task_info(client_id) or {}
     max_length = int(task.get("max_length") or cfg.max_length)
     max_prompt_length = int(task.get("max_prompt_length") or cfg.data.max_prompt_length)

@@ -76,7 +76,8 @@ def _what(info: dict[str, Any], run: dict[str, Any]) -> list[str]:
             if k in client
         )
         lines.append(
-            f"| held-out preference accuracy | {_pct(client.get('accuracy'))} after round {summary.get('rounds')} "
+            f"| held-out preference accuracy | {_pct(client.get('accuracy'))} after round "
+            f"{client.get('selected_round', summary.get('rounds'))} of {summary.get('rounds')} "
             f"(by score `{summary.get('eval_score')}`; {variants}); {_pct(summary.get('mean_accuracy_round0'))} "
             f"before training; mean over all clients {_pct(summary.get('mean_accuracy'))} |"
         )

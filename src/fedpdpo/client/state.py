@@ -50,6 +50,8 @@ OPTIMIZER_FILE = "optimizer.pt"
 REFERENCE_FILE = "reference.safetensors"
 VERSIONS_DIR = "rounds"
 VERSION_PREFIX = "round_"
+BEST_DIR = "best"  # the client's kept best-validation snapshot (fedpdpo/client/selection.py)
+DAMAGED = "the client's saved state is damaged: restore it from a backup or run again in a new --out directory"
 # Metadata of a compact file: the tensors stored as fp16 deltas (JSON list), a digest of each one's base (JSON object),
 # and the digest of the local.safetensors it was made from (which a resume's fingerprint compares).
 DELTAS_KEY, BASES_KEY, SOURCE_KEY = "fp16_deltas", "base_sha256", "source_sha256"
@@ -86,6 +88,15 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link ``dst`` to ``src`` (no bytes copied: both files are written once and never changed in place), or a
+    copy where the file system has no hard links."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def file_sha256(path: Path) -> str:
@@ -189,26 +200,34 @@ class ClientStore:
             return self._load(client_id, as_of_round, optimizer)
 
     def _load(self, client_id: int, as_of_round: int | None, optimizer: bool) -> ClientState:
-        state = ClientState()
-        ref = self.path(client_id) / REFERENCE_FILE
-        if ref.is_file():
-            remedy = "it caches the frozen model's log-probs: delete it to recompute them"
-            state.reference = read_checked(ref, load_file, remedy)
+        state = ClientState(reference=self.reference(client_id))
         version = self.latest_version(client_id, as_of_round)
         if version is None:
             return state
         d = self.version_dir(client_id, version)
-        damaged = "the client's saved state is damaged: restore it from a backup or run again in a new --out directory"
-        if (d / LOCAL_FILE).is_file():
-            state.local = read_checked(d / LOCAL_FILE, load_file, damaged)
-        elif (d / COMPACT_FILE).is_file():
-            state.local = self._expand(d / COMPACT_FILE, damaged)
+        state.local = self.read_local(d)
         if optimizer and (d / OPTIMIZER_FILE).is_file():
-            blob = read_checked(d / OPTIMIZER_FILE, lambda p: torch.load(p, weights_only=True), damaged)
+            blob = read_checked(d / OPTIMIZER_FILE, lambda p: torch.load(p, weights_only=True), DAMAGED)
             state.optimizer = blob["optimizer"]
             state.personal_optimizer = blob.get("personal_optimizer")
             state.rounds_trained = int(blob["rounds_trained"])
         return state
+
+    def reference(self, client_id: int) -> dict[str, torch.Tensor]:
+        """The cached reference log-probs (empty before the first evaluation)."""
+        ref = self.path(client_id) / REFERENCE_FILE
+        if not ref.is_file():
+            return {}
+        return read_checked(ref, load_file, "it caches the frozen model's log-probs: delete it to recompute them")
+
+    def read_local(self, directory: Path) -> dict[str, torch.Tensor]:
+        """The local tensors stored in ``directory`` (a version, or a kept snapshot): the full file, else the
+        compact one with its fp16 deltas added back; empty when it holds neither."""
+        if (directory / LOCAL_FILE).is_file():
+            return read_checked(directory / LOCAL_FILE, load_file, DAMAGED)
+        if (directory / COMPACT_FILE).is_file():
+            return self._expand(directory / COMPACT_FILE, DAMAGED)
+        return {}
 
     def _base_digest(self, name: str) -> str:
         if name not in self._base_digests:
@@ -309,8 +328,24 @@ class ClientStore:
             if optimizer.is_file():
                 freed += optimizer.stat().st_size
                 optimizer.unlink()
+            twin = self._snapshot_twin(cid, newest)
             freed += self._compact(newest)
+            if twin is not None:  # the same file as the newest version's: share its compact file too
+                link_or_copy(newest / COMPACT_FILE, twin / COMPACT_FILE)
+                (twin / LOCAL_FILE).unlink()
+                fsync_dir(twin)
+        for cid in client_ids:  # kept best-validation snapshots of an older version (selection.py)
+            for snapshot in sorted((self.path(cid) / BEST_DIR).glob(f"{VERSION_PREFIX}*")):
+                freed += self._compact(snapshot)
         return freed
+
+    def _snapshot_twin(self, client_id: int, version: Path) -> Path | None:
+        """The kept snapshot whose local tensors are a link to ``version``'s local file, if there is one."""
+        for snapshot in (self.path(client_id) / BEST_DIR).glob(f"{VERSION_PREFIX}*"):
+            a, b = snapshot / LOCAL_FILE, version / LOCAL_FILE
+            if a.is_file() and b.is_file() and a.samefile(b):
+                return snapshot
+        return None
 
     def _compact(self, version: Path) -> int:
         """Replace ``version``'s local tensors by a compact file (tensors with a base as fp16 deltas); returns the

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from fedpdpo.client.selection import track_best
 from fedpdpo.client.state import ClientStore
 from fedpdpo.client.trainer import evaluate, fit
 from fedpdpo.config import RunConfig
@@ -84,6 +85,7 @@ class InProcessTransport:
             had_reference = bool(state.reference)
             with phase(f"round {server_round}: evaluation"):
                 metrics = evaluate(s.model, s.tasks[cid], state, shared, s.initial, s.cfg)
+            metrics |= track_best(s.cfg, self.store, cid, server_round, metrics, shared)
             if not had_reference:
                 self.store.save_reference(cid, state.reference)  # computed once, then cached
             info = s.tasks[cid].info | {"conflict": s.clients[cid].conflict, "domains": s.clients[cid].domains}

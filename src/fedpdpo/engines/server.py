@@ -321,6 +321,7 @@ def run_server(
         "seed": cfg.seed,
         "num_clients": cfg.num_clients,
         "eval_score": cfg.method.eval_score,
+        "select_round": cfg.select_round,
         "precision": cfg.precision,
         # what it resolved to on the machine running the server (in-process: the clients' machine too; a deployed
         # node resolves "auto" on its own hardware)

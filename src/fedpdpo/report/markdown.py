@@ -64,12 +64,16 @@ def _validation_lines(summary: dict[str, Any]) -> list[str]:
         return []
     best, last = summary["best_val_round"], max(int(r) for r in curve)
     by_round = ", ".join(f"round {r}: {_pct(v)} %" for r, v in sorted(curve.items(), key=lambda kv: int(kv[0])))
-    verdict = (
-        "the last round"
-        if best == last
-        else f"round {best} of {last}: later rounds overfit the clients' pairs, so fewer rounds or local steps would "
-        "do (the results above are those of the last round)"
-    )
+    kept = {c["id"]: c["selected_round"] for c in summary["clients"] if "selected_round" in c}
+    verdict = "the last round" if best == last else f"round {best} of {last}: later rounds overfit the clients' pairs"
+    if kept:
+        verdict += (
+            "; each client kept the model of the round that ranked its own validation pairs best "
+            f'(`select_round = "best_val"`; {", ".join(f"client {c}: round {r}" for c, r in kept.items())}), and '
+            "the results above are those rounds'"
+        )
+    elif best != last:
+        verdict += ", so fewer rounds or local steps would do (the results above are those of the last round)"
     return [
         "",
         f"Validation accuracy (the clients' own held-out training pairs, by their score) by round: {by_round}; "
@@ -86,7 +90,8 @@ def render_run_report(comparison: dict[str, Any], summary: dict[str, Any], evalu
     last = str(summary.get("rounds"))
     lines = [f"# Run report: {run['label']}", "", *_setup_lines(comparison["setup"]), ""]
     lines += [
-        "Accuracy = held-out pairwise preference accuracy (chosen ranked above rejected) after the last round, by "
+        "Accuracy = held-out pairwise preference accuracy (chosen ranked above rejected) after the last round (or "
+        "the round each client kept, below), by "
         'the score named in the next column (with `eval_score = "auto"` each client\'s own validation pairs chose '
         "it). Implicit, explicit and combined rank by the personalized model's DPO implicit reward, its explicit "
         "reward head and both; global ranks by the global policy (shared LoRA, original head, no local module) on "

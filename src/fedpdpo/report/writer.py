@@ -60,7 +60,8 @@ def build_summary(
     clients: list[dict[str, Any]],
     communication: dict[str, Any],
 ) -> dict[str, Any]:
-    """The run's summary: the last round's accuracy per client, the history of the mean, and the training each
+    """The run's summary: the last round's accuracy per client (with ``select_round = "best_val"``: that of the
+    round whose model the client kept, ``selected_round``), the history of the mean, and the training each
     client did: ``local_steps`` (gradient steps of its accepted updates, as the client reported them; the budget
     that comparisons check) and ``rounds_trained``."""
     last_round = max(r["round"] for r in rows)
@@ -71,10 +72,14 @@ def build_summary(
         if "train/steps" in r:
             steps[r["client"]] = steps.get(r["client"], 0.0) + r["train/steps"]
             trained[r["client"]] = trained.get(r["client"], 0) + 1
+    evaluated = {(r["client"], r["round"]): r for r in rows if "accuracy" in r}
     per_client = []
     for c in clients:
         row = last[c["id"]]
         entry = dict(c) | {"local_steps": int(steps.get(c["id"], 0)), "rounds_trained": trained.get(c["id"], 0)}
+        if "best_round" in row:  # select_round = "best_val": the round of the model the client kept
+            entry |= {"selected_round": int(row["best_round"]), "accuracy_last_round": row["accuracy"]}
+            row = evaluated.get((c["id"], int(row["best_round"])), row)
         for key in (
             "accuracy",
             "accuracy_implicit",

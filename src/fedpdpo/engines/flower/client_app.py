@@ -46,6 +46,7 @@ from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from fedpdpo.client.selection import track_best
 from fedpdpo.client.state import ClientStore
 from fedpdpo.client.trainer import evaluate, fit
 from fedpdpo.config import RunConfig
@@ -285,6 +286,7 @@ def evaluate_content(content: RecordDict, context: Context) -> RecordDict:
     store.save_task_info(cid, setup.task.info)
     had_reference = bool(state.reference)
     metrics = evaluate(setup.model, setup.task, state, shared, setup.initial, cfg)
+    metrics |= track_best(cfg, store, cid, int(config[KEY_ROUND]), metrics, shared)
     if not had_reference:
         store.save_reference(cid, state.reference)  # computed once, then cached on the node
     info = ConfigRecord(dict(setup.task.info) | {"conflict": setup.client.conflict})
