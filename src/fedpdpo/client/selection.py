@@ -19,9 +19,7 @@ deterministic, a resumed run that evaluates a round again writes the same snapsh
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +35,7 @@ from fedpdpo.client.state import (
     VERSION_PREFIX,
     ClientState,
     ClientStore,
-    fsync_dir,
+    atomic_dir,
     link_or_copy,
     read_checked,
 )
@@ -105,11 +103,9 @@ def keep_if_best(
 def _write(
     store: ClientStore, client_id: int, server_round: int, value: float | None, shared: dict[str, torch.Tensor]
 ) -> None:
-    parent = store.path(client_id) / BEST_DIR
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp_", dir=parent))
-    try:
-        version = store.latest_version(client_id, server_round)
+    version = store.latest_version(client_id, server_round)
+
+    def fill(tmp: Path) -> None:
         if version is not None:  # the local modules it was evaluated with (none before its first training)
             source = store.version_dir(client_id, version)
             for name in (LOCAL_FILE, COMPACT_FILE):
@@ -119,18 +115,10 @@ def _write(
         save_file({k: v.detach().float().cpu().contiguous() for k, v in shared.items()}, tmp / SHARED_FILE)
         meta = {"round": server_round, "version": version, "val_accuracy": value}
         (tmp / META_FILE).write_text(json.dumps(meta), encoding="utf-8")
-        for f in (tmp / SHARED_FILE, tmp / META_FILE):
-            with f.open("rb") as fh:
-                os.fsync(fh.fileno())
-        target = parent / f"{VERSION_PREFIX}{server_round:05d}"
-        if target.exists():  # written by a run killed before the server checkpointed this round
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_dir(parent)
-    for old in parent.iterdir():
+
+    target = store.path(client_id) / BEST_DIR / f"{VERSION_PREFIX}{server_round:05d}"
+    atomic_dir(target, fill)
+    for old in target.parent.iterdir():  # older snapshots, and one being written when a run was killed
         if old != target:
             shutil.rmtree(old, ignore_errors=True)
 

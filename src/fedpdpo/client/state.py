@@ -90,6 +90,27 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     fsync_dir(path.parent)
 
 
+def atomic_dir(target: Path, fill: Callable[[Path], object]) -> None:
+    """Make directory ``target`` as ``fill(tmp)`` writes it: in a temporary directory next to it, flushed, renamed
+    into place; so ``target`` is either complete or absent. An existing ``target`` (left by a run killed before the
+    server checkpointed its round, and written again with the same content) is replaced."""
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp_", dir=parent))
+    try:
+        fill(tmp)
+        for f in tmp.iterdir():
+            with f.open("rb") as fh:
+                os.fsync(fh.fileno())
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(parent)
+
+
 def link_or_copy(src: Path, dst: Path) -> None:
     """A hard link ``dst`` to ``src`` (no bytes copied: both files are written once and never changed in place), or a
     copy where the file system has no hard links."""
@@ -283,10 +304,8 @@ class ClientStore:
         # table only adds rows.
         if state.reference:
             self.save_reference(client_id, state.reference)
-        parent = self.path(client_id) / VERSIONS_DIR
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp_", dir=parent))
-        try:
+
+        def fill(tmp: Path) -> None:
             if state.local:
                 local = {k: v.contiguous() for k, v in state.local.items()}
                 save_file(local, tmp / LOCAL_FILE)
@@ -295,17 +314,8 @@ class ClientStore:
                 if state.personal_optimizer is not None:
                     blob["personal_optimizer"] = state.personal_optimizer
                 torch.save(blob, tmp / OPTIMIZER_FILE)
-            for f in tmp.iterdir():
-                with f.open("rb") as fh:
-                    os.fsync(fh.fileno())
-            target = self.version_dir(client_id, server_round)
-            if target.exists():  # left by a run killed before the server checkpointed this round
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        fsync_dir(parent)
+
+        atomic_dir(self.version_dir(client_id, server_round), fill)
         self._prune(client_id, server_round)
 
     def finalize(self, client_ids: Iterable[int]) -> int:
