@@ -55,6 +55,9 @@ def test_without_validation_pairs_the_latest_round_is_kept(tmp_path):
     assert _walk(store, [0.9, None, 0.1]) == [1, 2, 3]  # None (no validation pairs) is no evidence either way
     assert validation_accuracy({"accuracy": 1.0}) is None
     assert validation_accuracy(_metrics(0.75, "explicit")) == 0.75
+    # a scorer and a policy: the mean of the selected score's and the implicit reward's validation accuracy
+    assert validation_accuracy(_metrics(0.8, "explicit") | {"val/accuracy_implicit": 0.6}) == pytest.approx(0.7)
+    assert validation_accuracy(_metrics(0.6, "implicit")) == 0.6  # FedAvg: one score
 
 
 def test_without_a_snapshot_the_newest_state_and_the_final_global_are_used(tmp_path):
