@@ -68,7 +68,8 @@ def _validation_lines(summary: dict[str, Any]) -> list[str]:
     verdict = "the last round" if best == last else f"round {best} of {last}: later rounds overfit the clients' pairs"
     if kept:
         verdict += (
-            "; each client kept the model of the round that ranked its own validation pairs best "
+            "; each client kept the model of the round that did best on its own validation pairs as scorer and "
+            "policy (mean of its score's and the implicit reward's accuracy) "
             f'(`select_round = "best_val"`; {", ".join(f"client {c}: round {r}" for c, r in kept.items())}), and '
             "the results above are those rounds'"
         )
