@@ -199,9 +199,10 @@ class RunConfig:
     client_fraction: float = 1.0
     threads: int = 0  # 0 = torch default
     # Which round's model each client ends with (the summary's accuracies, `evaluate`, `export`, `generate`): "last",
-    # or "best_val": the round whose evaluation ranked the client's own validation pairs best by the score it ranks
-    # by (ties: the later round), kept as the shared tensors it received then plus its local modules of then. Early
-    # stopping per client on its own held-out training pairs (fedpdpo/client/selection.py).
+    # or "best_val": the round whose model did best on the client's own validation pairs (mean of the accuracy of
+    # the score it ranks by and of its policy's implicit reward; ties: the later round), kept as the shared tensors
+    # it received then plus its local modules of then. Early stopping per client on its own held-out training pairs
+    # (fedpdpo/client/selection.py).
     select_round: Literal["last", "best_val"] = "last"
     # Precision of the shared tensors on the wire, both directions (see fedpdpo/transfer.py).
     transfer_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
