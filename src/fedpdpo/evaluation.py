@@ -77,19 +77,18 @@ def cross_client_matrix(setup: RunSetup, global_: dict[str, torch.Tensor], store
     """``accuracy[i][j]``: client i's model on client j's test pairs, ranked by the score client i chose on its own
     validation pairs (and by the implicit reward)."""
     ids = [t.client_id for t in setup.tasks]
-    finals = {i: load_final(store, i, global_) for i in ids}
-    states = {i: state for i, (state, _) in finals.items()}
+    finals = {i: load_final(store, i, global_) for i in ids}  # kept round's (select_round), else final global
     acc, implicit = [], []
     for i in ids:
-        shared = finals[i][1]  # the client's kept round's shared tensors (select_round), else the final global ones
-        own = evaluate(setup.model, setup.tasks[i], states[i], shared, setup.initial, setup.cfg)
+        mine, shared = finals[i]
+        own = evaluate(setup.model, setup.tasks[i], mine, shared, setup.initial, setup.cfg)
         chosen = SCORES[int(own["selected_score"])]
         row, row_implicit = [], []
         for j in ids:
             if j == i:  # its own test pairs, ranked by the score it chose: measured just above
                 metrics = own
             else:
-                state = ClientState(local=states[i].local, reference=states[j].reference)
+                state = ClientState(local=mine.local, reference=finals[j][0].reference)
                 test_only = dataclasses.replace(setup.tasks[j], val=[])  # i's choice is made; j's val unused
                 metrics = evaluate(setup.model, test_only, state, shared, setup.initial, setup.cfg, score=chosen)
             row.append(round(metrics["accuracy"], 4))

@@ -344,8 +344,7 @@ class ClientStore:
                 link_or_copy(newest / COMPACT_FILE, twin / COMPACT_FILE)
                 (twin / LOCAL_FILE).unlink()
                 fsync_dir(twin)
-        for cid in client_ids:  # kept best-validation snapshots of an older version (selection.py)
-            for snapshot in sorted((self.path(cid) / BEST_DIR).glob(f"{VERSION_PREFIX}*")):
+            for snapshot in (self.path(cid) / BEST_DIR).glob(f"{VERSION_PREFIX}*"):  # one of an older version
                 freed += self._compact(snapshot)
         return freed
 
