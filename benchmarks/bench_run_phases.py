@@ -1,4 +1,5 @@
-"""Where the time of a whole run goes: ``fedpdpo run`` + ``fedpdpo report`` (what ``make demo`` runs), by phase.
+"""Where the time of a whole run goes: ``fedpdpo run`` + ``fedpdpo report`` (with ``--evaluate`` also the judge and
+the matrix, as ``make demo`` runs them), by phase.
 
 Each command runs in its own subprocess, as ``make demo`` runs them, with ``fedpdpo.timing.CLOCK`` switched on
 (it always is; the child prints it at exit). Reported per phase: wall and CPU seconds (exclusive, see
@@ -10,6 +11,10 @@ CPU time much less, so both are printed, and ``--src`` lets two checkouts run si
     python benchmarks/bench_run_phases.py                                  # configs/demo.toml, this checkout
     python benchmarks/bench_run_phases.py --src before=/tmp/old/src --src after=src --repeats 2 --json out.json
     python benchmarks/bench_run_phases.py --set precision=\\"fp32\\" --set rounds=2
+    python benchmarks/bench_run_phases.py --evaluate --src before=/tmp/old/src --src after=src --config old_demo.toml
+
+With ``--evaluate`` a source tree whose ``fedpdpo run`` has ``--evaluate`` evaluates in the run's process (as its
+``make demo`` does); an older one runs ``fedpdpo evaluate --run`` as a process of its own (as its ``make demo`` did).
 
 A source tree without ``fedpdpo/timing.py`` (older code) still gets its total time, CPU time and accuracies.
 """
@@ -39,11 +44,13 @@ def child(args: argparse.Namespace) -> None:
     started = float(os.environ["BENCH_T0"])  # the parent's clock just before it started this process
     from fedpdpo.cli import main
 
-    argv = (
-        ["run", "--config", args.config, "--out", args.out, "--overwrite", *(x for s in args.set for x in ("--set", s))]
-        if args.child == "run"
-        else ["report", args.out]
-    )
+    if args.child == "run":
+        argv = ["run", "--config", args.config, "--out", args.out, "--overwrite"]
+        argv += [x for s in args.set for x in ("--set", s)] + (["--evaluate"] if args.evaluate else [])
+    elif args.child == "evaluate":
+        argv = ["evaluate", "--run", args.out]
+    else:
+        argv = ["report", args.out]
     rc = main(argv)
     try:
         from fedpdpo.timing import CLOCK
@@ -62,11 +69,16 @@ def child(args: argparse.Namespace) -> None:
     Path(args.result).write_text(json.dumps(result), encoding="utf-8")
 
 
-def run_child(src: str, command: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+def evaluates_in_run(src: str) -> bool:
+    """Whether the source tree's ``fedpdpo run`` takes ``--evaluate`` (added on 29 November 2026)."""
+    return '"--evaluate"' in (Path(src) / "fedpdpo" / "commands" / "run.py").read_text(encoding="utf-8")
+
+
+def run_child(src: str, command: str, args: argparse.Namespace, out: Path, evaluate: bool = False) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         result_path = Path(fh.name)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", command, "--config", args.config]
-    cmd += ["--out", str(out), "--result", str(result_path)]
+    cmd += ["--out", str(out), "--result", str(result_path)] + (["--evaluate"] if evaluate else [])
     for item in args.set:
         cmd += ["--set", item]
     env = os.environ | {
@@ -94,24 +106,29 @@ def one_run(label: str, src: str, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "demo"
         load0 = os.getloadavg()[0]
-        run = run_child(src, "run", args, out)
-        report = run_child(src, "report", args, out)
+        in_run = args.evaluate and evaluates_in_run(src)
+        run = run_child(src, "run", args, out, evaluate=in_run)
+        parts = {"run": run}
+        if args.evaluate and not in_run:
+            parts["evaluate"] = run_child(src, "evaluate", args, out)
+        report = parts["report"] = run_child(src, "report", args, out)
         summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
         disk = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     phases: dict[str, dict[str, float]] = {}
-    for part in (run, report):
+    for command, part in parts.items():
         for name, p in part["phases"].items():
-            name = f"report: {name}" if part is report and name == "startup and imports" else name
+            name = f"{command}: {name}" if command != "run" and name == "startup and imports" else name
             slot = phases.setdefault(name, {"wall_s": 0.0, "cpu_s": 0.0})
             slot["wall_s"] += p["wall_s"]
             slot["cpu_s"] += p["cpu_s"]
     return {
         "label": label,
         "src": src,
-        "wall_s": run["wall_s"] + report["wall_s"],
-        "cpu_s": run["cpu_s"] + report["cpu_s"],
+        "wall_s": sum(part["wall_s"] for part in parts.values()),
+        "cpu_s": sum(part["cpu_s"] for part in parts.values()),
         "run_wall_s": run["wall_s"],
         "report_wall_s": report["wall_s"],
+        "evaluate_in_run": in_run,
         "peak_rss_bytes": run["peak_rss_bytes"],
         "load_before": load0,
         "load_after": os.getloadavg()[0],
@@ -149,7 +166,7 @@ def table(labels: list[str], runs: dict[str, list[dict[str, Any]]]) -> list[str]
         f"**{statistics.median(r['cpu_s'] for r in runs[lab]):.1f}**"
         for lab in labels
     )
-    lines.append(f"| **total** (`fedpdpo run` + `fedpdpo report` processes) | {totals} |")
+    lines.append(f"| **total** (every process: `fedpdpo run`, `evaluate` when separate, `report`) | {totals} |")
     return lines
 
 
@@ -165,8 +182,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a source tree to run (its src/ directory); repeat to compare checkouts side by side (default: this one)",
     )
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--evaluate", action="store_true", help="also the judge and the matrix, as `make demo` runs them")
     p.add_argument("--json", metavar="PATH")
-    p.add_argument("--child", choices=["run", "report"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["run", "evaluate", "report"], help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     return p.parse_args(argv)

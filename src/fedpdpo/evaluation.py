@@ -44,6 +44,7 @@ from fedpdpo.engines.setup import RunSetup, build_setup
 from fedpdpo.errors import FedPDPOError
 from fedpdpo.generate import SamplingConfig, Variant, sample_responses
 from fedpdpo.judge import Judge, load_judge
+from fedpdpo.timing import phase
 
 log = logging.getLogger(__name__)
 
@@ -216,9 +217,11 @@ def evaluate_run(run_dir: str | Path, settings: EvaluationSettings | None = None
     setup, global_, store = _load_run(run_dir)
     result: dict[str, Any] = {}
     if settings.matrix:
-        result["cross_client"] = cross_client_matrix(setup, global_, store)
+        with phase("cross-client matrix"):
+            result["cross_client"] = cross_client_matrix(setup, global_, store)
     if settings.samples > 0:
-        result["judge"] = judge_clients(setup, global_, store, settings)
+        with phase("judge"):
+            result["judge"] = judge_clients(setup, global_, store, settings)
     # a part this call skipped (--no-matrix, --samples 0) keeps what an earlier call measured
     path = run_dir / EVALUATION_FILE
     merged = (json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}) | result
