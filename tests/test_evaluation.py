@@ -85,10 +85,17 @@ def test_matrix_diagonal_is_each_clients_own_accuracy_and_judge_reads_each_side(
     assert json.loads((run_dir / "evaluation.json").read_text()) == result
 
 
-def test_difference_to_base_and_its_standard_error():
-    diff, se = difference_to_base(np.array([1.0, 3.0]), np.array([0.0, 0.0, 0.0]))
-    assert diff == 2.0 and se == pytest.approx(np.sqrt(2.0 / 2 + 0.0 / 3))  # sample variance of [1, 3] is 2
-    assert difference_to_base(np.array([0.5]), np.array([0.0, 1.0])) == (0.0, None)
+def test_difference_to_base_and_its_paired_standard_error():
+    """Sample i of both models answers the same prompt: the error is that of the per-sample differences, so a
+    model that is the base plus a constant has no error at all, however much the prompts differ."""
+    base = np.array([-0.9, 0.1, 0.8, -0.4])
+    diff, se = difference_to_base(base + 0.3, base)
+    assert diff == pytest.approx(0.3) and se == pytest.approx(0.0, abs=1e-12)
+    diff, se = difference_to_base(np.array([1.0, 3.0]), np.array([0.0, 0.0]))
+    assert diff == 2.0 and se == pytest.approx(np.sqrt(2.0 / 2))  # sample variance of the differences [1, 3] is 2
+    assert difference_to_base(np.array([0.5]), np.array([0.5])) == (0.0, None)
+    with pytest.raises(ValueError, match="paired"):
+        difference_to_base(np.array([0.5]), np.array([0.0, 1.0]))
 
 
 def test_cli_evaluate_with_a_custom_judge_and_report(run_dir, capsys):

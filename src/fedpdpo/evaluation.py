@@ -11,8 +11,8 @@ limits), its final global tensors and each client's private state, and computes:
   (:mod:`fedpdpo.judge`). Which side a client prefers is read off the judge's scores of its own training pairs
   (chosen minus rejected), so the table says, per client and model, the mean judge score oriented to the client's
   taste, the share of samples on the client's side (for judges where 0 is neutral), the win rate of each
-  model's samples against the base model's, and each model's oriented mean minus the base model's with its
-  standard error (so that a lean can be told from sampling noise: with 16 samples it is often 0.2-0.3).
+  model's samples against the base model's, and each model's oriented mean minus the base model's with the
+  standard error of that paired difference (so that a lean can be told from sampling noise).
 
 Both go into ``DIR/evaluation.json`` and into ``summary.json`` (keys ``cross_client`` and ``judge``), which
 ``fedpdpo report`` renders. The client data must be readable where this runs (simulation runs, or a node's own
@@ -121,12 +121,18 @@ def _direction(judge: Judge, setup: RunSetup, cid: int, n: int) -> tuple[float, 
 
 
 def difference_to_base(oriented: np.ndarray, base: np.ndarray) -> tuple[float, float | None]:
-    """Mean of ``oriented`` minus mean of ``base`` and the standard error of that difference (two independent
-    samples: ``sqrt(var_a / n_a + var_b / n_b)``, sample variances); None with fewer than 2 samples on a side."""
+    """Mean of ``oriented`` minus mean of ``base`` and the standard error of that difference, *paired*: sample
+    ``i`` of both models answers the same prompt with the same random stream (:func:`_prompts`, one generator per
+    slot), so the error is that of the mean of the per-sample differences, ``sd(a_i - b_i) / sqrt(n)``. How
+    positive a prompt's continuations are varies a lot from prompt to prompt; pairing takes that variance out,
+    where two independent samples' error (``sqrt(var_a / n + var_b / n)``) would count it. None with fewer than 2
+    pairs."""
+    if oriented.shape != base.shape:
+        raise ValueError(f"paired samples expected, got {oriented.shape} and {base.shape}")
     diff = float(oriented.mean() - base.mean())
-    if min(len(oriented), len(base)) < 2:
+    if len(oriented) < 2:
         return diff, None
-    return diff, float(np.sqrt(oriented.var(ddof=1) / len(oriented) + base.var(ddof=1) / len(base)))
+    return diff, float((oriented - base).std(ddof=1) / np.sqrt(len(oriented)))
 
 
 def _prompts(setup: RunSetup, cid: int, k: int) -> list[tuple[Any, int]]:

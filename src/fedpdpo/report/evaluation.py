@@ -32,7 +32,8 @@ def judge_lines(judge: dict[str, Any]) -> list[str]:
         f"Judge: {judge['judge']}. Samples per client and model: {judge['clients'][0]['samples']}. "
         "Each client's side is read from its own training pairs (judge score of chosen minus rejected); "
         "'oriented' scores are multiplied by that side's sign, so higher is better for every client. "
-        "'minus base' is a model's oriented mean minus the base model's, +- one standard error: a difference "
+        "'minus base' is a model's oriented mean minus the base model's, +- one standard error of that difference "
+        "(paired: sample i of every model answers the same prompt with the same random stream); a difference "
         "beyond about twice its standard error is a lean that sampling noise alone rarely gives.",
         "",
     ]
