@@ -36,6 +36,11 @@ def run_no_adapter(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def run_gated_no_adapter(tmp_path_factory):
+    return _train(tmp_path_factory, "run_gated", ["method.adapter=false", "method.lora_gate=true"])
+
+
+@pytest.fixture(scope="module")
 def batch():
     records, _ = load_records(TINY_DATA)
     tok = PairTokenizer(load_backbone("tiny")[1], max_length=64, max_prompt_length=16)
@@ -162,6 +167,24 @@ def test_merged_without_adapter_is_the_personalized_policy(run_no_adapter, batch
     torch.testing.assert_close(hf_logps(merged, batch), personalized, atol=1e-4, rtol=1e-5)
     # the personalized head is its own tensor, no longer tied to the input embeddings
     assert not torch.equal(merged.get_output_embeddings().weight, merged.get_input_embeddings().weight)
+
+
+def test_merged_gated_client_folds_its_gate_into_the_lora(run_gated_no_adapter, batch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cm = load_from_run(run_gated_no_adapter, 0)
+    gate = cm.model.local["lora_gate"].get_parameter("weight")
+    assert not torch.allclose(gate, torch.ones_like(gate))  # trained: the fold below is not a no-op
+    result = export_client(run_gated_no_adapter, 0, tmp_path / "a", merged=True)
+    assert result.merged == "personalized"
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "merged")
+    with torch.no_grad():
+        personalized = cm.model(batch).logps
+        with cm.model.gates_off():  # what a merge that forgot the gate would compute
+            assert not torch.allclose(personalized, cm.model(batch).logps, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(hf_logps(merged, batch), personalized, atol=1e-4, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(load_personalized(tmp_path / "a").model(batch).logps, personalized)
 
 
 def test_export_errors_are_one_line_user_errors(run_dir, tmp_path):

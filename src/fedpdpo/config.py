@@ -76,6 +76,12 @@ class MethodConfig:
     # every one of the head's vocabulary rows by about lr per step, however small its gradient, so a step that
     # suits the 74k-weight adapter distorts the 28M-weight head's whole output distribution (docs/method.md).
     head_lr_scale: float = 0.0
+    # FedPDPO: a learned per-client scale of each shared LoRA update (``W x + g_m * B_m A_m x``, one scalar g_m per
+    # adapted module, starting at 1, kept on the client). A client whose preferences oppose the majority's can turn
+    # the shared direction down or around in its own policy (docs/method.md, "LoRA gate"). Its step is
+    # ``lr * gate_lr_scale``: one scalar per module needs a step near the scale of the change it makes.
+    lora_gate: bool = False
+    gate_lr_scale: float = 50.0
     # Parameters of the strategies that use them (others ignore them); the strategy sends them to its clients
     # with each round's instructions. FedProx: proximal term weight mu on the shared parameters (0 = its default).
     proximal_mu: float = 0.0
@@ -361,6 +367,7 @@ RANGES: dict[str, Range] = {
     "method.reward_layer": NON_NEGATIVE,
     "method.local_lr_scale": POSITIVE,
     "method.head_lr_scale": NON_NEGATIVE,
+    "method.gate_lr_scale": POSITIVE,
     "method.reward_lr_scale": POSITIVE,
     "method.proximal_mu": NON_NEGATIVE,
     "method.head_steps": NON_NEGATIVE,

@@ -42,7 +42,7 @@ from fedpdpo.errors import FedPDPOError
 from fedpdpo.jsonio import dumps
 from fedpdpo.model.backbone import base_model_info, load_backbone
 from fedpdpo.model.naming import is_lora, personal_copies, without_personal_copies
-from fedpdpo.model.policy import FedPDPOModel
+from fedpdpo.model.policy import FedPDPOModel, fold_lora_gate
 from fedpdpo.model_card import PROMPT, render_card
 from fedpdpo.rundir import check_out_path, replace_dir
 from fedpdpo.strategies import get_strategy
@@ -208,7 +208,7 @@ def _write_export(
         "run_name": run_dir.name,
         "peft_base": peft_base,
         "prompt": prompt_info(cm.tokenizer),
-        "local_module_groups": [m for m in ("head", "reward_head", "adapter") if m in cm.model.local],
+        "local_module_groups": [m for m in ("head", "reward_head", "adapter", "lora_gate") if m in cm.model.local],
     }
     (tmp / CARD_FILE).write_text(render_card(card, _run_facts(run_dir, cfg, client_id)), encoding="utf-8")
     files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
@@ -312,13 +312,17 @@ def save_merged(adir: Path, cm: ClientModel, base_spec: str, target: Path) -> st
     client's personalized policy ("personalized"). The gated bottleneck adapter sits between the last hidden state
     and the head and has no place in a standard causal LM, so with an adapter the merged model is the global policy
     (backbone + shared LoRA + original head; "global"); use :func:`load_personalized` for the full client model.
+    A LoRA gate is a scale of each LoRA update, so the personalized merge folds it into ``B`` first.
     The explicit reward head is a scorer, not part of any causal LM, and is never merged.
     """
     from peft import PeftModel
 
     backbone, tokenizer = load_backbone(base_spec)
-    merged = PeftModel.from_pretrained(backbone, adir).merge_and_unload()
     local = cm.model.local
+    peft_model = PeftModel.from_pretrained(backbone, adir)
+    if "lora_gate" in local and "adapter" not in local:
+        fold_lora_gate(peft_model, local["lora_gate"].get_parameter("weight").detach().cpu())
+    merged = peft_model.merge_and_unload()
     if "adapter" in local:
         log.warning(
             "client %d has a bottleneck adapter, which a plain causal LM cannot hold: the merged model is the "

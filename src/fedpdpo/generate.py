@@ -71,8 +71,8 @@ def sample_responses(
 ) -> list[list[int]]:
     """``n`` responses to one prompt from ``model``'s ``variant`` policy, sampled together in one batch (the prompt
     is the same in every row, so no padding); row ``k`` draws from a generator seeded ``sampling.seed + k``.
-    End tokens are not included. ``personalized`` uses the model's local head and adapter as loaded; ``global``
-    the shared LoRA with the original head; ``base`` the frozen backbone."""
+    End tokens are not included. ``personalized`` uses the model's local head, adapter and LoRA gate as loaded;
+    ``global`` the shared LoRA as aggregated with the original head; ``base`` the frozen backbone."""
     device = next(model.parameters()).device
     gens = [torch.Generator().manual_seed(sampling.seed + k) for k in range(n)]
     personal = variant == "personalized"
@@ -83,7 +83,7 @@ def sample_responses(
     open_rows = set(range(n))
     ids = torch.tensor([prompt_ids] * n, device=device)
     cache = None
-    ctx = model.peft.disable_adapter() if variant == "base" else contextlib.nullcontext()
+    ctx = {"base": model.peft.disable_adapter, "global": model.gates_off}.get(variant, contextlib.nullcontext)()
     with ctx:
         for _ in range(sampling.max_new_tokens):
             out = model.decoder(input_ids=ids, cache=cache, use_cache=True)

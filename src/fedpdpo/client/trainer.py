@@ -304,6 +304,10 @@ def fit(
         shared_only_after=plan.head_steps > 0,
     )
     metrics = _run_steps(model, task, state, cfg, run, on_step)
+    if model.gated:  # where the client's scales of the shared LoRA stand after the round (docs/method.md)
+        gate = model.local["lora_gate"].get_parameter("weight").detach()
+        metrics |= {"lora_gate/mean": gate.mean().item(), "lora_gate/min": gate.min().item()}
+        metrics["lora_gate/max"] = gate.max().item()
     update = to_wire(model.get_tensors(list(shared)), cfg.transfer_dtype)
     personal = personal_copies(state.local)  # Ditto's copies, kept aside: state.local is rebuilt below
     state.local = model.get_tensors([n for n in params if n not in shared])

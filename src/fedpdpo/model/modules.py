@@ -58,3 +58,17 @@ class PersonalHead(nn.Module):
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight.detach().clone())
+
+
+class LoraGate(nn.Module):
+    """The client's scale of each shared LoRA update: layer m computes ``W_m x + g_m * s * B_m A_m x``.
+
+    One scalar per adapted module, all starting at 1 (the shared LoRA as aggregated). The shared ``A, B`` carry the
+    direction most clients pull in; a client that disagrees can shrink it (g -> 0: the frozen backbone there) or turn
+    it around (g < 0) for its own policy, and then its DPO gradient on ``A, B`` (scaled by g) points the way the
+    others' does. :class:`~fedpdpo.model.policy.FedPDPOModel` applies it with forward hooks on PEFT's ``lora_B``.
+    """
+
+    def __init__(self, num_modules: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_modules))

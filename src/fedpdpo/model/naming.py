@@ -20,6 +20,7 @@ LOCAL = "local"
 LORA_MARK = ".lora_"  # PEFT's tuner prefix "lora_", as it appears inside a parameter name
 LORA_A_MARK = ".lora_A."
 REWARD_HEAD = f"{LOCAL}.reward_head"
+LORA_GATE = f"{LOCAL}.lora_gate"
 #: The personalized head's weight: initialised as a copy of the backbone's output head, so a finished run stores it
 #: as a small delta from that head (``ClientStore.finalize``).
 HEAD_WEIGHT = f"{LOCAL}.head.weight"
@@ -30,8 +31,9 @@ _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
 def is_lora(name: str) -> bool:
-    """A LoRA matrix of the backbone: the only tensors a strategy may share."""
-    return LORA_MARK in name
+    """A LoRA matrix of the backbone: the only tensors a strategy may share (never a local tensor, even one whose
+    name holds the mark, such as the client's ``local.lora_gate``)."""
+    return LORA_MARK in name and not is_local(name)
 
 
 def is_lora_a(name: str) -> bool:
@@ -51,6 +53,11 @@ def is_head(name: str) -> bool:
 
 def is_reward_head(name: str) -> bool:
     return name.startswith(REWARD_HEAD)
+
+
+def is_lora_gate(name: str) -> bool:
+    """The client's scales of the shared LoRA updates (``method.lora_gate``)."""
+    return name.startswith(LORA_GATE)
 
 
 def layer_of(name: str) -> int | None:
@@ -77,18 +84,26 @@ def without_personal_copies(local: dict) -> dict:
 def optimizer_groups(params: dict[str, nn.Parameter], cfg: RunConfig) -> list[dict]:
     """AdamW parameter groups: LoRA at ``lr`` (shared or kept local: local, fedsa-lora, lg-fedavg) and the local
     modules at their own scale: the 28M-parameter personalized head needs a smaller step than LoRA, the reward head
-    (a linear probe) a larger one; with ``method.head_lr_scale`` the head gets its own group apart from the adapter.
-    Within a group the parameters keep the model's order (the optimizer state of a resumed client is matched by
-    position)."""
+    (a linear probe) a larger one; with ``method.head_lr_scale`` the head gets its own group apart from the adapter,
+    and the LoRA gate (a few scalars) its own, at ``method.gate_lr_scale``. Within a group the parameters keep the
+    model's order (the optimizer state of a resumed client is matched by position)."""
     method = cfg.method
     own_head = method.head_lr_scale > 0
-    modules = [p for n, p in params.items() if is_local(n) and not is_reward_head(n) and not (own_head and is_head(n))]
+
+    def own_group(n: str) -> bool:
+        return is_reward_head(n) or is_lora_gate(n) or (own_head and is_head(n))
+
+    modules = [p for n, p in params.items() if is_local(n) and not own_group(n)]
     head = [p for n, p in params.items() if own_head and is_head(n)]
     reward = [p for n, p in params.items() if is_reward_head(n)]
+    gate = [p for n, p in params.items() if is_lora_gate(n)]
     groups: list[dict] = [{"params": [p for n, p in params.items() if not is_local(n)], "lr": cfg.lr}]
-    for members, scale in ((modules, method.local_lr_scale), (head, method.head_lr_scale)):
+    for members, scale in (
+        (modules, method.local_lr_scale),
+        (head, method.head_lr_scale),
+        (reward, method.reward_lr_scale),
+        (gate, method.gate_lr_scale),
+    ):
         if members:
             groups.append({"params": members, "lr": cfg.lr * scale})
-    if reward:
-        groups.append({"params": reward, "lr": cfg.lr * method.reward_lr_scale})
     return groups

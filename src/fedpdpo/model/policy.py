@@ -1,7 +1,9 @@
 """The FedPDPO model: frozen backbone + shared LoRA + a client's local modules, and the frozen reference.
 
-Policy for client k:   h = Adapter_k(Decoder_{theta, LoRA}(x)),  log pi_k(y|x) = sum_t log softmax(W_k h_{t-1})[y_t]
-Reference:             h = Decoder_theta(x) (LoRA off),           log pi_ref(y|x) with the original head W_0
+Policy for client k:  h = Adapter_k(Decoder_{theta, g_k LoRA}(x)), log pi_k(y|x) = sum_t log softmax(W_k h_{t-1})[y_t]
+Global policy:        h = Decoder_{theta, LoRA}(x) (no local modules), log pi_global(y|x) with the original head W_0
+Reference:            h = Decoder_theta(x) (LoRA off),            log pi_ref(y|x) with W_0
+(g_k: the client's LoRA gate, 1 without ``method.lora_gate``)
 Explicit reward:       r_k(x, y) = RewardHead_k(h on the response tokens)
 
 Log-probabilities are computed only on response positions and in chunks: the output head over a 49k-262k
@@ -13,6 +15,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -24,7 +27,7 @@ from fedpdpo.config import LoraSettings, MethodConfig, PerfSettings
 from fedpdpo.data.tokenize import PairBatch
 from fedpdpo.errors import ConfigError, first_line
 from fedpdpo.model.lora_targets import check_target_modules
-from fedpdpo.model.modules import BottleneckAdapter, PersonalHead, RewardHead
+from fedpdpo.model.modules import BottleneckAdapter, LoraGate, PersonalHead, RewardHead
 from fedpdpo.model.naming import HEAD_WEIGHT
 from fedpdpo.model.prefix_cache import FrozenPrefix, run_only
 
@@ -71,6 +74,22 @@ def add_lora(model: PreTrainedModel, cfg: LoraSettings) -> PeftModel:
         return get_peft_model(model, lora_config(model, cfg))
     except ValueError as exc:  # PEFT's refusals of a LoRA setting the names check above does not foresee
         raise ConfigError(f"config key 'lora': {first_line(exc)}") from exc
+
+
+def lora_b_modules(model: nn.Module) -> list[nn.Module]:
+    """PEFT's ``lora_B`` modules of ``model`` in module order: entry m of a client's LoRA gate scales the m-th."""
+    return [m.lora_B[key] for m in model.modules() if isinstance(m, LoraLayer) for key in m.lora_B]
+
+
+@torch.no_grad()
+def fold_lora_gate(model: nn.Module, gate: torch.Tensor) -> None:
+    """Multiply each ``lora_B`` of the PEFT ``model`` by its gate entry: the plain LoRA whose updates are the gated
+    ones (a merged export of a gated client)."""
+    modules = lora_b_modules(model)
+    if len(modules) != gate.numel():
+        raise ValueError(f"the LoRA gate has {gate.numel()} entries for {len(modules)} LoRA modules")
+    for module, g in zip(modules, gate.tolist(), strict=True):
+        module.get_parameter("weight").mul_(g)
 
 
 def cast_once_for_autocast(weight: torch.Tensor) -> torch.Tensor:
@@ -155,9 +174,37 @@ class FedPDPOModel(nn.Module):
             self.local["reward_head"] = RewardHead(hidden_size, method.reward_pooling)
         if method.adapter:
             self.local["adapter"] = BottleneckAdapter(hidden_size, method.adapter_dim)
+        self._gate_on = True
+        if method.lora_gate:
+            lora_bs = lora_b_modules(self.peft)
+            self.local["lora_gate"] = LoraGate(len(lora_bs))
+            for index, module in enumerate(lora_bs):
+                module.register_forward_hook(partial(self._gate_hook, index))
         # Train the global policy (shared LoRA, original head, no adapter) alongside the client's own, so the shared
         # tensors stay a good policy on their own (method.global_weight; only with local modules to differ from).
         self.train_global = method.global_weight > 0 and ("head" in self.local or "adapter" in self.local)
+
+    # -- LoRA gate --------------------------------------------------------------------------------------------
+    def _gate_hook(self, index: int, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        """Scale LoRA module ``index``'s update ``B A x`` by the client's gate (unless :meth:`gates_off`)."""
+        if not self._gate_on:
+            return None
+        return output * self.local["lora_gate"].get_parameter("weight")[index].to(output.dtype)
+
+    @property
+    def gated(self) -> bool:
+        """Whether the client's policy scales the shared LoRA (``method.lora_gate``): its decoder pass then differs
+        from the global policy's, which needs a pass of its own."""
+        return "lora_gate" in self.local
+
+    @contextlib.contextmanager
+    def gates_off(self) -> Iterator[None]:
+        """Within the block the decoder runs the shared LoRA as aggregated (the global policy's decoder)."""
+        previous, self._gate_on = self._gate_on, False
+        try:
+            yield
+        finally:
+            self._gate_on = previous
 
     # -- precision --------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -248,8 +295,14 @@ class FedPDPOModel(nn.Module):
         prefix = self.prefix.hidden(batch) if self.shared_prefix else None
         ref_logps = self.reference_logps(batch, prefix) if with_reference else None
         hidden = self._hidden(batch, prefix)
-        wants_global = self.train_global or with_global
-        global_logps = self._logps(hidden, batch, self.ref_head_weight)[0] if wants_global else None
+        global_logps = None
+        if self.train_global or with_global:
+            global_hidden = hidden
+            if self.gated:  # the client's decoder is not the global one: a pass with the LoRA as aggregated
+                grad = contextlib.nullcontext() if self.train_global else torch.no_grad()
+                with self.gates_off(), grad:
+                    global_hidden = self._hidden(batch, prefix)
+            global_logps = self._logps(global_hidden, batch, self.ref_head_weight)[0]
         if "adapter" in self.local:
             hidden = self.local["adapter"](hidden)
         head = self.local["head"].get_parameter("weight") if "head" in self.local else self.ref_head_weight
@@ -275,7 +328,8 @@ class FedPDPOModel(nn.Module):
         """log pi_global: the backbone with the shared LoRA as loaded and the original head, local modules off:
         the policy every client shares (FedAvg's), against which a client judges its own modules."""
         prefix = self.prefix.hidden(batch) if self.shared_prefix else None
-        return self._logps(self._hidden(batch, prefix), batch, self.ref_head_weight)[0]
+        with self.gates_off():
+            return self._logps(self._hidden(batch, prefix), batch, self.ref_head_weight)[0]
 
     def _hidden(self, batch: PairBatch, prefix: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states: the whole decoder, or only the layers above the frozen prefix on its output."""

@@ -13,6 +13,7 @@ def without_local_modules(cfg: RunConfig) -> RunConfig:
     cfg.method.personal_head = False
     cfg.method.reward_head = False
     cfg.method.adapter = False
+    cfg.method.lora_gate = False
     if cfg.method.eval_score in ("explicit", "combined"):  # no reward head to score with
         cfg.method.eval_score = "auto"
     return cfg
