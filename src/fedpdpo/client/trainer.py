@@ -387,7 +387,7 @@ def _score_split(
 ) -> _SplitScores:
     """The personalized model's implicit, explicit and combined margins on ``pairs`` (and the objective); with
     ``at_reference`` (the policy is the reference) from the cached reference alone; with ``with_global`` also the
-    global policy's implicit margins (``global``), from the same decoder pass: only valid while the client's LoRA is
+    global policy's implicit margins (``global``), from the same forward call: only valid while the client's LoRA is
     the global one (no personal copies), and identical to :func:`_global_margins` then."""
     device = device_of(cfg)
     sides: dict[str, list[torch.Tensor]] = {"logps": [], "ref": [], "rewards": [], "n_tokens": []}  # per batch
@@ -498,7 +498,7 @@ def evaluate(
     # for bit, so they are taken from the cache (same metrics, no forward pass; see _reference_output).
     skip = cfg.perf.skip_reference_eval and model.at_reference()
     copies = bool(personal_copies(state.local))
-    # the global policy differs from the client's own: score it too, from the same decoder pass unless Ditto's
+    # the global policy differs from the client's own: score it too, in the same forward call unless Ditto's
     # personal copies replace the global LoRA in the client's model
     fused = bool(len(model.local)) and bool(shared) and not copies
     scores = {s: _score_split(model, task.split(s), state.reference[s], cfg, task.pad_id, skip, fused) for s in splits}

@@ -291,7 +291,8 @@ class FedPDPOModel(nn.Module):
     def forward(self, batch: PairBatch, with_reference: bool = False, with_global: bool = False) -> PolicyOutput:
         """Policy log-probs and explicit rewards; with ``with_reference`` also the reference log-probs, which reuse
         the frozen prefix's output when the prefix is shared; with ``with_global`` (or while training the global
-        policy) also the global policy's, from the same decoder pass (the LoRA as loaded, the original head)."""
+        policy) also the global policy's (the LoRA as loaded, the original head): from the same decoder pass, or for a
+        gated client (``method.lora_gate``) from a second pass through the layers above the frozen prefix."""
         prefix = self.prefix.hidden(batch) if self.shared_prefix else None
         ref_logps = self.reference_logps(batch, prefix) if with_reference else None
         hidden = self._hidden(batch, prefix)
