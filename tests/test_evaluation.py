@@ -78,6 +78,7 @@ def test_matrix_diagonal_is_each_clients_own_accuracy_and_judge_reads_each_side(
         for model in ("personalized", "global", "base"):
             assert 0.0 <= rows[c["id"]][f"{model}/match"] <= 1.0
             assert 0.0 <= rows[c["id"]][f"{model}/win_rate_vs_base"] <= 1.0
+            assert 0.0 <= rows[c["id"]][f"{model}/repeated_trigrams"] <= 1.0
         for model in ("personalized", "global"):
             oriented = rows[c["id"]][f"{model}/oriented_score"] - rows[c["id"]]["base/oriented_score"]
             assert rows[c["id"]][f"{model}/vs_base"] == pytest.approx(oriented, abs=2e-4)
@@ -108,7 +109,9 @@ def test_cli_evaluate_with_a_custom_judge_and_report(run_dir, capsys):
     report = (run_dir / "report.md").read_text()
     assert "What the models generate" in report and "Cross-client accuracy" in report
     assert "minus base: personalized / global" in report and " +- " in report
+    assert "repeated trigrams %: personalized / global / base" in report
     assert main(["evaluate", "--run", str(run_dir), "--samples", "-1"]) == 2
+    assert main([*argv, "--repetition-penalty", "0"]) == 2
 
 
 def test_a_partial_evaluation_keeps_the_other_part(run_dir, capsys):
@@ -136,3 +139,11 @@ def test_run_with_evaluate_writes_the_evaluation(tmp_path, capsys):
     saved = json.loads((out / "evaluation.json").read_text())
     assert saved["judge"]["settings"]["samples"] == EvaluationSettings().samples
     assert json.loads((out / "summary.json").read_text())["cross_client"] == saved["cross_client"]
+
+
+def test_repeated_trigrams_tells_a_loop_from_fluent_text():
+    from fedpdpo.evaluation import repeated_trigrams
+
+    assert repeated_trigrams("a gripping thriller with a great cast and a fine score") == 0.0
+    assert repeated_trigrams("noir noir noir noir noir noir") == pytest.approx(3 / 4)  # 4 trigrams, 1 distinct
+    assert repeated_trigrams("too short") == 0.0

@@ -183,3 +183,27 @@ def test_score_pairs_table_shows_line_numbers_and_the_rejected_text(run_dir, tmp
     assert [r[0] for r in rows] == ["2", "3"]
     for record in records:
         assert record["rejected"][:20] in out
+
+
+def test_repetition_penalty_is_transformers_rule(cm):
+    """``repetition_penalty`` gives what transformers' ``generate(repetition_penalty=...)`` gives (greedy, base
+    model), and it changes the tokens (so the comparison is not between two unpenalized runs)."""
+    from dataclasses import replace
+
+    penalized = replace(GREEDY, repetition_penalty=5.0)
+    ours = generate_ids(cm, PROMPT, "base", penalized)
+    prompt_ids = _training_prompt(cm)
+    ids = torch.tensor([prompt_ids])
+    hf = (
+        load_backbone("tiny")[0]
+        .generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=GREEDY.max_new_tokens,
+            repetition_penalty=5.0,
+        )[0, len(prompt_ids) :]
+        .tolist()
+    )
+    assert ours == hf[: len(ours)] and ours
+    assert ours != generate_ids(cm, PROMPT, "base", GREEDY)

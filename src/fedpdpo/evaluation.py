@@ -60,6 +60,7 @@ class EvaluationSettings:
     temperature: float = 0.7
     top_p: float = 0.9
     seed: int = 0
+    repetition_penalty: float = 1.0  # transformers' rule, the same for every model (1 = off)
     matrix: bool = True
     direction_pairs: int = 64  # training pairs per client from which its preferred side is read
 
@@ -120,6 +121,15 @@ def _direction(judge: Judge, setup: RunSetup, cid: int, n: int) -> tuple[float, 
     return (float(np.sign(diff)), diff)
 
 
+def repeated_trigrams(text: str) -> float:
+    """Share of the word trigrams of ``text`` that already occurred earlier in it: about 0 for fluent text, near 1
+    for a policy caught in a loop ("noir noir noir ..."). A judge scores such text as neutral, so a model whose
+    samples repeat can look as if it had no lean; the judge table reports this next to the scores."""
+    words = text.split()
+    grams = list(zip(words, words[1:], words[2:], strict=False))
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
 def difference_to_base(oriented: np.ndarray, base: np.ndarray) -> tuple[float, float | None]:
     """Mean of ``oriented`` minus mean of ``base`` and the standard error of that difference, *paired*: sample
     ``i`` of both models answers the same prompt with the same random stream (:func:`_prompts`, one generator per
@@ -147,7 +157,9 @@ def judge_clients(
     """Judge table: per client and model, oriented mean score, share on the client's side, win rate vs base."""
     judge = load_judge(settings.judge)
     model = setup.model
-    sampling = SamplingConfig(settings.max_new_tokens, settings.temperature, settings.top_p, settings.seed)
+    sampling = SamplingConfig(
+        settings.max_new_tokens, settings.temperature, settings.top_p, settings.seed, settings.repetition_penalty
+    )
     sampled: dict[tuple, list[str]] = {}  # (model, client for personalized, prompt key) -> texts (global/base shared)
     rows = []
     for task in setup.tasks:
@@ -194,6 +206,7 @@ def judge_clients(
                 row[f"{v}/match"] = round(float((oriented > 0).mean()), 4)
             wins = (oriented[:, None] > base[None, :]).mean() + 0.5 * (oriented[:, None] == base[None, :]).mean()
             row[f"{v}/win_rate_vs_base"] = round(float(wins), 4)
+            row[f"{v}/repeated_trigrams"] = round(float(np.mean([repeated_trigrams(t) for t in texts[v]])), 4)
             if v != "base":
                 diff, se = difference_to_base(oriented, base)
                 row[f"{v}/vs_base"] = round(diff, 4)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from transformers import RepetitionPenaltyLogitsProcessor
 
 from fedpdpo.data.formats import Text
 from fedpdpo.data.tokenize import PairBatch, PairTokenizer, TokenizedPair, collate
@@ -32,6 +33,9 @@ class SamplingConfig:
     temperature: float = 0.7  # 0 = greedy
     top_p: float = 0.9
     seed: int = 0
+    # transformers' repetition penalty (1 = off): logits of tokens already in the sequence, prompt included, are
+    # divided by it when positive and multiplied when negative (RepetitionPenaltyLogitsProcessor, CTRL's rule)
+    repetition_penalty: float = 1.0
 
 
 NUCLEUS_CANDIDATES = 256  # most probable tokens examined first for the nucleus; the whole vocabulary if they fall short
@@ -84,6 +88,9 @@ def sample_responses(
     ids = torch.tensor([prompt_ids] * n, device=device)
     cache = None
     ctx = {"base": model.peft.disable_adapter, "global": model.gates_off}.get(variant, contextlib.nullcontext)()
+    rep = sampling.repetition_penalty
+    penalty = RepetitionPenaltyLogitsProcessor(rep) if rep != 1 else None
+    seen = ids  # every row's tokens so far, prompt included (what the penalty looks at)
     with ctx:
         for _ in range(sampling.max_new_tokens):
             out = model.decoder(input_ids=ids, cache=cache, use_cache=True)
@@ -92,6 +99,8 @@ def sample_responses(
             if adapter is not None:
                 hidden = adapter(hidden)
             logits = hidden @ head.T
+            if penalty is not None:
+                logits = penalty(seen, logits.float())
             tokens = []
             for k in range(n):
                 token = sample_token(logits[k], sampling.temperature, sampling.top_p, gens[k]) if k in open_rows else 0
@@ -103,6 +112,8 @@ def sample_responses(
             if not open_rows:
                 break
             ids = torch.tensor([[t] for t in tokens], device=device)
+            if penalty is not None:
+                seen = torch.cat([seen, ids], dim=1)
     return responses
 
 

@@ -30,6 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
     ev.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
     ev.add_argument("--seed", type=int, default=0, help="sample k of every model uses seed + k")
+    ev.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="transformers' repetition penalty for every model's samples (1: off; 1.2 is a common choice)",
+    )
     ev.add_argument("--no-matrix", action="store_true", help="skip the cross-client accuracy matrix")
     ev.set_defaults(func=cmd_evaluate)
 
@@ -39,8 +45,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.samples < 0 or args.max_new_tokens < 1:
         raise FedPDPOError("--samples must be >= 0 and --max-new-tokens >= 1")
-    if not 0.0 < args.top_p <= 1.0 or args.temperature < 0:
-        raise FedPDPOError("--top-p must be in (0, 1] and --temperature >= 0")
+    if not 0.0 < args.top_p <= 1.0 or args.temperature < 0 or not args.repetition_penalty > 0:
+        raise FedPDPOError("--top-p must be in (0, 1], --temperature >= 0 and --repetition-penalty > 0")
     settings = EvaluationSettings(
         judge=args.judge,
         samples=args.samples,
@@ -48,6 +54,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         top_p=args.top_p,
         seed=args.seed,
+        repetition_penalty=args.repetition_penalty,
         matrix=not args.no_matrix,
     )
     print(json.dumps(brief(evaluate_run(args.run, settings))))

@@ -45,6 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument(
         "--seed", type=int, default=0, help="sampling seed, the same for every model compared (default: %(default)s)"
     )
+    gen.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="transformers' repetition penalty, 1 = off (default: %(default)s)",
+    )
     gen.add_argument("--with-global", action="store_true", help="also answer with the global model")
     gen.add_argument("--with-base", action="store_true", help="also answer with the base (reference) model")
     gen.set_defaults(func=cmd_generate)
@@ -138,7 +144,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _check_texts("--prompt", prompts)
     if args.max_new_tokens <= 0 or not 0 < args.top_p <= 1 or not 0 <= args.temperature < math.inf:
         raise FedPDPOError("need --max-new-tokens > 0, 0 < --top-p <= 1 and a finite --temperature >= 0")
-    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    if not 0 < args.repetition_penalty < math.inf:
+        raise FedPDPOError("need a finite --repetition-penalty > 0 (1 = off)")
+    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed, args.repetition_penalty)
     wanted = {"personalized": True, "global": args.with_global, "base": args.with_base}
     variants = [v for v in VARIANTS if wanted[v]]
     cm = load_client_model(args)

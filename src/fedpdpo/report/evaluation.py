@@ -34,7 +34,9 @@ def judge_lines(judge: dict[str, Any]) -> list[str]:
         "'oriented' scores are multiplied by that side's sign, so higher is better for every client. "
         "'minus base' is a model's oriented mean minus the base model's, +- one standard error of that difference "
         "(paired: sample i of every model answers the same prompt with the same random stream); a difference "
-        "beyond about twice its standard error is a lean that sampling noise alone rarely gives.",
+        "beyond about twice its standard error is a lean that sampling noise alone rarely gives. 'Repeated "
+        "trigrams' is the share of a sample's word trigrams that already occurred in it (near 0 for fluent text): "
+        "a judge scores looping text as neutral, so a model with many repeats can show no lean for that reason.",
         "",
     ]
     head = "| client | prefers | train margin | oriented score: personalized / global / base |"
@@ -44,6 +46,10 @@ def judge_lines(judge: dict[str, Any]) -> list[str]:
         sep += "---|"
     head += " win rate vs base %: personalized / global | minus base: personalized / global |"
     sep += "---|---|"
+    repeats = all("personalized/repeated_trigrams" in row for row in judge["clients"])  # older runs lack it
+    if repeats:
+        head += " repeated trigrams %: personalized / global / base |"
+        sep += "---|"
     lines += [head, sep]
     for row in judge["clients"]:
         cid = f"{row['client']}{' (conflict)' if row['conflict'] else ''}"
@@ -57,6 +63,8 @@ def judge_lines(judge: dict[str, Any]) -> list[str]:
             cells.append(" / ".join(_pct(row.get(f"{m}/match")) for m in MODELS))
         cells.append(" / ".join(_pct(row[f"{m}/win_rate_vs_base"]) for m in ("personalized", "global")))
         cells.append(" / ".join(_vs_base(row, m) for m in ("personalized", "global")))
+        if repeats:
+            cells.append(" / ".join(_pct(row[f"{m}/repeated_trigrams"]) for m in MODELS))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
