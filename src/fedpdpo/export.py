@@ -320,8 +320,8 @@ def save_merged(adir: Path, cm: ClientModel, base_spec: str, target: Path) -> st
     backbone, tokenizer = load_backbone(base_spec)
     local = cm.model.local
     peft_model = PeftModel.from_pretrained(backbone, adir)
-    if "lora_gate" in local and "adapter" not in local:
-        fold_lora_gate(peft_model, local["lora_gate"].get_parameter("weight").detach().cpu())
+    if cm.model.gated and "adapter" not in local:
+        fold_lora_gate(peft_model, cm.model.gate_weight.detach().cpu())
     merged = peft_model.merge_and_unload()
     if "adapter" in local:
         log.warning(

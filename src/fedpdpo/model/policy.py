@@ -3,8 +3,8 @@
 Policy for client k:  h = Adapter_k(Decoder_{theta, g_k LoRA}(x)), log pi_k(y|x) = sum_t log softmax(W_k h_{t-1})[y_t]
 Global policy:        h = Decoder_{theta, LoRA}(x) (no local modules), log pi_global(y|x) with the original head W_0
 Reference:            h = Decoder_theta(x) (LoRA off),            log pi_ref(y|x) with W_0
+Explicit reward:      r_k(x, y) = RewardHead_k(h on the response tokens)
 (g_k: the client's LoRA gate, 1 without ``method.lora_gate``)
-Explicit reward:       r_k(x, y) = RewardHead_k(h on the response tokens)
 
 Log-probabilities are computed only on response positions and in chunks: the output head over a 49k-262k
 vocabulary dominates the cost, and prompt positions never enter the loss.
@@ -189,13 +189,18 @@ class FedPDPOModel(nn.Module):
         """Scale LoRA module ``index``'s update ``B A x`` by the client's gate (unless :meth:`gates_off`)."""
         if not self._gate_on:
             return None
-        return output * self.local["lora_gate"].get_parameter("weight")[index].to(output.dtype)
+        return output * self.gate_weight[index].to(output.dtype)
 
     @property
     def gated(self) -> bool:
         """Whether the client's policy scales the shared LoRA (``method.lora_gate``): its decoder pass then differs
         from the global policy's, which needs a pass of its own."""
         return "lora_gate" in self.local
+
+    @property
+    def gate_weight(self) -> torch.Tensor:
+        """The client's gate ``g`` (one entry per LoRA module, in :func:`lora_b_modules` order); only when gated."""
+        return self.local["lora_gate"].get_parameter("weight")
 
     @contextlib.contextmanager
     def gates_off(self) -> Iterator[None]:
