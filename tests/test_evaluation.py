@@ -147,3 +147,27 @@ def test_repeated_trigrams_tells_a_loop_from_fluent_text():
     assert repeated_trigrams("a gripping thriller with a great cast and a fine score") == 0.0
     assert repeated_trigrams("noir noir noir noir noir noir") == pytest.approx(3 / 4)  # 4 trigrams, 1 distinct
     assert repeated_trigrams("too short") == 0.0
+
+
+def test_best_of_picks_per_slot_the_candidate_the_clients_own_score_ranks_first(monkeypatch):
+    """Candidate j of slot k sits at j * count + k (the slot's personalized sample first)."""
+    from fedpdpo import evaluation
+
+    monkeypatch.setattr(evaluation, "own_reward", lambda setup, tok, prompt, texts: np.array([len(t) for t in texts]))
+    candidates = ["a", "bb", "c", "dddd", "e", "ff"]  # count 2, best_of 3: slot 0 = a, c, e; slot 1 = bb, dddd, ff
+    assert evaluation.best_of_texts(None, None, "p", candidates, 2, 3) == ["a", "dddd"]
+
+
+def test_cli_evaluate_best_of_adds_a_judged_row(run_dir, capsys):
+    argv = ["evaluate", "--run", str(run_dir), "--no-matrix", "--samples", "2", "--max-new-tokens", "4"]
+    assert main([*argv, "--best-of", "3"]) == 0
+    judge = json.loads((run_dir / "evaluation.json").read_text())["judge"]
+    assert judge["models"] == ["personalized", "global", "base", "best_of"]
+    for row in judge["clients"]:
+        assert row["samples"] == 2 and 0.0 <= row["best_of/win_rate_vs_base"] <= 1.0
+        assert row["best_of/vs_base"] == pytest.approx(
+            row["best_of/oriented_score"] - row["base/oriented_score"], abs=2e-4
+        )
+    assert main(["report", str(run_dir)]) == 0
+    assert "oriented score: personalized / best_of / global / base" in (run_dir / "report.md").read_text()
+    assert main([*argv, "--best-of", "0"]) == 2

@@ -100,3 +100,43 @@ def test_rpo_term_raises_the_chosen_likelihood_in_a_training_step(tiny_cfg):
     setup = build_setup(tiny_cfg)
     result = fit(setup.model, setup.tasks[0], ClientState(), setup.initial_global(), setup.initial, setup.cfg, 1)
     assert result.metrics["loss/nll"] > 0
+
+
+def test_local_rpo_scope_trains_only_the_local_tensors_with_the_nll(tiny_cfg):
+    """rpo_scope = "local": the shared LoRA's gradient is the one without the NLL, bit for bit, and the local
+    tensors' gradient is the one of the whole RPO objective (TRL's, rpo_scope = "all")."""
+    from fedpdpo.client.state import ClientState
+    from fedpdpo.client.trainer import _ref_for, backpropagate, load_client, objective, reference_table
+    from fedpdpo.data.tokenize import collate
+    from fedpdpo.engines.setup import build_setup
+
+    setup = build_setup(tiny_cfg)
+    model, task, state = setup.model, setup.tasks[0], ClientState()
+    load_client(model, setup.initial_global(), state, setup.initial)
+    params = model.trainable()
+    with torch.no_grad():  # a non-zero LoRA, adapter and reward head, so every gradient is non-trivial
+        for p in params.values():
+            p.add_(0.01 * torch.randn_like(p))
+    shared = set(setup.initial_global())
+    local = [p for n, p in params.items() if n not in shared]
+    batch = collate(task.train[:4], task.pad_id)
+    table = reference_table(state, "train", len(task.train))
+    table[batch.index] = torch.stack(model.reference_logps(batch).chunk(2), 1)
+
+    def grads(alpha: float, scope: str) -> dict[str, torch.Tensor]:
+        setup.cfg.method.rpo_alpha, setup.cfg.method.rpo_scope = alpha, scope
+        out = model(batch)
+        result = objective(out.logps, _ref_for(batch, table, "cpu"), out.rewards, setup.cfg, None, out.n_tokens)
+        model.zero_grad(set_to_none=True)
+        backpropagate(result.loss, result.local_loss, local)
+        return {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
+
+    plain, everywhere, local_only = grads(0.0, "all"), grads(1.0, "all"), grads(1.0, "local")
+    assert set(local_only) == set(plain)
+    for name in params:
+        expected = plain[name] if name in shared else everywhere[name]
+        assert torch.allclose(local_only[name], expected, rtol=1e-5, atol=1e-7), name
+    head = [n for n in params if n not in shared and "head" in n and "reward" not in n]
+    assert head and not torch.allclose(plain[head[0]], everywhere[head[0]])  # the NLL does reach the local head
+    lora = [n for n in shared if "lora_B" in n]
+    assert not torch.allclose(plain[lora[0]], everywhere[lora[0]])  # and with "all" the shared LoRA too

@@ -55,6 +55,10 @@ class MethodConfig:
     # rpo_alpha: weight of the chosen responses' per-token NLL added to the loss (RPO; TRL's DPOConfig.rpo_alpha). Keeps
     # the policies generating fluent text of the kind each client chose (docs/method.md, "Objective").
     rpo_alpha: float = 0.0
+    # Which tensors that NLL trains: "all" (TRL's RPO: the shared LoRA too) or "local" (only the client's own modules,
+    # so the shared LoRA is trained by DPO alone and the clients' NLL on opposite kinds of text does not pull it
+    # towards the majority's kind; docs/method.md, "Objective").
+    rpo_scope: Literal["all", "local"] = "all"
     # alpha: weight of the explicit reward margin in the combined evaluation score.
     eval_reward_weight: float = 1.0
     personal_head: bool = True

@@ -42,7 +42,7 @@ from fedpdpo.engines.checkpoint import CLIENTS_DIR
 from fedpdpo.engines.server import GLOBAL_FILE
 from fedpdpo.engines.setup import RunSetup, build_setup
 from fedpdpo.errors import FedPDPOError
-from fedpdpo.generate import SamplingConfig, Variant, sample_responses
+from fedpdpo.generate import SamplingConfig, Variant, sample_responses, score_responses
 from fedpdpo.judge import Judge, load_judge
 from fedpdpo.timing import phase
 
@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 EVALUATION_FILE = "evaluation.json"
 MODELS: tuple[Variant, ...] = ("personalized", "global", "base")
+BEST_OF = "best_of"
 
 
 @dataclass
@@ -61,6 +62,9 @@ class EvaluationSettings:
     top_p: float = 0.9
     seed: int = 0
     repetition_penalty: float = 1.0  # transformers' rule, the same for every model (1 = off)
+    # > 1: also a "best_of" model: per slot, the personalized sample the client's own score ranks first among
+    # best_of candidates (the slot's personalized sample and best_of - 1 more from the same model)
+    best_of: int = 1
     matrix: bool = True
     direction_pairs: int = 64  # training pairs per client from which its preferred side is read
 
@@ -151,6 +155,26 @@ def _prompts(setup: RunSetup, cid: int, k: int) -> list[tuple[Any, int]]:
     return [(distinct[s % len(distinct)], s // len(distinct)) for s in range(k)]
 
 
+def own_reward(setup: RunSetup, pair_tok: PairTokenizer, prompt: Any, texts: list[str]) -> np.ndarray:
+    """The client's own score of each response to ``prompt`` (its modules loaded in ``setup.model``): FedPDPO's
+    ``beta * (log pi - log pi_ref) + alpha * r`` with a reward head (alpha = ``method.eval_reward_weight``), else the
+    implicit reward alone."""
+    cfg = setup.cfg
+    with autocast(cfg, setup.model):
+        rows = score_responses(setup.model, pair_tok, cfg.beta, prompt, texts, cfg.eval_batch_size)
+    alpha = cfg.method.eval_reward_weight
+    return np.asarray([r.implicit + (0.0 if r.explicit is None else alpha * r.explicit) for r in rows])
+
+
+def best_of_texts(
+    setup: RunSetup, pair_tok: PairTokenizer, prompt: Any, candidates: list[str], count: int, n: int
+) -> list[str]:
+    """Slot ``k``'s pick among candidates ``k, k + count, ..., k + (n - 1) * count``: candidate ``j`` of slot ``k``
+    was drawn with seed ``seed + j * count + k`` (candidate 0 is the plain personalized sample of the slot)."""
+    rewards = own_reward(setup, pair_tok, prompt, candidates).reshape(n, count)
+    return [candidates[int(rewards[:, k].argmax()) * count + k] for k in range(count)]
+
+
 def judge_clients(
     setup: RunSetup, global_: dict[str, torch.Tensor], store: ClientStore, settings: EvaluationSettings
 ) -> dict[str, Any]:
@@ -161,6 +185,7 @@ def judge_clients(
         settings.max_new_tokens, settings.temperature, settings.top_p, settings.seed, settings.repetition_penalty
     )
     sampled: dict[tuple, list[str]] = {}  # (model, client for personalized, prompt key) -> texts (global/base shared)
+    models: tuple[str, ...] = MODELS + ((BEST_OF,) if settings.best_of > 1 else ())
     rows = []
     for task in setup.tasks:
         cid = task.client_id
@@ -174,22 +199,30 @@ def judge_clients(
             by_prompt[prompt] = by_prompt.get(prompt, 0) + 1
         state, own_shared = load_final(store, cid, global_)
         texts: dict[str, list[str]] = {}
-        for variant in MODELS:
+        for name in models:
+            variant: Variant = "personalized" if name == BEST_OF else name  # type: ignore[assignment]
             personal = variant == "personalized"
             load_client(model, own_shared if personal else global_, state, setup.initial, personal=personal)
             out: list[str] = []
             for prompt, count in by_prompt.items():
                 prompt_ids = pair_tok.prompt_ids(prompt)
-                key = (variant, cid if variant == "personalized" else None, tuple(prompt_ids), count)
+                key = (variant, cid if personal else None, tuple(prompt_ids), count)
+                if name == BEST_OF:  # the personalized samples, then (best_of - 1) more per slot
+                    more = dataclasses.replace(sampling, seed=sampling.seed + count)
+                    with autocast(setup.cfg, model):
+                        ids = sample_responses(model, prompt_ids, variant, (settings.best_of - 1) * count, more, stop)
+                    candidates = sampled[key] + [setup.tokenizer.decode(x, skip_special_tokens=True) for x in ids]
+                    out.extend(best_of_texts(setup, pair_tok, prompt, candidates, count, settings.best_of))
+                    continue
                 if key not in sampled:
                     with autocast(setup.cfg, model):  # the run's precision, as in training
                         ids = sample_responses(model, prompt_ids, variant, count, sampling, stop)
                     sampled[key] = [setup.tokenizer.decode(x, skip_special_tokens=True) for x in ids]
                 out.extend(sampled[key])
-            texts[variant] = out
+            texts[name] = out
         prompts = [flat(p) for p, count in by_prompt.items() for _ in range(count)]
         sign, diff = _direction(judge, setup, cid, settings.direction_pairs)
-        scores = {v: np.asarray(judge(prompts, texts[v])) for v in MODELS}
+        scores = {v: np.asarray(judge(prompts, texts[v])) for v in models}
         row: dict[str, Any] = {
             "client": cid,
             "conflict": bool(setup.clients[cid].conflict),
@@ -198,7 +231,7 @@ def judge_clients(
             "samples": len(prompts),
         }
         base = sign * scores["base"]
-        for v in MODELS:
+        for v in models:
             oriented = sign * scores[v]
             row[f"{v}/mean_score"] = round(float(scores[v].mean()), 4)
             row[f"{v}/oriented_score"] = round(float(oriented.mean()), 4)
@@ -211,7 +244,7 @@ def judge_clients(
                 diff, se = difference_to_base(oriented, base)
                 row[f"{v}/vs_base"] = round(diff, 4)
                 row[f"{v}/vs_base_se"] = None if se is None else round(se, 4)
-        row["examples"] = {v: texts[v][:2] for v in MODELS}
+        row["examples"] = {v: texts[v][:2] for v in models}
         rows.append(row)
         log.info(
             "client %d (prefers %s): personalized %.2f, global %.2f, base %.2f (oriented judge score)",
@@ -224,6 +257,7 @@ def judge_clients(
     return {
         "judge": judge.name,
         "zero_is_neutral": judge.zero_is_neutral,
+        "models": list(models),
         "settings": asdict(settings),
         "clients": rows,
     }

@@ -146,25 +146,35 @@ class ResponseScore:
 
 
 @torch.no_grad()
+def score_responses(
+    model: FedPDPOModel, pair_tok: PairTokenizer, beta: float, prompt: Text, responses: list[str], batch_size: int = 16
+) -> list[ResponseScore]:
+    """Implicit and explicit rewards of each response to ``prompt`` under ``model`` as loaded (a client's modules),
+    tokenized and truncated as in training; ``batch_size`` responses per forward pass."""
+    prompt_ids = tuple(pair_tok.prompt_ids(prompt))
+    budget = pair_tok.max_length - len(prompt_ids)
+    device = next(model.parameters()).device
+    rows = []
+    for start in range(0, len(responses), batch_size):
+        texts = responses[start : start + batch_size]
+        pairs = []
+        for i, text in enumerate(texts):
+            ids = tuple(pair_tok.response_ids(text, budget))
+            pairs.append(TokenizedPair(i, prompt_ids, ids, ids))
+        full = collate(pairs, pair_tok.pad_id)
+        n = len(texts)
+        # collate lays out [chosen..., rejected...]; both halves are the same responses here, so score one half
+        batch = PairBatch(full.index, full.input_ids[:n], full.attention_mask[:n], full.response_mask[:n]).to(device)
+        out = model(batch)
+        ref = model.reference_logps(batch)
+        for i, text in enumerate(texts):
+            logp, ref_logp = float(out.logps[i]), float(ref[i])
+            explicit = None if out.rewards is None else float(out.rewards[i])
+            rows.append(ResponseScore(text, logp, ref_logp, beta * (logp - ref_logp), explicit, int(out.n_tokens[i])))
+    return rows
+
+
 def score(cm: ClientModel, prompt: Text, responses: list[str]) -> list[ResponseScore]:
     """Implicit and explicit rewards of each response to ``prompt`` under the client's model."""
     pair_tok = PairTokenizer(cm.tokenizer, cm.max_length, cm.max_prompt_length)
-    prompt_ids = tuple(pair_tok.prompt_ids(prompt))
-    budget = cm.max_length - len(prompt_ids)
-    pairs = []
-    for i, text in enumerate(responses):
-        ids = tuple(pair_tok.response_ids(text, budget))
-        pairs.append(TokenizedPair(i, prompt_ids, ids, ids))
-    full = collate(pairs, pair_tok.pad_id)
-    n = len(responses)
-    # collate lays out [chosen..., rejected...]; both halves are the same responses here, so score one half
-    batch = PairBatch(full.index, full.input_ids[:n], full.attention_mask[:n], full.response_mask[:n])
-    batch = batch.to(_device(cm))
-    out = cm.model(batch)
-    ref = cm.model.reference_logps(batch)
-    rows = []
-    for i, text in enumerate(responses):
-        logp, ref_logp = float(out.logps[i]), float(ref[i])
-        explicit = None if out.rewards is None else float(out.rewards[i])
-        rows.append(ResponseScore(text, logp, ref_logp, cm.beta * (logp - ref_logp), explicit, int(out.n_tokens[i])))
-    return rows
+    return score_responses(cm.model, pair_tok, cm.beta, prompt, responses)

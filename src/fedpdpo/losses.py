@@ -7,6 +7,7 @@ Notation for one pair (x, y_w, y_l): ``h = [log pi(y_w) - log pi_ref(y_w)] - [lo
 * IPO (Azar et al. 2023): ``L = (h - 1 / (2 beta))^2``
 * explicit reward (Bradley-Terry): ``L_r = -log sigmoid(r(x, y_w) - r(x, y_l))``
 * RPO (Pang et al. 2024; TRL's ``rpo_alpha``): ``L_NLL = -sum log pi(y_w) / |y_w|`` over the batch's chosen tokens
+  (with ``rpo_scope = "local"`` its gradient reaches the client's local tensors only)
 * FedPDPO: ``L = L_DPO + lambda * L_r (+ rho * L_NLL when method.rpo_alpha = rho > 0)
   (+ gamma * L_DPO of the global policy, when method.global_weight = gamma > 0)``
 
@@ -26,6 +27,9 @@ class LossOutput:
     loss: torch.Tensor  # scalar, what is back-propagated
     metrics: dict[str, float]
     margins: torch.Tensor  # [B] implicit reward margins beta * h per pair (detached): what evaluation ranks by
+    # A term of the objective whose gradient goes to the client's local tensors only (the NLL with
+    # rpo_scope = "local"): the trainer back-propagates it with ``inputs=`` those tensors; not part of ``loss``.
+    local_loss: torch.Tensor | None = None
 
 
 def dpo_loss(
@@ -72,13 +76,16 @@ def fedpdpo_objective(
     global_weight: float = 0.0,
     n_tokens: torch.Tensor | None = None,
     rpo_alpha: float = 0.0,
+    rpo_scope: str = "all",
 ) -> LossOutput:
     """The FedPDPO loss for a batch laid out as [chosen..., rejected...] (see ``PairBatch``); ``global_logps`` are
     the log-probs of the global policy (shared tensors, no local modules), whose DPO loss is added with weight
     ``global_weight``; ``n_tokens`` (response tokens per sequence) gives the chosen side's per-token negative
     log-likelihood, added with weight ``rpo_alpha``: DPO alone can lower the likelihood of both sides and let a
-    policy that ranks pairs well generate degenerate text; the NLL keeps it generating the client's chosen kind."""
+    policy that ranks pairs well generate degenerate text; the NLL keeps it generating the client's chosen kind.
+    With ``rpo_scope = "local"`` the NLL is returned as ``local_loss`` instead of being added to ``loss``."""
     b = policy_logps.shape[0] // 2
+    local_loss = None
     losses, r_chosen, r_rejected = dpo_loss(
         policy_logps[:b], policy_logps[b:], ref_logps[:b], ref_logps[b:], beta, loss_type, label_smoothing
     )
@@ -102,7 +109,10 @@ def fedpdpo_objective(
         metrics["explicit/accuracies"] = pairwise_accuracy(explicit_margin).item()
     if n_tokens is not None and rpo_alpha > 0:
         nll = -policy_logps[:b].sum() / n_tokens[:b].sum().clamp_min(1)
-        loss = loss + rpo_alpha * nll
+        if rpo_scope == "local":
+            local_loss = rpo_alpha * nll
+        else:
+            loss = loss + rpo_alpha * nll
         metrics["loss/nll"] = nll.item()
     if global_logps is not None and global_weight > 0:
         g_losses, g_chosen, g_rejected = dpo_loss(
@@ -111,5 +121,5 @@ def fedpdpo_objective(
         loss = loss + global_weight * g_losses.mean()
         metrics["loss/global"] = g_losses.mean().item()
         metrics["global/accuracies"] = pairwise_accuracy(g_chosen - g_rejected).item()
-    metrics["loss"] = loss.item()
-    return LossOutput(loss, metrics, margins)
+    metrics["loss"] = loss.item() + (0.0 if local_loss is None else local_loss.item())
+    return LossOutput(loss, metrics, margins, local_loss)

@@ -170,6 +170,7 @@ def objective(
         cfg.method.global_weight,
         None if n_tokens is None else n_tokens.float(),
         cfg.method.rpo_alpha,
+        cfg.method.rpo_scope,
     )
 
 
@@ -205,6 +206,15 @@ class _Steps:
     # the rest train all of them, or only the shared ones with shared_only_after (FedRep's representation phase).
     local_only_steps: int = 0
     shared_only_after: bool = False
+
+
+def backpropagate(loss: torch.Tensor, local_loss: torch.Tensor | None, local_params: list[torch.Tensor]) -> None:
+    """Gradients of ``loss`` for every trainable tensor, plus those of ``local_loss`` (the NLL with ``rpo_scope =
+    "local"``) for the client's local tensors only: an extra backward through the head and the adapter, so that the
+    shared LoRA's gradient is exactly the one without that term."""
+    if local_loss is not None and local_params:
+        local_loss.backward(inputs=local_params, retain_graph=True)
+    loss.backward()
 
 
 def _run_steps(
@@ -244,7 +254,7 @@ def _run_steps(
         if anchor is not None:
             loss = loss + 0.5 * run.mu * sum(((p - a) ** 2).sum() for p, a in anchor)
         run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        backpropagate(loss, result.local_loss, local_params)
         frozen = shared_params if step < run.local_only_steps else local_params if run.shared_only_after else []
         for p in frozen:
             p.grad = None

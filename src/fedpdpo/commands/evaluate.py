@@ -36,6 +36,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=1.0,
         help="transformers' repetition penalty for every model's samples (1: off; 1.2 is a common choice)",
     )
+    ev.add_argument(
+        "--best-of",
+        type=int,
+        default=1,
+        help="N > 1: also judge, per sample, the best of N personalized samples by the client's own score "
+        "(implicit + explicit reward); the 'best_of' row",
+    )
     ev.add_argument("--no-matrix", action="store_true", help="skip the cross-client accuracy matrix")
     ev.set_defaults(func=cmd_evaluate)
 
@@ -43,8 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from fedpdpo.evaluation import EvaluationSettings, evaluate_run
 
-    if args.samples < 0 or args.max_new_tokens < 1:
-        raise FedPDPOError("--samples must be >= 0 and --max-new-tokens >= 1")
+    if args.samples < 0 or args.max_new_tokens < 1 or args.best_of < 1:
+        raise FedPDPOError("--samples must be >= 0, --max-new-tokens >= 1 and --best-of >= 1")
     if not 0.0 < args.top_p <= 1.0 or args.temperature < 0 or not args.repetition_penalty > 0:
         raise FedPDPOError("--top-p must be in (0, 1], --temperature >= 0 and --repetition-penalty > 0")
     settings = EvaluationSettings(
@@ -55,6 +62,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
         repetition_penalty=args.repetition_penalty,
+        best_of=args.best_of,
         matrix=not args.no_matrix,
     )
     print(json.dumps(brief(evaluate_run(args.run, settings))))

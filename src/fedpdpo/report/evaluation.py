@@ -10,7 +10,23 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after use(): the backend must be chosen before pyplot is imported
 
-MODELS = ("personalized", "global", "base")
+MODELS = ("personalized", "global", "base")  # what evaluations written before the "models" key hold
+
+
+def _models(judge: dict[str, Any]) -> tuple[str, ...]:
+    """The judged models in table order (``best_of``, when judged, goes next to ``personalized``)."""
+    models = tuple(judge.get("models", MODELS))
+    return (
+        "personalized",
+        *[m for m in models if m != "personalized" and m not in ("global", "base")],
+        *[m for m in ("global", "base") if m in models],
+    )
+
+
+def _others(models: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(m for m in models if m != "base")
+
+
 SIDE = {1: "higher", -1: "lower", 0: "neither"}
 
 
@@ -28,6 +44,8 @@ def _vs_base(row: dict[str, Any], model: str) -> str:
 
 def judge_lines(judge: dict[str, Any]) -> list[str]:
     neutral = judge.get("zero_is_neutral", False)
+    models = _models(judge)
+    names, others = " / ".join(models), " / ".join(_others(models))
     lines = [
         f"Judge: {judge['judge']}. Samples per client and model: {judge['clients'][0]['samples']}. "
         "Each client's side is read from its own training pairs (judge score of chosen minus rejected); "
@@ -36,19 +54,25 @@ def judge_lines(judge: dict[str, Any]) -> list[str]:
         "(paired: sample i of every model answers the same prompt with the same random stream); a difference "
         "beyond about twice its standard error is a lean that sampling noise alone rarely gives. 'Repeated "
         "trigrams' is the share of a sample's word trigrams that already occurred in it (near 0 for fluent text): "
-        "a judge scores looping text as neutral, so a model with many repeats can show no lean for that reason.",
+        "a judge scores looping text as neutral, so a model with many repeats can show no lean for that reason."
+        + (
+            f" 'best_of' is, per sample, the one of {judge['settings']['best_of']} personalized samples that the "
+            "client's own score (implicit plus explicit reward) ranks first."
+            if "best_of" in models and "settings" in judge
+            else ""
+        ),
         "",
     ]
-    head = "| client | prefers | train margin | oriented score: personalized / global / base |"
+    head = f"| client | prefers | train margin | oriented score: {names} |"
     sep = "|---:|---|---:|---|"
     if neutral:
-        head += " on the client's side %: personalized / global / base |"
+        head += f" on the client's side %: {names} |"
         sep += "---|"
-    head += " win rate vs base %: personalized / global | minus base: personalized / global |"
+    head += f" win rate vs base %: {others} | minus base: {others} |"
     sep += "---|---|"
     repeats = all("personalized/repeated_trigrams" in row for row in judge["clients"])  # older runs lack it
     if repeats:
-        head += " repeated trigrams %: personalized / global / base |"
+        head += f" repeated trigrams %: {names} |"
         sep += "---|"
     lines += [head, sep]
     for row in judge["clients"]:
@@ -57,14 +81,14 @@ def judge_lines(judge: dict[str, Any]) -> list[str]:
             cid,
             f"{SIDE[row['preferred_direction']]} scores",
             f"{row['train_margin']:+.3f}",
-            " / ".join(f"{row[f'{m}/oriented_score']:+.3f}" for m in MODELS),
+            " / ".join(f"{row[f'{m}/oriented_score']:+.3f}" for m in models),
         ]
         if neutral:
-            cells.append(" / ".join(_pct(row.get(f"{m}/match")) for m in MODELS))
-        cells.append(" / ".join(_pct(row[f"{m}/win_rate_vs_base"]) for m in ("personalized", "global")))
-        cells.append(" / ".join(_vs_base(row, m) for m in ("personalized", "global")))
+            cells.append(" / ".join(_pct(row.get(f"{m}/match")) for m in models))
+        cells.append(" / ".join(_pct(row[f"{m}/win_rate_vs_base"]) for m in _others(models)))
+        cells.append(" / ".join(_vs_base(row, m) for m in _others(models)))
         if repeats:
-            cells.append(" / ".join(_pct(row[f"{m}/repeated_trigrams"]) for m in MODELS))
+            cells.append(" / ".join(_pct(row[f"{m}/repeated_trigrams"]) for m in models))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -88,12 +112,13 @@ def matrix_lines(matrix: dict[str, Any]) -> list[str]:
 
 
 def plot_judge(judge: dict[str, Any], path: Path, title: str) -> Path:
-    """Oriented judge score per client: personalized, global and base samples side by side."""
+    """Oriented judge score per client: personalized (and best-of), global and base samples side by side."""
     rows = judge["clients"]
+    models = _models(judge)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(rows)), 3.8))
-    width = 0.27
-    for k, model in enumerate(MODELS):
-        x = [i + (k - 1) * width for i in range(len(rows))]
+    width = 0.8 / len(models)
+    for k, model in enumerate(models):
+        x = [i + (k - (len(models) - 1) / 2) * width for i in range(len(rows))]
         ax.bar(x, [r[f"{model}/oriented_score"] for r in rows], width, label=model)
     ax.axhline(0, color="grey", linewidth=0.8)
     labels = [f"client {r['client']}{chr(10) + '(conflict)' if r['conflict'] else ''}" for r in rows]
