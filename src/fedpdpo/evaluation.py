@@ -42,7 +42,7 @@ from fedpdpo.engines.checkpoint import CLIENTS_DIR
 from fedpdpo.engines.server import GLOBAL_FILE
 from fedpdpo.engines.setup import RunSetup, build_setup
 from fedpdpo.errors import FedPDPOError
-from fedpdpo.generate import SamplingConfig, Variant, sample_responses, score_responses
+from fedpdpo.generate import SamplingConfig, Variant, own_score, sample_responses, score_responses
 from fedpdpo.judge import Judge, load_judge
 from fedpdpo.timing import phase
 
@@ -156,14 +156,12 @@ def _prompts(setup: RunSetup, cid: int, k: int) -> list[tuple[Any, int]]:
 
 
 def own_reward(setup: RunSetup, pair_tok: PairTokenizer, prompt: Any, texts: list[str]) -> np.ndarray:
-    """The client's own score of each response to ``prompt`` (its modules loaded in ``setup.model``): FedPDPO's
-    ``beta * (log pi - log pi_ref) + alpha * r`` with a reward head (alpha = ``method.eval_reward_weight``), else the
-    implicit reward alone."""
+    """The client's own score (:func:`~fedpdpo.generate.own_score`) of each response to ``prompt``, its modules
+    loaded in ``setup.model``."""
     cfg = setup.cfg
     with autocast(cfg, setup.model):
         rows = score_responses(setup.model, pair_tok, cfg.beta, prompt, texts, cfg.eval_batch_size)
-    alpha = cfg.method.eval_reward_weight
-    return np.asarray([r.implicit + (0.0 if r.explicit is None else alpha * r.explicit) for r in rows])
+    return np.asarray([own_score(r, cfg.method.eval_reward_weight) for r in rows])
 
 
 def best_of_texts(
@@ -247,12 +245,10 @@ def judge_clients(
         row["examples"] = {v: texts[v][:2] for v in models}
         rows.append(row)
         log.info(
-            "client %d (prefers %s): personalized %.2f, global %.2f, base %.2f (oriented judge score)",
+            "client %d (prefers %s): %s (oriented judge score)",
             cid,
             {1: "higher", -1: "lower", 0: "neither"}[int(sign)],
-            row["personalized/oriented_score"],
-            row["global/oriented_score"],
-            row["base/oriented_score"],
+            ", ".join(f"{v} {row[f'{v}/oriented_score']:.2f}" for v in models),
         )
     return {
         "judge": judge.name,

@@ -68,6 +68,7 @@ class ClientModel:
     max_length: int  # the run's tokenization limits, so that scores are computed as in training
     max_prompt_length: int
     source: str  # run directory or export directory it came from
+    reward_weight: float = 1.0  # method.eval_reward_weight: alpha of the combined score beta * h + alpha * r
 
 
 def _run_config(run_dir: Path) -> RunConfig:
@@ -112,7 +113,16 @@ def load_from_run(run_dir: str | Path, client_id: int) -> ClientModel:
     elif len(model.local):
         log.warning("client %d never trained in %s; its local modules are at their initial values", client_id, run_dir)
     model.eval()
-    return ClientModel(model, tokenizer, client_id, cfg.beta, max_length, max_prompt_length, str(run_dir))
+    return ClientModel(
+        model,
+        tokenizer,
+        client_id,
+        cfg.beta,
+        max_length,
+        max_prompt_length,
+        str(run_dir),
+        cfg.method.eval_reward_weight,
+    )
 
 
 @dataclass
@@ -299,6 +309,7 @@ def load_personalized(adir: str | Path) -> ClientModel:
         int(info["max_length"]),
         int(info["max_prompt_length"]),
         str(adir),
+        float(info["method"].get("eval_reward_weight", 1.0)),
     )
 
 

@@ -135,6 +135,18 @@ def generate(
     return cm.tokenizer.decode(generate_ids(cm, prompt, variant, sampling), skip_special_tokens=True)
 
 
+def generate_best_of(cm: ClientModel, prompt: str, n: int, sampling: SamplingConfig | None = None) -> str:
+    """Of ``n`` personalized samples (seeds ``seed .. seed + n - 1``; the first is :func:`generate`'s), the one the
+    client's own score (:func:`own_score`) ranks first: its reward head and implicit reward choose what it says."""
+    sampling = sampling or SamplingConfig()
+    pair_tok = PairTokenizer(cm.tokenizer, cm.max_length, cm.max_prompt_length)
+    stop = {cm.tokenizer.eos_token_id, pair_tok.end_id} - {None}
+    ids = sample_responses(cm.model, pair_tok.prompt_ids(prompt), "personalized", n, sampling, stop)
+    texts = [cm.tokenizer.decode(x, skip_special_tokens=True) for x in ids]
+    values = [own_score(row, cm.reward_weight) for row in score_responses(cm.model, pair_tok, cm.beta, prompt, texts)]
+    return texts[max(range(n), key=values.__getitem__)]
+
+
 @dataclass
 class ResponseScore:
     response: str
@@ -143,6 +155,12 @@ class ResponseScore:
     implicit: float  # beta * (logp - ref_logp): DPO's implicit reward
     explicit: float | None  # the client's reward head; None when the method has no reward head
     n_tokens: int  # response tokens scored (after truncation to the run's max_length)
+
+
+def own_score(row: ResponseScore, reward_weight: float) -> float:
+    """FedPDPO's combined score of one response, ``beta * (log pi - log pi_ref) + alpha * r`` (the implicit reward
+    alone without a reward head): what a client's model ranks its own samples by for best-of-N."""
+    return row.implicit + (0.0 if row.explicit is None else reward_weight * row.explicit)
 
 
 @torch.no_grad()

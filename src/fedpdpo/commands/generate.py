@@ -51,6 +51,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=1.0,
         help="transformers' repetition penalty, 1 = off (default: %(default)s)",
     )
+    gen.add_argument(
+        "--best-of",
+        type=int,
+        default=1,
+        help="sample N personalized responses and print the one the client's own score (implicit + explicit "
+        "reward) ranks first (default: %(default)s)",
+    )
     gen.add_argument("--with-global", action="store_true", help="also answer with the global model")
     gen.add_argument("--with-base", action="store_true", help="also answer with the base (reference) model")
     gen.set_defaults(func=cmd_generate)
@@ -138,7 +145,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.panel import Panel
 
-    from fedpdpo.generate import VARIANTS, SamplingConfig, generate
+    from fedpdpo.generate import VARIANTS, SamplingConfig, generate, generate_best_of
 
     prompts = args.prompt or read_prompts(args.prompts)
     _check_texts("--prompt", prompts)
@@ -146,6 +153,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise FedPDPOError("need --max-new-tokens > 0, 0 < --top-p <= 1 and a finite --temperature >= 0")
     if not 0 < args.repetition_penalty < math.inf:
         raise FedPDPOError("need a finite --repetition-penalty > 0 (1 = off)")
+    if args.best_of < 1:
+        raise FedPDPOError("need --best-of >= 1")
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed, args.repetition_penalty)
     wanted = {"personalized": True, "global": args.with_global, "base": args.with_base}
     variants = [v for v in VARIANTS if wanted[v]]
@@ -155,7 +164,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not args.json:
             console.rule(f"[bold]client {cm.client_id}[/]: {escape(prompt)}")
         for variant in variants:
-            text = generate(cm, prompt, variant, sampling)
+            if variant == "personalized" and args.best_of > 1:
+                text = generate_best_of(cm, prompt, args.best_of, sampling)
+            else:
+                text = generate(cm, prompt, variant, sampling)
             if args.json:
                 print(dumps({"client": cm.client_id, "prompt": prompt, "model": variant, "text": text}))
             else:
