@@ -108,8 +108,8 @@ def test_cli_evaluate_with_a_custom_judge_and_report(run_dir, capsys):
     assert main(["report", str(run_dir)]) == 0
     report = (run_dir / "report.md").read_text()
     assert "What the models generate" in report and "Cross-client accuracy" in report
-    assert "minus base: personalized / global" in report and " +- " in report
-    assert "repeated trigrams %: personalized / global / base" in report
+    assert "minus base: personalized / best_of / global" in report and " +- " in report
+    assert "repeated trigrams %: personalized / best_of / global / base" in report
     assert main(["evaluate", "--run", str(run_dir), "--samples", "-1"]) == 2
     assert main([*argv, "--repetition-penalty", "0"]) == 2
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -210,18 +211,19 @@ def test_repetition_penalty_is_transformers_rule(cm):
 
 
 def test_best_of_returns_the_sample_the_clients_own_score_ranks_first(cm):
-    """generate_best_of: of n samples (seeds seed .. seed + n - 1), the one with the highest implicit + alpha *
-    explicit reward under the client's model; best of 1 is the plain sample."""
+    """generate_best_of: of n samples (seeds seed .. seed + n - 1), the one with the highest explicit reward under
+    the client's model; best of 1 is the plain sample."""
     from fedpdpo.generate import generate_best_of, own_score
 
     sampling = SamplingConfig(max_new_tokens=6, temperature=1.0, top_p=1.0, seed=3)
     texts = [generate(cm, PROMPT, "personalized", SamplingConfig(6, 1.0, 1.0, 3 + k)) for k in range(4)]
-    values = [own_score(r, cm.reward_weight) for r in score(cm, PROMPT, texts)]
+    values = [own_score(r) for r in score(cm, PROMPT, texts)]
     assert len(set(values)) > 1  # the candidates differ, so the choice is a real one
     assert generate_best_of(cm, PROMPT, 4, sampling) == texts[max(range(4), key=values.__getitem__)]
     assert generate_best_of(cm, PROMPT, 1, sampling) == texts[0]
     row = score(cm, PROMPT, texts[:1])[0]
-    assert own_score(row, 2.0) == pytest.approx(row.implicit + 2.0 * row.explicit)
+    assert own_score(row) == row.explicit
+    assert own_score(dataclasses.replace(row, explicit=None)) == row.implicit  # no reward head: the implicit reward
 
 
 def test_generate_cli_best_of(run_dir, capsys):

@@ -64,7 +64,7 @@ class EvaluationSettings:
     repetition_penalty: float = 1.0  # transformers' rule, the same for every model (1 = off)
     # > 1: also a "best_of" model: per slot, the personalized sample the client's own score ranks first among
     # best_of candidates (the slot's personalized sample and best_of - 1 more from the same model)
-    best_of: int = 1
+    best_of: int = 4
     matrix: bool = True
     direction_pairs: int = 64  # training pairs per client from which its preferred side is read
 
@@ -161,7 +161,7 @@ def own_reward(setup: RunSetup, pair_tok: PairTokenizer, prompt: Any, texts: lis
     cfg = setup.cfg
     with autocast(cfg, setup.model):
         rows = score_responses(setup.model, pair_tok, cfg.beta, prompt, texts, cfg.eval_batch_size)
-    return np.asarray([own_score(r, cfg.method.eval_reward_weight) for r in rows])
+    return np.asarray([own_score(r) for r in rows])
 
 
 def best_of_texts(

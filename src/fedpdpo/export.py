@@ -68,7 +68,6 @@ class ClientModel:
     max_length: int  # the run's tokenization limits, so that scores are computed as in training
     max_prompt_length: int
     source: str  # run directory or export directory it came from
-    reward_weight: float = 1.0  # method.eval_reward_weight: alpha of the combined score beta * h + alpha * r
 
 
 def _run_config(run_dir: Path) -> RunConfig:
@@ -121,7 +120,6 @@ def load_from_run(run_dir: str | Path, client_id: int) -> ClientModel:
         max_length,
         max_prompt_length,
         str(run_dir),
-        cfg.method.eval_reward_weight,
     )
 
 
@@ -309,7 +307,6 @@ def load_personalized(adir: str | Path) -> ClientModel:
         int(info["max_length"]),
         int(info["max_prompt_length"]),
         str(adir),
-        float(info["method"].get("eval_reward_weight", 1.0)),
     )
 
 

@@ -137,13 +137,13 @@ def generate(
 
 def generate_best_of(cm: ClientModel, prompt: str, n: int, sampling: SamplingConfig | None = None) -> str:
     """Of ``n`` personalized samples (seeds ``seed .. seed + n - 1``; the first is :func:`generate`'s), the one the
-    client's own score (:func:`own_score`) ranks first: its reward head and implicit reward choose what it says."""
+    client's own score (:func:`own_score`) ranks first: its reward head chooses what it says."""
     sampling = sampling or SamplingConfig()
     pair_tok = PairTokenizer(cm.tokenizer, cm.max_length, cm.max_prompt_length)
     stop = {cm.tokenizer.eos_token_id, pair_tok.end_id} - {None}
     ids = sample_responses(cm.model, pair_tok.prompt_ids(prompt), "personalized", n, sampling, stop)
     texts = [cm.tokenizer.decode(x, skip_special_tokens=True) for x in ids]
-    values = [own_score(row, cm.reward_weight) for row in score_responses(cm.model, pair_tok, cm.beta, prompt, texts)]
+    values = [own_score(row) for row in score_responses(cm.model, pair_tok, cm.beta, prompt, texts)]
     return texts[max(range(n), key=values.__getitem__)]
 
 
@@ -157,10 +157,12 @@ class ResponseScore:
     n_tokens: int  # response tokens scored (after truncation to the run's max_length)
 
 
-def own_score(row: ResponseScore, reward_weight: float) -> float:
-    """FedPDPO's combined score of one response, ``beta * (log pi - log pi_ref) + alpha * r`` (the implicit reward
-    alone without a reward head): what a client's model ranks its own samples by for best-of-N."""
-    return row.implicit + (0.0 if row.explicit is None else reward_weight * row.explicit)
+def own_score(row: ResponseScore) -> float:
+    """What a client's model ranks its own samples by for best-of-N: its explicit reward ``r(x, y)`` (the implicit
+    reward only without a reward head). Not the implicit reward: on the policy's own samples ``beta * log(pi /
+    pi_ref)`` is biased towards whatever the policy over-produces (its mean is beta times KL(pi || pi_ref) >= 0), so it
+    favours a policy's loops over its client's taste; the reward head was trained on the client's pairs alone."""
+    return row.implicit if row.explicit is None else row.explicit
 
 
 @torch.no_grad()

@@ -39,9 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument(
         "--best-of",
         type=int,
-        default=1,
-        help="N > 1: also judge, per sample, the best of N personalized samples by the client's own score "
-        "(implicit + explicit reward); the 'best_of' row",
+        default=4,
+        help="N > 1: also judge, per sample, the best of N personalized samples by the client's own reward head "
+        "(its explicit reward), the 'best_of' row; 1: no such row",
     )
     ev.add_argument("--no-matrix", action="store_true", help="skip the cross-client accuracy matrix")
     ev.set_defaults(func=cmd_evaluate)

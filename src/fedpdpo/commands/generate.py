@@ -55,8 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--best-of",
         type=int,
         default=1,
-        help="sample N personalized responses and print the one the client's own score (implicit + explicit "
-        "reward) ranks first (default: %(default)s)",
+        help="sample N personalized responses and print the one the client's own reward head ranks first "
+        "(default: %(default)s)",
     )
     gen.add_argument("--with-global", action="store_true", help="also answer with the global model")
     gen.add_argument("--with-base", action="store_true", help="also answer with the base (reference) model")

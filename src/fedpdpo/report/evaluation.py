@@ -57,7 +57,7 @@ def judge_lines(judge: dict[str, Any]) -> list[str]:
         "a judge scores looping text as neutral, so a model with many repeats can show no lean for that reason."
         + (
             f" 'best_of' is, per sample, the one of {judge['settings']['best_of']} personalized samples that the "
-            "client's own score (implicit plus explicit reward) ranks first."
+            "client's own reward head ranks first."
             if "best_of" in models and "settings" in judge
             else ""
         ),
