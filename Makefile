@@ -38,6 +38,7 @@ lint: install
 	$(VENV)/bin/ruff check src tests benchmarks scripts
 	$(VENV)/bin/ruff format --check src tests benchmarks scripts
 	$(VENV)/bin/mypy
+	$(PY) scripts/gen_cli_docs.py --check
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
