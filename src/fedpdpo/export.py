@@ -112,15 +112,7 @@ def load_from_run(run_dir: str | Path, client_id: int) -> ClientModel:
     elif len(model.local):
         log.warning("client %d never trained in %s; its local modules are at their initial values", client_id, run_dir)
     model.eval()
-    return ClientModel(
-        model,
-        tokenizer,
-        client_id,
-        cfg.beta,
-        max_length,
-        max_prompt_length,
-        str(run_dir),
-    )
+    return ClientModel(model, tokenizer, client_id, cfg.beta, max_length, max_prompt_length, str(run_dir))
 
 
 @dataclass

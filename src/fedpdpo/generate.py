@@ -60,10 +60,6 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, gen: to
     return int(order[keep][pick])
 
 
-def _device(cm: ClientModel) -> torch.device:
-    return next(cm.model.parameters()).device
-
-
 @torch.no_grad()
 def sample_responses(
     model: FedPDPOModel,

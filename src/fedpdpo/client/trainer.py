@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -208,12 +208,12 @@ class _Steps:
     shared_only_after: bool = False
 
 
-def backpropagate(loss: torch.Tensor, local_loss: torch.Tensor | None, local_params: list[torch.Tensor]) -> None:
+def backpropagate(loss: torch.Tensor, local_loss: torch.Tensor | None, local_params: Sequence[torch.Tensor]) -> None:
     """Gradients of ``loss`` for every trainable tensor, plus those of ``local_loss`` (the NLL with ``rpo_scope =
     "local"``) for the client's local tensors only: an extra backward through the head and the adapter, so that the
     shared LoRA's gradient is exactly the one without that term."""
     if local_loss is not None and local_params:
-        local_loss.backward(inputs=local_params, retain_graph=True)
+        local_loss.backward(inputs=list(local_params), retain_graph=True)
     loss.backward()
 
 
