@@ -257,3 +257,51 @@ def test_profile_fit_benchmark_profiles_the_call_asked_for(monkeypatch, capsys):
     assert "fit call 2:" in captured.err and "aten::" in captured.out
     monkeypatch.setattr("sys.argv", [*base, "--call", "99"])
     assert bench.main() == 2
+
+
+def _same_length_batch(task, pad_id):
+    """A batch whose sequences share a prompt and a length (so the prefix groups them): one pair's sides with
+    their last response token varied."""
+    pair = task.train[0]
+    pairs = []
+    for token in range(3, 7):
+        chosen = (*pair.chosen_ids[:-1], token)
+        pairs.append(dataclasses.replace(pair, chosen_ids=chosen, rejected_ids=(*chosen[:-1], token + 10)))
+    return collate(pairs, pad_id)
+
+
+def _one_by_one(prefix, batch):
+    """Each row's prefix computed alone, without the cache."""
+    prompt_length = int(batch.response_mask.int().argmax(1)[0])
+    return torch.cat([prefix._sequence_prefix(ids[None], prompt_length) for ids in batch.input_ids])
+
+
+def test_prefix_groups_are_computed_together_only_where_exact(tiny_cfg, monkeypatch):
+    """Sequences of one prompt and length are computed in one call when that gives each row the bits it gets alone
+    (checked once per shape), and one at a time where a platform's kernels would change them."""
+    setup = _setup(tiny_cfg)
+    model, task = _trained(setup), setup.tasks[0]
+    batch = _same_length_batch(task, task.pad_id)
+    assert bool(batch.attention_mask.all())  # one length, no padding
+    cache = model.prefix.cache
+    cache.clear()
+    cache.batch_exact.clear()
+    together = model.prefix.hidden(batch)
+    assert list(cache.batch_exact.values()) == [True]  # the tiny model's rows do not depend on the batch
+    alone = _one_by_one(model.prefix, batch)
+    assert torch.equal(together, alone)
+
+    # a platform where batching changes the bits: the first group is computed both ways, the alone values kept
+    compute = model.prefix._sequence_prefix
+
+    def inexact(ids, prompt_length):
+        out = compute(ids, prompt_length)
+        return out + 1e-3 if len(ids) > 1 else out
+
+    monkeypatch.setattr(model.prefix, "_sequence_prefix", inexact)
+    cache.clear()
+    cache.batch_exact.clear()
+    assert torch.equal(model.prefix.hidden(batch), alone)
+    assert list(cache.batch_exact.values()) == [False]
+    cache.clear()
+    assert torch.equal(model.prefix.hidden(batch), alone)  # later groups of that shape: one by one

@@ -62,6 +62,8 @@ class PrefixCache:
         self.nbytes = 0
         self.hits = 0
         self.misses = 0
+        # (device, precision, k, length) -> whether k sequences computed together get the bits of each alone
+        self.batch_exact: dict[tuple[str, str, int, int], bool] = {}
 
     @staticmethod
     def key(ids: torch.Tensor, kind: str = "sequence") -> tuple[str, str, bytes]:
@@ -181,7 +183,7 @@ class FrozenPrefix:
 
         def whole(ids: torch.Tensor, prompt_length: int) -> torch.Tensor:
             with run_only(self.decoder, range(layer), final_norm=False):
-                return self.decoder(input_ids=ids[None], use_cache=False).last_hidden_state[0]
+                return self.decoder(input_ids=ids, use_cache=False).last_hidden_state
 
         return self._per_sequence(batch, f"layer{layer}", whole)
 
@@ -194,37 +196,79 @@ class FrozenPrefix:
     def _per_sequence(
         self, batch: PairBatch, kind: str, compute: Callable[[torch.Tensor, int], torch.Tensor]
     ) -> torch.Tensor:
-        """A ``[N, width, hidden]`` value assembled from per-sequence values, kept under ``kind`` and computed alone
-        as ``compute(ids, prompt_length)`` when missing; zeros in the padding, which the attention and response
-        masks never read."""
+        """A ``[N, width, hidden]`` value assembled from per-sequence values, kept under ``kind``; zeros in the
+        padding, which the attention and response masks never read.
+
+        Missing sequences of one length and one prompt are computed together, ``compute(ids [k, L],
+        prompt_length) -> [k, L, hidden]`` without padding, where :meth:`_exact` found that batching does not
+        change a row's bits on this platform; one at a time otherwise."""
         lengths = batch.attention_mask.sum(1).tolist()
         prompt_lengths = batch.response_mask.int().argmax(1).tolist()  # first response position
-        rows = []
+        keys, values = [], []
         for row, (length, prompt_length) in enumerate(zip(lengths, prompt_lengths, strict=True)):
             ids = batch.input_ids[row, :length]
-            key = PrefixCache.key(torch.cat([ids, ids.new_tensor([prompt_length])]), kind=kind)
-            value = self.cache.get(key)
-            if value is None:
-                value = compute(ids, prompt_length)
+            keys.append(PrefixCache.key(torch.cat([ids, ids.new_tensor([prompt_length])]), kind=kind))
+            values.append(self.cache.get(keys[-1]))
+        groups: dict[tuple[bytes, int], dict[tuple[str, str, bytes], list[int]]] = {}
+        for row, value in enumerate(values):
+            if value is None:  # rows of one sequence (a pair repeated in a batch) share one computation
+                prompt = batch.input_ids[row, : prompt_lengths[row]].cpu().numpy().tobytes()
+                groups.setdefault((prompt, lengths[row]), {}).setdefault(keys[row], []).append(row)
+        for (_, length), members in groups.items():
+            first = [rows[0] for rows in members.values()]
+            ids = batch.input_ids[first, :length]
+            out = self._computed(ids, prompt_lengths[first[0]], compute, keys[first[0]][1])
+            for value, (key, rows) in zip(out, members.items(), strict=True):
                 self.cache.put(key, value, self.budget_bytes)
-            rows.append(value.to(batch.input_ids.device))
-        out = rows[0].new_zeros((len(rows), batch.input_ids.shape[1], rows[0].shape[-1]))
-        for row, value in enumerate(rows):
-            out[row, : value.shape[0]] = value
+                for row in rows:
+                    values[row] = value
+        out = values[0].new_zeros((len(values), batch.input_ids.shape[1], values[0].shape[-1]))
+        for row, value in enumerate(values):
+            out[row, : value.shape[0]] = value.to(out.device)
         return out
 
+    def _computed(
+        self, ids: torch.Tensor, prompt_length: int, compute: Callable[[torch.Tensor, int], torch.Tensor], dtype: str
+    ) -> list[torch.Tensor]:
+        """The values of the ``[k, L]`` sequences ``ids``: one batched call where that is exact, else one each.
+
+        Whether a batched row has the bits of the same sequence computed alone depends on the platform's kernels
+        (on the CPUs measured it does), so the first group of each shape in a process has its first and last row
+        (a kernel's tail block) computed alone too and compared; a shape where they differ is computed one
+        sequence at a time. That keeps a cached value a function of the token ids alone, wherever computed."""
+
+        def one_by_one() -> list[torch.Tensor]:
+            return [compute(ids[i : i + 1], prompt_length)[0] for i in range(len(ids))]
+
+        shape = (ids.device.type, dtype, *ids.shape)
+        exact = self.cache.batch_exact.get(shape) if len(ids) > 1 else False
+        if exact is False:
+            return one_by_one()
+        together = [row.clone() for row in compute(ids, prompt_length)]  # a row may be kept without the rest
+        if exact is None:
+            ends = (0, len(ids) - 1)
+            exact = all(torch.equal(together[i], compute(ids[i : i + 1], prompt_length)[0]) for i in ends)
+            self.cache.batch_exact[shape] = exact
+            if not exact:
+                return one_by_one()
+        return together
+
     def _sequence_prefix(self, ids: torch.Tensor, prompt_length: int) -> torch.Tensor:
-        """One sequence's prefix: its prompt's (cached) hidden states and key/values, then the response on top."""
+        """The prefix of ``[k, L]`` sequences sharing a prompt: the prompt's (cached) hidden states and key/values,
+        then the responses on top."""
         with run_only(self.decoder, range(self.split_layer), final_norm=False):
-            key = PrefixCache.key(ids[:prompt_length], kind="prompt")
+            key = PrefixCache.key(ids[0, :prompt_length], kind="prompt")
             prompt = self.cache.get(key)
             if prompt is None:
-                out = self.decoder(input_ids=ids[None, :prompt_length], use_cache=True)
+                out = self.decoder(input_ids=ids[:1, :prompt_length], use_cache=True)
                 past = out.cache if self._cache_kwarg == "cache" else out.past_key_values
                 prompt = (out.last_hidden_state[0], past)
                 self.cache.put(key, prompt, self.budget_bytes)
             hidden, past = prompt
             past = copy.deepcopy(past)  # the continuation appends to it
+            if len(ids) > 1:
+                past.batch_repeat_interleave(len(ids))
             kwargs = {self._cache_kwarg: past}
-            out = self.decoder(input_ids=ids[None, prompt_length:], use_cache=True, **kwargs)
-            return torch.cat([hidden.to(ids.device), out.last_hidden_state[0]])
+            out = self.decoder(input_ids=ids[:, prompt_length:], use_cache=True, **kwargs)
+            prompt_hidden = hidden.to(ids.device).expand(len(ids), *hidden.shape)
+            return torch.cat([prompt_hidden, out.last_hidden_state], dim=1)
