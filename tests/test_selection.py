@@ -59,3 +59,17 @@ def test_global_score_is_the_global_policy_fedavg_would_rank_by(trained):
     assert metrics["accuracy_global"] == plain["accuracy_implicit"]
     assert metrics["val/accuracy_global"] == plain["val/accuracy_implicit"]
     assert "accuracy_global" not in plain  # FedAvg's own model is the global one
+
+
+def test_without_the_global_policy_the_own_model_metrics_are_unchanged(trained):
+    """``global_policy=False`` (the cross-client matrix) drops the global margins and nothing else."""
+    setup, result = trained
+    full = evaluate(setup.model, setup.tasks[0], result.state, result.shared, setup.initial, setup.cfg)
+    own = evaluate(
+        setup.model, setup.tasks[0], result.state, result.shared, setup.initial, setup.cfg, global_policy=False
+    )
+    assert "accuracy_global" not in own and "val/accuracy_global" not in own
+    assert own["selected_policy"] == 1.0 and own["accuracy_policy"] == own["accuracy_implicit"]
+    for key, value in own.items():
+        if key not in ("selected_policy", "accuracy_policy"):
+            assert full[key] == value, key

@@ -96,7 +96,9 @@ def cross_client_matrix(setup: RunSetup, global_: dict[str, torch.Tensor], store
             else:
                 state = ClientState(local=mine.local, reference=finals[j][0].reference)
                 test_only = dataclasses.replace(setup.tasks[j], val=[])  # i's choice is made; j's val unused
-                metrics = evaluate(setup.model, test_only, state, shared, setup.initial, setup.cfg, score=chosen)
+                metrics = evaluate(
+                    setup.model, test_only, state, shared, setup.initial, setup.cfg, score=chosen, global_policy=False
+                )
             row.append(round(metrics["accuracy"], 4))
             row_implicit.append(round(metrics["accuracy_implicit"], 4))
         acc.append(row)

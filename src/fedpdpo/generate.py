@@ -12,11 +12,13 @@ the *explicit* reward head's ``r(x, y)``, computed exactly as in training (same 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from transformers import RepetitionPenaltyLogitsProcessor
+from torch import nn
+from transformers import PreTrainedModel, RepetitionPenaltyLogitsProcessor
 
 from fedpdpo.data.formats import Text
 from fedpdpo.data.tokenize import PairBatch, PairTokenizer, TokenizedPair, collate
@@ -60,6 +62,37 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, gen: to
     return int(order[keep][pick])
 
 
+@contextlib.contextmanager
+def decoding(decoder: PreTrainedModel) -> Iterator[None]:
+    """Within the block, ``decoder`` is set up for token-by-token sampling: eager attention, and under autocast its
+    frozen fp32 linear weights cast once to the autocast dtype (restored on exit).
+
+    Why: a decoding step multiplies few rows (one token per sample), so two fixed costs dominate it on a CPU. The
+    SDPA kernel for a one-token query is several times slower than plain matmul + softmax (measured 2.5 against
+    0.4 ms per call, batch 48, in bf16), and autocast re-casts every frozen weight at every step (it keeps casts of
+    trainable weights only). The cast values are the ones autocast would compute, so only the attention kernel
+    changes the numbers (by rounding): together about 1.5x faster per step on the demo's batch of 48 samples."""
+    config = decoder.config
+    attention = config._attn_implementation
+    device = next(decoder.parameters()).device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    swapped = []
+    if dtype is not None:
+        for module in decoder.modules():
+            if isinstance(module, nn.Linear):
+                weight = module.weight
+                if weight.dtype == torch.float32 and not weight.requires_grad:
+                    swapped.append((weight, weight.data))
+                    weight.data = weight.data.to(dtype)
+    config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        config._attn_implementation = attention
+        for weight, data in swapped:
+            weight.data = data
+
+
 @torch.no_grad()
 def sample_responses(
     model: FedPDPOModel,
@@ -87,7 +120,7 @@ def sample_responses(
     rep = sampling.repetition_penalty
     penalty = RepetitionPenaltyLogitsProcessor(rep) if rep != 1 else None
     seen = ids  # every row's tokens so far, prompt included (what the penalty looks at)
-    with ctx:
+    with ctx, decoding(model.decoder):
         for _ in range(sampling.max_new_tokens):
             out = model.decoder(input_ids=ids, cache=cache, use_cache=True)
             cache = out.cache

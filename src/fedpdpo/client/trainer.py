@@ -484,6 +484,7 @@ def evaluate(
     initial: dict[str, torch.Tensor],
     cfg: RunConfig,
     score: str | None = None,
+    global_policy: bool = True,
 ) -> dict[str, float]:
     """Held-out metrics of the client's model: the training objective's metrics under the same names
     (:func:`objective` over all test pairs: ``loss``, ``loss/dpo``, ``rewards/margins``, ...) and the preference
@@ -496,6 +497,8 @@ def evaluate(
     of the score chosen by ``method.eval_score``; ``auto`` chooses on the client's validation pairs, so a client
     whose own modules do not beat the global model on its data falls back to it. ``score`` (one of :data:`SCORES`)
     overrides that choice, e.g. to rank another client's pairs by the score this client chose. Ties count half.
+    ``global_policy = False`` leaves the global policy's margins out (no ``accuracy_global``; the policy the client
+    would generate with is then its own): a pass less where only the client's own model is asked about.
     """
     device = device_of(cfg)
     model.to(device)
@@ -509,9 +512,9 @@ def evaluate(
     copies = bool(personal_copies(state.local))
     # the global policy differs from the client's own: score it too, in the same forward call unless Ditto's
     # personal copies replace the global LoRA in the client's model
-    fused = bool(len(model.local)) and bool(shared) and not copies
+    fused = global_policy and bool(len(model.local)) and bool(shared) and not copies
     scores = {s: _score_split(model, task.split(s), state.reference[s], cfg, task.pad_id, skip, fused) for s in splits}
-    if copies and shared:
+    if global_policy and copies and shared:
         load_client(model, shared, state, initial)  # global shared tensors (Ditto: not the personal copies)
         skip = cfg.perf.skip_reference_eval and model.lora_is_zero()
         for s in splits:
