@@ -78,6 +78,19 @@ def test_sampling_is_seeded(cm):
     assert isinstance(generate(cm, PROMPT, sampling=a), str)
 
 
+@pytest.mark.parametrize("variant", ["personalized", "base"])
+def test_rows_of_one_call_are_the_single_samples_of_their_seeds(cm, variant):
+    """The prompt runs once and the rows continue its key/values: row k of an n-row call is the one-row sample of
+    seed ``seed + k`` (what best-of's layout and the judge's slots rely on), with a repetition penalty too."""
+    sampling = SamplingConfig(max_new_tokens=10, temperature=1.0, top_p=0.95, seed=5, repetition_penalty=1.3)
+    prompt_ids = _training_prompt(cm)
+    rows = generate_module.sample_responses(cm.model, prompt_ids, variant, 3, sampling, set())
+    for k, row in enumerate(rows):
+        one = dataclasses.replace(sampling, seed=sampling.seed + k)
+        assert row == generate_module.sample_responses(cm.model, prompt_ids, variant, 1, one, set())[0]
+    assert len({tuple(r) for r in rows}) > 1
+
+
 def test_base_variant_matches_transformers_generate(cm):
     ours = generate_ids(cm, PROMPT, "base", GREEDY)
     assert ours == _hf_greedy(load_backbone("tiny")[0], cm, GREEDY.max_new_tokens)[: len(ours)]

@@ -207,18 +207,16 @@ def judge_clients(
             for prompt, count in by_prompt.items():
                 prompt_ids = pair_tok.prompt_ids(prompt)
                 key = (variant, cid if personal else None, tuple(prompt_ids), count)
-                if name == BEST_OF:  # the personalized samples, then (best_of - 1) more per slot
-                    more = dataclasses.replace(sampling, seed=sampling.seed + count)
-                    with autocast(setup.cfg, model):
-                        ids = sample_responses(model, prompt_ids, variant, (settings.best_of - 1) * count, more, stop)
-                    candidates = sampled[key] + [setup.tokenizer.decode(x, skip_special_tokens=True) for x in ids]
-                    out.extend(best_of_texts(setup, pair_tok, prompt, candidates, count, settings.best_of))
-                    continue
                 if key not in sampled:
+                    # personalized: best-of's candidates in the same batch (rows count.. are the (best_of - 1) more)
+                    n_rows = count * (settings.best_of if personal and BEST_OF in models else 1)
                     with autocast(setup.cfg, model):  # the run's precision, as in training
-                        ids = sample_responses(model, prompt_ids, variant, count, sampling, stop)
+                        ids = sample_responses(model, prompt_ids, variant, n_rows, sampling, stop)
                     sampled[key] = [setup.tokenizer.decode(x, skip_special_tokens=True) for x in ids]
-                out.extend(sampled[key])
+                if name == BEST_OF:
+                    out.extend(best_of_texts(setup, pair_tok, prompt, sampled[key], count, settings.best_of))
+                else:
+                    out.extend(sampled[key][:count])
             texts[name] = out
         prompts = [flat(p) for p, count in by_prompt.items() for _ in range(count)]
         sign, diff = _direction(judge, setup, cid, settings.direction_pairs)

@@ -103,7 +103,8 @@ def sample_responses(
     stop: set[int],
 ) -> list[list[int]]:
     """``n`` responses to one prompt from ``model``'s ``variant`` policy, sampled together in one batch (the prompt
-    is the same in every row, so no padding); row ``k`` draws from a generator seeded ``sampling.seed + k``.
+    is the same in every row: it runs once, and the rows continue its key/value cache, so no padding); row ``k``
+    draws from a generator seeded ``sampling.seed + k``.
     End tokens are not included. ``personalized`` uses the model's local head, adapter and LoRA gate as loaded;
     ``global`` the shared LoRA as aggregated with the original head; ``base`` the frozen backbone."""
     device = next(model.parameters()).device
@@ -114,17 +115,19 @@ def sample_responses(
     adapter = model.local["adapter"] if personal and "adapter" in model.local else None
     responses: list[list[int]] = [[] for _ in range(n)]
     open_rows = set(range(n))
-    ids = torch.tensor([prompt_ids] * n, device=device)
+    ids = torch.tensor([prompt_ids], device=device)  # the prompt runs once; every row continues its key/values
     cache = None
     ctx = {"base": model.peft.disable_adapter, "global": model.gates_off}.get(variant, contextlib.nullcontext)()
     rep = sampling.repetition_penalty
     penalty = RepetitionPenaltyLogitsProcessor(rep) if rep != 1 else None
-    seen = ids  # every row's tokens so far, prompt included (what the penalty looks at)
+    seen = ids.expand(n, -1)  # every row's tokens so far, prompt included (what the penalty looks at)
     with ctx, decoding(model.decoder):
         for _ in range(sampling.max_new_tokens):
             out = model.decoder(input_ids=ids, cache=cache, use_cache=True)
+            if cache is None and n > 1:
+                out.cache.batch_repeat_interleave(n)
             cache = out.cache
-            hidden = out.last_hidden_state[:, -1]
+            hidden = out.last_hidden_state[:, -1].expand(n, -1)
             if adapter is not None:
                 hidden = adapter(hidden)
             logits = hidden @ head.T
