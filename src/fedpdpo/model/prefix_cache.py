@@ -7,12 +7,14 @@ values kept in a :class:`PrefixCache`.
 The prefix is frozen and LoRA-free, so the hidden state it gives a sequence never changes: a client that sees its
 pairs again in later steps or rounds (and every evaluation of the same held-out pairs) can skip those layers.
 
-Each sequence's prefix is computed *on its own* (batch of one, no padding) rather than inside whatever batch first
-needs it: first its prompt (whose hidden states and key/value cache are kept too, so chosen and rejected, and every
-pair with the same prompt, share that work: all IMDB pairs have one prompt), then its response as a continuation
-of the prompt's key/value cache. That makes a cached value a function of the token ids alone, bit for bit: a run
-gives the same result whether a value came from the cache or was recomputed (after a restart, in another process,
-or because the cache was full), so caching never breaks the "same seed, same result in every engine" guarantee.
+Each sequence's prefix is computed without padding, never inside whatever padded batch first needs it: first its
+prompt (whose hidden states and key/value cache are kept too, so chosen and rejected, and every pair with the same
+prompt, share that work: all IMDB pairs have one prompt), then its response as a continuation of the prompt's
+key/value cache, together with the batch's other missing sequences of the same prompt and length where that gives
+each row the bits it gets alone (checked once per shape and process, see ``FrozenPrefix._computed``), else on its
+own. That makes a cached value a function of the token ids alone, bit for bit: a run gives the same result whether
+a value came from the cache or was recomputed (after a restart, in another process, or because the cache was
+full), so caching never breaks the "same seed, same result in every engine" guarantee.
 
 Keys are the token ids themselves, and a cache belongs to one frozen prefix (``shared_prefix_cache`` hands the
 same cache to every model built on identical prefix weights in a process), so a stale entry is impossible. That
@@ -156,7 +158,7 @@ def run_only(decoder: PreTrainedModel, keep: range, final_norm: bool) -> Iterato
 class FrozenPrefix:
     """The decoder layers below ``split_layer`` (frozen, LoRA-free): their output for a batch, never with a graph.
 
-    With ``perf.prefix_cache`` each sequence's value is computed alone and kept in the process's
+    With ``perf.prefix_cache`` each sequence's value is computed without padding and kept in the process's
     :class:`PrefixCache` for this prefix (bounded by ``perf.prefix_cache_mb``), else the batch runs in one pass.
     """
 
