@@ -202,7 +202,7 @@ class FrozenPrefix:
         padding, which the attention and response masks never read.
 
         Missing sequences of one length and one prompt are computed together, ``compute(ids [k, L],
-        prompt_length) -> [k, L, hidden]`` without padding, where :meth:`_exact` found that batching does not
+        prompt_length) -> [k, L, hidden]`` without padding, where :meth:`_computed` found that batching does not
         change a row's bits on this platform; one at a time otherwise."""
         lengths = batch.attention_mask.sum(1).tolist()
         prompt_lengths = batch.response_mask.int().argmax(1).tolist()  # first response position
