@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from fedpdpo.config import PartitionConfig
 from fedpdpo.data import build_clients, check_file, load_records
+from fedpdpo.data.holdout import pair_groups
 from fedpdpo.data.partition import partition, split_train_test
 from fedpdpo.data.records import PreferenceRecord
+from fedpdpo.data.task import split_validation
 from fedpdpo.data.tokenize import PairTokenizer, collate
 from fedpdpo.errors import DataError
 from fedpdpo.model.backbone import tiny_tokenizer
@@ -130,6 +133,54 @@ def test_split_field_is_used_for_test_pool():
     recs = [PreferenceRecord("p", "c", "r", split="test" if i % 4 == 0 else "train") for i in range(20)]
     _, test = split_train_test(recs, 0.5, seed=0)
     assert len(test) == 5 and all(r.split == "test" for r in test)
+
+
+def _questions(n_questions: int, wrong_per_question: int) -> list[PreferenceRecord]:
+    """TruthfulQA's shape: each question's one best answer paired with each of its incorrect answers."""
+    return [
+        PreferenceRecord(f"q{q}?", f"best {q}", f"wrong {q}.{w}")
+        for q in range(n_questions)
+        for w in range(wrong_per_question)
+    ]
+
+
+def _sequences(recs: list[PreferenceRecord]) -> set[tuple[str, str]]:
+    return {(r.prompt, y) for r in recs for y in (r.chosen, r.rejected)}
+
+
+def test_pairs_sharing_a_sequence_form_one_group_and_a_shared_response_under_another_prompt_does_not():
+    recs = [
+        PreferenceRecord("a", "yes", "no"),
+        PreferenceRecord("b", "sorry", "x"),
+        PreferenceRecord("a", "yes", "maybe"),  # shares ("a", "yes") with the first
+        PreferenceRecord("c", "sorry", "y"),  # the same response as the second, another prompt
+        PreferenceRecord("a", "maybe", "never"),  # shares ("a", "maybe") with the third: joins the first group
+    ]
+    assert pair_groups(recs) == [0, 1, 0, 2, 0]
+
+
+def test_random_test_and_validation_splits_keep_every_sequence_on_one_side():
+    recs = _questions(60, 4)
+    for seed in range(5):
+        train, test = split_train_test(recs, 0.2, seed=seed)
+        assert not _sequences(train) & _sequences(test)
+        assert 48 <= len(test) <= 51 and len(train) + len(test) == len(recs)
+        fit, val = split_validation(train, 0.2, seed=seed, client_id=1)
+        assert not _sequences(fit) & _sequences(val)
+        assert len(train) // 5 <= len(val) <= len(train) // 5 + 3
+
+
+def test_pairs_without_shared_sequences_split_as_the_plain_seeded_permutation():
+    """Data without shared sequences (IMDB: one pair per review) splits exactly as before groups existed."""
+    recs = [PreferenceRecord("p", f"c{i}", f"r{i}") for i in range(30)]
+    order = np.random.default_rng(7).permutation(30)[:6].tolist()
+    train, test = split_train_test(recs, 0.2, seed=7)
+    assert test == [recs[i] for i in sorted(order)] and len(train) == 24
+
+
+def test_a_single_group_leaves_no_validation_rather_than_no_training_pairs():
+    recs = [PreferenceRecord("q", "best", f"wrong {w}") for w in range(10)]
+    assert split_validation(recs, 0.2, seed=0, client_id=0) == (recs, [])
 
 
 def test_build_clients_on_tiny_fixture(tiny_cfg):

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedpdpo.config import PartitionConfig
+from fedpdpo.data.holdout import seeded_holdout
 from fedpdpo.data.records import PreferenceRecord
 from fedpdpo.errors import DataError
 
@@ -51,7 +52,8 @@ def split_train_test(
     records: list[PreferenceRecord], test_fraction: float, seed: int | Sequence[int], test_split: str = "test"
 ) -> tuple[list[PreferenceRecord], list[PreferenceRecord]]:
     """Use the records' ``split`` field when it marks a test set (the value ``test_split``), else a seeded random
-    split (``seed``: anything ``numpy.random.default_rng`` takes, e.g. ``[seed, client id, stream]``).
+    split (``seed``: anything ``numpy.random.default_rng`` takes, e.g. ``[seed, client id, stream]``) that keeps
+    pairs sharing a (prompt, response) sequence on one side (:mod:`fedpdpo.data.holdout`).
 
     Records without a ``split`` value next to ones that have it (e.g. IMDB with splits + TruthfulQA without, in
     the cross-domain setting) get the seeded random split, so every source keeps a test set.
@@ -64,13 +66,7 @@ def split_train_test(
             extra_train, extra_test = split_train_test(unmarked, test_fraction, seed, test_split)
             train, test = train + extra_train, test + extra_test
         return train, test
-    order = np.random.default_rng(seed).permutation(len(records))
-    n_test = max(1, round(test_fraction * len(records)))
-    test_idx = set(order[:n_test].tolist())
-    return (
-        [r for i, r in enumerate(records) if i not in test_idx],
-        [r for i, r in enumerate(records) if i in test_idx],
-    )
+    return seeded_holdout(records, max(1, round(test_fraction * len(records))), seed)
 
 
 def _label(record: PreferenceRecord, label: str) -> str:

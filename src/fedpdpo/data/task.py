@@ -13,9 +13,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from fedpdpo.config import RunConfig
+from fedpdpo.data.holdout import seeded_holdout
 from fedpdpo.data.lengths import Lengths, resolve_lengths, truncation_shares
 from fedpdpo.data.partition import ClientData
 from fedpdpo.data.records import PreferenceRecord
@@ -46,16 +45,14 @@ class ClientTask:
 def split_validation(
     records: list[PreferenceRecord], fraction: float, seed: int, client_id: int
 ) -> tuple[list[PreferenceRecord], list[PreferenceRecord]]:
-    """``records`` as (train, validation): a seeded ``fraction`` of them, none when fewer than 2 would remain."""
+    """``records`` as (train, validation): a seeded ``fraction`` of them, whole groups of pairs that share a
+    (prompt, response) sequence (:mod:`fedpdpo.data.holdout`: a validation pair whose chosen response is also
+    trained on would reward memorisation); none when no training pair would remain."""
     n_val = int(fraction * len(records))
     if n_val < 1 or len(records) - n_val < 1:
         return records, []
-    order = np.random.default_rng([seed, client_id, VALIDATION_STREAM]).permutation(len(records))
-    val_idx = set(order[:n_val].tolist())
-    return (
-        [r for i, r in enumerate(records) if i not in val_idx],
-        [r for i, r in enumerate(records) if i in val_idx],
-    )
+    train, val = seeded_holdout(records, n_val, [seed, client_id, VALIDATION_STREAM])
+    return (train, val) if train else (records, [])
 
 
 def build_task(client: ClientData, tokenizer, cfg: RunConfig) -> ClientTask:
