@@ -28,7 +28,8 @@ SMOLLM2_SMALL = [
     "partition.conflict_fraction=0.0",
 ]
 #: For subprocesses: this checkout's package first (a virtualenv's editable install may point at another checkout).
-PYTHONPATH = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
+#: (An inherited PYTHONPATH stays after them: packages installed with ``pip --target`` are found too.)
+PYTHONPATH = os.pathsep.join([str(ROOT / "src"), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

@@ -98,6 +98,7 @@ def _fill_reference(
 ) -> None:
     """Write the reference log-probs (chosen, rejected) of ``pairs`` into rows ``pair.index`` of ``table``."""
     device = device_of(cfg)
+    model.to(device)  # as fit and evaluate do: a caller may ask for the reference before either ran (a no-op after)
     with phase("reference pass"), autocast(cfg, model):
         for batch in _batches(pairs, cfg.eval_batch_size, pad_id, device):
             ref = model.reference_logps(batch).float().cpu()

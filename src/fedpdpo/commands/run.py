@@ -90,13 +90,16 @@ def _id_paths(flag: str, values: list[str] | None) -> dict[int, str]:
 
 def node_files(args: argparse.Namespace):
     """Each loopback node's own files from ``--node-data``/``--node-test`` (None: the shared data.path)."""
-    from fedpdpo.engines.flower.deploy import NodeFiles
-
     data, test = _id_paths("--node-data", args.node_data), _id_paths("--node-test", args.node_test)
     if (data or test) and args.engine != "flower-deploy":
         raise FedPDPOError("--node-data and --node-test need --engine flower-deploy")
     if stray := sorted(set(test) - set(data)):
         raise FedPDPOError(f"--node-test names client(s) {stray} without --node-data")
+    if not data:
+        return None
+    # imported only here: the deployment module pulls in Flower and cryptography, which an in-process run never needs
+    from fedpdpo.engines.flower.deploy import NodeFiles
+
     return {cid: NodeFiles(path, test.get(cid, "")) for cid, path in data.items()} or None
 
 
