@@ -71,7 +71,8 @@ def test_without_a_snapshot_the_newest_state_and_the_final_global_are_used(tmp_p
 def test_track_best_only_with_best_val_and_after_training(tmp_path, tiny_cfg):
     store = ClientStore(tmp_path)
     shared = _train(store, 1)
-    assert track_best(tiny_cfg, store, 0, 1, _metrics(0.7), shared) == {}  # select_round = "last"
+    tiny_cfg.select_round = "last"
+    assert track_best(tiny_cfg, store, 0, 1, _metrics(0.7), shared) == {}
     tiny_cfg.select_round = "best_val"
     assert track_best(tiny_cfg, store, 0, 0, _metrics(0.7), shared) == {}  # round 0: nothing trained yet
     assert track_best(tiny_cfg, store, 0, 1, _metrics(0.7), shared) == {"best_round": 1.0}
@@ -108,6 +109,19 @@ def test_finalize_compacts_the_snapshot_and_shares_the_newest_versions_file(tmp_
         assert torch.equal(shared["lora.A"], torch.full((4,), float(kept)))
     newest = store.version_dir(1, 2) / COMPACT_FILE
     assert (best_snapshot(store, 1).path / COMPACT_FILE).samefile(newest)  # one file, two names
+
+
+def test_finalize_without_bases_keeps_the_snapshot_linked_to_the_full_file(tmp_path):
+    """A state with no tensor to compact (Local, FedAvg's empty state: no personalized head) has no compact file to
+    share: the snapshot keeps its link to the newest version's full file (this once raised FileNotFoundError)."""
+    store = ClientStore(tmp_path)
+    kept = keep_if_best(store, 0, 1, _metrics(0.9), _train(store, 1))
+    assert kept == 1
+    store.finalize([0])
+    snapshot = best_snapshot(store, 0)
+    assert snapshot is not None and (snapshot.path / LOCAL_FILE).samefile(store.version_dir(0, 1) / LOCAL_FILE)
+    state, _ = load_final(store, 0, {})
+    assert torch.equal(state.local[HEAD], torch.full((2, 3), 1.0))
 
 
 @pytest.fixture(scope="module")

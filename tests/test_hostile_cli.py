@@ -39,9 +39,10 @@ def _make_world(w: Path) -> None:
         "run_bad_summary": lambda d: (d / "summary.json").write_text("{bad"),
         "run_empty_summary": lambda d: (d / "summary.json").write_text("{}"),
         "run_bad_global": lambda d: (d / "global.safetensors").write_bytes(b"junk"),
-        "run_bad_local": lambda d: (
-            d / "clients" / "client_0" / "rounds" / "round_00001" / "local_compact.safetensors"
-        ).write_bytes(b"\0" * 16),
+        # the newest version and the best_val snapshot (a hard link to it in a run, two files after copytree)
+        "run_bad_local": lambda d: [
+            f.write_bytes(b"\0" * 16) for f in (d / "clients" / "client_0").rglob("local_compact.safetensors")
+        ],
     }
     for name, spoil in damage.items():
         shutil.copytree(run, w / name)

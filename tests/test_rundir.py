@@ -16,7 +16,7 @@ import pytest
 
 from fedpdpo.cli import main
 from fedpdpo.engines import server
-from fedpdpo.rundir import DirectoryBusy, DirLock, ensure_free, pending_dir
+from fedpdpo.rundir import LOCK_FILE, DirectoryBusy, DirLock, ensure_free, locked_dir, pending_dir
 from tests.conftest import TINY_CONFIG, interrupt_at_checkpoint, subprocess_env
 
 CONFIG = ["--config", str(TINY_CONFIG)]
@@ -189,3 +189,15 @@ def test_cuda_without_cuda_is_refused_before_anything_is_written(tmp_path, monke
     assert _run(*CONFIG, "--set", 'device="cuda"', "--out", str(tmp_path / "out")) == 2
     assert "config key 'device' is 'cuda', but" in _error(capsys)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_command_that_fails_leaves_an_existing_directory_as_it_was(tmp_path):
+    """A failed start in an existing --out directory removes the lock file it made; one that was there stays."""
+    for existing_lock in (False, True):
+        out = tmp_path / f"out{existing_lock}"
+        out.mkdir()
+        if existing_lock:
+            (out / LOCK_FILE).write_text("")
+        with pytest.raises(RuntimeError), locked_dir(out):
+            raise RuntimeError("bad algorithm")
+        assert sorted(p.name for p in out.iterdir()) == ([LOCK_FILE] if existing_lock else [])

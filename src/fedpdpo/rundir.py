@@ -90,6 +90,7 @@ class DirLock:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        self.created = not (directory / LOCK_FILE).exists()  # ours to remove if the command fails before any output
         self.fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -151,6 +152,8 @@ def locked_dir(directory: Path, flag: str = "--out") -> Iterator[DirLock]:
     except BaseException:
         if created is not None and _only_locks(created):
             shutil.rmtree(created, ignore_errors=True)
+        elif lock.created:  # an existing directory: leave it as it was, without a new lock file
+            (directory / LOCK_FILE).unlink(missing_ok=True)
         raise
     finally:
         lock.release()

@@ -340,7 +340,9 @@ class ClientStore:
                 optimizer.unlink()
             twin = self._snapshot_twin(cid, newest)
             freed += self._compact(newest)
-            if twin is not None:  # the same file as the newest version's: share its compact file too
+            if twin is not None and (newest / COMPACT_FILE).is_file():
+                # the same file as the newest version's: share its compact file too (there is none when no local
+                # tensor has a base, e.g. for Local or FedAvg's empty state: both keep the full file, linked)
                 link_or_copy(newest / COMPACT_FILE, twin / COMPACT_FILE)
                 (twin / LOCAL_FILE).unlink()
                 fsync_dir(twin)
