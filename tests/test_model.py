@@ -72,6 +72,7 @@ def test_head_lr_scale_gives_the_head_its_own_step(tiny_cfg):
     model, _ = build_model(tiny_cfg)
     params = model.trainable()
     tiny_cfg.lr, tiny_cfg.method.local_lr_scale, tiny_cfg.method.reward_lr_scale = 1e-3, 1.0, 10.0
+    tiny_cfg.method.head_lr_scale = 0.0
     plain = optimizer_groups(params, tiny_cfg)
     assert [g["lr"] for g in plain] == [1e-3, 1e-3, 1e-2]
     assert any(p is params[HEAD_WEIGHT] for p in plain[1]["params"])

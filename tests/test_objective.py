@@ -34,7 +34,9 @@ def test_evaluation_carries_the_training_metric_names(trained):
     metrics = _evaluate(setup, result)
     assert set(result.metrics) - {"grad_norm", "steps"} <= set(metrics)
     assert metrics["loss"] == pytest.approx(
-        metrics["loss/dpo"] + setup.cfg.method.reward_weight * metrics["loss/reward"]
+        metrics["loss/dpo"]
+        + setup.cfg.method.reward_weight * metrics["loss/reward"]
+        + setup.cfg.method.rpo_alpha * metrics["loss/nll"]
     )
     assert metrics["rewards/accuracies"] == metrics["accuracy_implicit"]
     assert metrics["reward_margin"] == metrics["rewards/margins"]

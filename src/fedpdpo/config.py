@@ -34,8 +34,9 @@ class LoraSettings:
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     # Apply LoRA only to the last N transformer layers (0 = all layers). Frozen layers below the lowest LoRA layer
-    # need no backward pass, so this is the main knob for CPU training speed.
-    last_n_layers: int = 0
+    # need no backward pass and their output is cached across steps, so this is the main knob for CPU training
+    # speed; every result in docs/results.md since 29 November used 4.
+    last_n_layers: int = 4
 
 
 @dataclass
@@ -54,7 +55,7 @@ class MethodConfig:
     global_weight: float = 0.0
     # rpo_alpha: weight of the chosen responses' per-token NLL added to the loss (RPO; TRL's DPOConfig.rpo_alpha). Keeps
     # the policies generating fluent text of the kind each client chose (docs/method.md, "Objective").
-    rpo_alpha: float = 0.0
+    rpo_alpha: float = 0.1
     # Which tensors that NLL trains: "all" (TRL's RPO: the shared LoRA too) or "local" (only the client's own modules,
     # so the shared LoRA is trained by DPO alone and the clients' NLL on opposite kinds of text does not pull it
     # towards the majority's kind; docs/method.md, "Objective").
@@ -72,14 +73,14 @@ class MethodConfig:
     reward_layer: int = 0
     # Which score ranks chosen vs rejected for the headline accuracy.
     eval_score: Literal["auto", "implicit", "explicit", "combined"] = "auto"
-    # Learning rate multiplier for the local modules (the head is large; it needs a smaller step than LoRA).
-    local_lr_scale: float = 0.1
+    # Learning rate multiplier for the local modules (the adapter; the personal head too unless head_lr_scale > 0).
+    local_lr_scale: float = 1.0
     # Learning rate multiplier for the explicit reward head (a linear probe: it needs a larger step).
     reward_lr_scale: float = 10.0
     # Learning rate multiplier for the personalized LM head alone (0: local_lr_scale, as the adapter). Adam moves
     # every one of the head's vocabulary rows by about lr per step, however small its gradient, so a step that
     # suits the 74k-weight adapter distorts the 28M-weight head's whole output distribution (docs/method.md).
-    head_lr_scale: float = 0.0
+    head_lr_scale: float = 0.05
     # FedPDPO: a learned per-client scale of each shared LoRA update (``W x + g_m * B_m A_m x``, one scalar g_m per
     # adapted module, starting at 1, kept on the client). A client whose preferences oppose the majority's can turn
     # the shared direction down or around in its own policy (docs/method.md, "LoRA gate"). Its step is
@@ -197,12 +198,12 @@ class RunConfig:
     model_quantization: Literal["none", "4bit"] = "none"
     num_clients: int = 3
     rounds: int = 3
-    local_steps: int = 8
-    batch_size: int = 4
+    local_steps: int = 16
+    batch_size: int = 8
     eval_batch_size: int = 16
     # Prompt + response tokens (0 = chosen per client from its data, see data/lengths.py).
     max_length: int = 0
-    lr: float = 5e-4
+    lr: float = 1e-3
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     beta: float = 0.1
@@ -213,7 +214,7 @@ class RunConfig:
     # the score it ranks by and of its policy's implicit reward; ties: the later round), kept as the shared tensors
     # it received then plus its local modules of then. Early stopping per client on its own held-out training pairs
     # (fedpdpo/client/selection.py).
-    select_round: Literal["last", "best_val"] = "last"
+    select_round: Literal["last", "best_val"] = "best_val"
     # Precision of the shared tensors on the wire, both directions (see fedpdpo/transfer.py).
     transfer_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     # Experiment trackers the run logs to, as transformers' and TRL's ``report_to``: "tensorboard", "trackio",
