@@ -10,7 +10,8 @@
 #   bash benchmarks/gpu_check.sh                       # results under runs/gpu_check
 #   GPU_CHECK_OUT=/tmp/g GPU_CHECK_DATA=pairs.jsonl bash benchmarks/gpu_check.sh
 #
-# Environment: PYTHON (default .venv/bin/python, else python3), GPU_CHECK_OUT, GPU_CHECK_DATA (IMDB pairs; default
+# Environment: PYTHON (default .venv/bin/python, else a python3 that has torch and fedpdpo's needs, else `make
+# install`'s .venv, else python3), GPU_CHECK_OUT, GPU_CHECK_DATA (IMDB pairs; default
 # the shared copy next to the checkout), TORCH_INDEX (the CUDA wheel index, default cu128).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +32,8 @@ elapsed() { echo $(( $(date +%s) - START )); }
 
 if [ -z "${PYTHON:-}" ]; then
     if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python
+    # a machine image whose python3 already has torch and fedpdpo's needs (no network needed, nothing installed)
+    elif python3 -c 'import torch, transformers, peft, safetensors, gguf, rich, tomli_w' 2>/dev/null; then PYTHON=python3
     elif [ -f Makefile ] && command -v make >/dev/null && timeout 300 make install >"$OUT/install.log" 2>&1; then
         PYTHON=.venv/bin/python
     else PYTHON=python3
@@ -44,7 +47,7 @@ GPU_NAME=$(cut -d, -f1 "$OUT/gpu.txt")
 if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
     VERSION=$("$PYTHON" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || echo "")
     echo "gpu_check: this torch has no CUDA; installing the CUDA build ${VERSION:+of $VERSION}"
-    timeout 240 "$PYTHON" -m pip install -q --force-reinstall --no-deps "torch${VERSION:+==$VERSION}" \
+    timeout 240 "$PYTHON" -m pip install -q --retries 1 --timeout 15 --force-reinstall --no-deps "torch${VERSION:+==$VERSION}" \
         --index-url "${TORCH_INDEX:-https://download.pytorch.org/whl/cu128}" >>"$OUT/install.log" 2>&1
 fi
 if "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
@@ -55,7 +58,7 @@ else
     exit 1
 fi
 "$PYTHON" -c 'import bitsandbytes' 2>/dev/null \
-    || timeout 120 "$PYTHON" -m pip install -q "bitsandbytes>=0.45" >>"$OUT/install.log" 2>&1 \
+    || timeout 120 "$PYTHON" -m pip install -q --retries 1 --timeout 15 "bitsandbytes>=0.45" >>"$OUT/install.log" 2>&1 \
     || echo "gpu_check: bitsandbytes could not be installed: the 4-bit test skips"
 
 # 2. the gpu tests
