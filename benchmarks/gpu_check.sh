@@ -75,9 +75,11 @@ if [ -z "$DATA" ]; then
     DATA="$ROOT/data/tiny_pairs.jsonl"
     echo "gpu_check: no IMDB pairs found (set GPU_CHECK_DATA): the benchmark and the demo use $DATA"
 fi
-timeout 200 "$PYTHON" benchmarks/bench_local_dpo.py --device cuda --precision auto --data "$DATA" --threads 4 \
-    --sides fedpdpo,trl,fedpdpo-fp32,trl-fp32 --steps 8 --epochs 4 --repeats 1 --json "$OUT/bench_local_dpo.json" \
-    >"$OUT/bench.log" 2>&1
+# Sized for a GPU: the CPU job (8 pairs x 128 tokens, 8 steps) takes 1-2 s there and measures kernel launches and
+# Python overhead, not the GPU (docs/performance.md, "GPU"); 32 pairs x 256 tokens, 16 steps, 2 repeats.
+timeout 240 "$PYTHON" benchmarks/bench_local_dpo.py --device cuda --precision auto --data "$DATA" --threads 4 \
+    --sides fedpdpo,trl,fedpdpo-fp32,trl-fp32 --batch-size 32 --max-length 256 --steps 16 --epochs 4 --repeats 2 \
+    --json "$OUT/bench_local_dpo.json" >"$OUT/bench.log" 2>&1
 rc=$?
 if [ $rc -eq 0 ]; then
     row "local DPO vs TRL, 4 epochs" "ok" "$(grep -E '^(like for like|bf16 gain|vs TRL fp32|fp32 like)' "$OUT/bench.log" | cut -d';' -f1 | paste -sd';' -)"
