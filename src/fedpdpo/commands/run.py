@@ -100,7 +100,7 @@ def node_files(args: argparse.Namespace):
     # imported only here: the deployment module pulls in Flower and cryptography, which an in-process run never needs
     from fedpdpo.engines.flower.deploy import NodeFiles
 
-    return {cid: NodeFiles(path, test.get(cid, "")) for cid, path in data.items()} or None
+    return {cid: NodeFiles(path, test.get(cid, "")) for cid, path in data.items()}
 
 
 def recorded_engine(run_dir: str) -> str | None:
