@@ -44,6 +44,8 @@ def test_auto_device_is_cuda_and_training_stays_there(tiny_cfg):
     assert all(p.device.type == "cuda" for p in setup.model.trainable().values())
     assert all(t.device.type == "cpu" for t in result.shared.values())  # what travels is on the CPU
     assert all(torch.isfinite(t).all() for t in result.shared.values())
+    # the frozen prefix ran batched on the GPU: nothing went through the per-sequence cache (FrozenPrefix.caches)
+    assert len(setup.model.prefix.cache) == 0 and setup.model.prefix.cache.misses == 0
 
 
 @pytest.mark.gpu

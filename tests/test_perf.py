@@ -122,6 +122,15 @@ def test_prefix_cache_is_canonical(tiny_cfg):
     torch.testing.assert_close(warm, batched, rtol=1e-5, atol=1e-5)
 
 
+def test_prefix_cache_is_for_the_cpu_only(tiny_cfg):
+    """On a GPU the frozen prefix runs batched: per-sequence passes would cost more launches than they save."""
+    setup = _setup(tiny_cfg)
+    prefix = setup.model.prefix
+    assert prefix.caches(torch.device("cpu"))
+    assert not prefix.caches(torch.device("cuda", 0))
+    assert not _twin(setup, setup.model, PerfSettings(prefix_cache=False)).prefix.caches(torch.device("cpu"))
+
+
 def test_fit_identical_with_warm_or_cold_prefix_cache(tiny_cfg):
     """A restarted process (empty cache) trains the same bits as one that kept its cache from earlier rounds."""
     setup = _setup(tiny_cfg)

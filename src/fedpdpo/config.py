@@ -169,6 +169,7 @@ class PerfSettings:
     response_only_logits: bool = True
     # Keep each sequence's frozen-prefix hidden states in memory (per process, keyed by token ids) and reuse them
     # in later steps, rounds and evaluations: only the LoRA layers and the heads run again. Needs shared_prefix.
+    # CPU only: on a GPU the frozen layers run batched every step, which is faster there (FrozenPrefix.caches).
     prefix_cache: bool = True
     # Memory bound of that cache in MiB (fp32 SmolLM2: about 0.22 MiB per 100-token sequence); when full, further
     # sequences are recomputed each time, with the same values.

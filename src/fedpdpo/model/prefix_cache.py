@@ -158,8 +158,9 @@ def run_only(decoder: PreTrainedModel, keep: range, final_norm: bool) -> Iterato
 class FrozenPrefix:
     """The decoder layers below ``split_layer`` (frozen, LoRA-free): their output for a batch, never with a graph.
 
-    With ``perf.prefix_cache`` each sequence's value is computed without padding and kept in the process's
-    :class:`PrefixCache` for this prefix (bounded by ``perf.prefix_cache_mb``), else the batch runs in one pass.
+    With ``perf.prefix_cache`` on a CPU each sequence's value is computed without padding and kept in the process's
+    :class:`PrefixCache` for this prefix (bounded by ``perf.prefix_cache_mb``), else the batch runs in one pass
+    (always on a GPU: :meth:`caches`).
     """
 
     def __init__(self, decoder: PreTrainedModel, split_layer: int, perf: PerfSettings) -> None:
@@ -177,7 +178,7 @@ class FrozenPrefix:
 
         Cached values of the prefix continue each prompt's kept key/values; those of another ``layer`` are whole
         sequences. Either way a value depends on the sequence's token ids alone."""
-        if not self.cached:
+        if not self.caches(batch.input_ids.device):
             with run_only(self.decoder, range(self.split_layer if layer is None else layer), final_norm=False):
                 return self._forward(batch)
         if layer is None:
@@ -188,6 +189,16 @@ class FrozenPrefix:
                 return self.decoder(input_ids=ids, use_cache=False).last_hidden_state
 
         return self._per_sequence(batch, f"layer{layer}", whole)
+
+    def caches(self, device: torch.device) -> bool:
+        """Whether batches on ``device`` go through the cache: with ``perf.prefix_cache``, on the CPU only.
+
+        Why not on a GPU: there a step is bound by kernel launches, not arithmetic. A cached value is computed per
+        sequence (one pass of every frozen layer for each new sequence, since only same-length rows can share a
+        pass) and assembled row by row, which costs many times the launches of the one batched pass it replaces:
+        on an H200 the benchmark's local DPO ran at 28.5 pairs/s with the cache against TRL's 112-157
+        (docs/performance.md, "GPU"). On a CPU the arithmetic dominates and the cache saves it."""
+        return self.cached and device.type == "cpu"
 
     def _forward(self, batch: PairBatch) -> torch.Tensor:
         # use_cache=False: the config default would fill a KV cache that nothing reads.
