@@ -29,6 +29,7 @@ MAY_IMPORT = {
     "judge": set(),
     "evaluation": CORE | {"engines", "generate", "judge"},
     "sweep": {"config", "engines", "report", "strategies"},
+    "tune": {"config", "client", "report", "sweep"},  # variants as comparisons, chosen on validation pairs
     "api": CORE | {"engines", "sweep", "rundir", "cli"},  # the Python API: what the commands do, as functions
 }
 #: Imported by any layer: the error types, the strict JSON writer and the phase clock.

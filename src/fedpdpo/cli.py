@@ -17,7 +17,7 @@ from fedpdpo import __version__
 from fedpdpo.errors import FedPDPOError, environment_error
 
 #: Subcommand modules, each with ``register(subparsers)``.
-COMMANDS = ["run", "node", "data", "config", "export", "generate", "evaluate", "compare", "report", "deploy"]
+COMMANDS = ["run", "node", "data", "config", "export", "generate", "evaluate", "compare", "tune", "report", "deploy"]
 
 
 def offline_env() -> None:

@@ -9,7 +9,7 @@ from fedpdpo.errors import FedPDPOError
 from fedpdpo.jsonio import dumps
 
 
-def _ints(text: str) -> list[int]:
+def parse_seeds(text: str) -> list[int]:
     try:
         return [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
@@ -37,7 +37,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from fedpdpo.sweep import run_comparison
 
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
-    seeds = _ints(args.seeds)
+    seeds = parse_seeds(args.seeds)
     if not algorithms or not seeds:
         raise FedPDPOError("--algorithms and --seeds must each name at least one value")
     with locked_dir(Path(args.out)):  # one comparison per directory; each run also locks its own
