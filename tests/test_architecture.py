@@ -28,7 +28,8 @@ MAY_IMPORT = {
     "generate": {"data", "export", "model"},
     "judge": set(),
     "evaluation": CORE | {"engines", "generate", "judge"},
-    "sweep": {"config", "engines", "report", "strategies"},
+    "sweep": {"config", "engines", "report", "strategies", "workers"},
+    "workers": set(),  # worker-process start: nothing that could touch CUDA before the GPU is chosen
     "tune": {"config", "client", "report", "sweep"},  # variants as comparisons, chosen on validation pairs
     "api": CORE | {"engines", "sweep", "rundir", "cli"},  # the Python API: what the commands do, as functions
 }

@@ -303,3 +303,40 @@ def test_validation_curve_and_where_it_peaks():
 def test_run_report_has_the_validation_curve(compared: Path):
     summary = json.loads((compared / "fedpdpo" / "seed0" / "summary.json").read_text())
     assert sorted(summary["mean_val_accuracy_by_round"]) == ["1"] and summary["best_val_round"] == 1
+
+
+def _untimed_rows(out: Path, algo: str) -> list[dict]:
+    lines = (out / algo / "seed0" / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if "time" not in k} for line in lines]
+
+
+def test_parallel_jobs_give_the_runs_of_one_after_another(tmp_path: Path):
+    """--jobs runs each run in a worker process of its own; every run's metrics are those of the sequential
+    comparison (same thread count), and a second call skips them all."""
+    algorithms, overrides = ["fedpdpo", "fedavg", "local"], [*FAST, "threads=1"]
+    sequential = run_comparison(TINY_CONFIG, algorithms, [0], tmp_path / "seq", overrides, quiet=True)
+    argv = ["compare", "--config", str(TINY_CONFIG), "--algorithms", ",".join(algorithms), "--jobs", "3"]
+    argv += ["--out", str(tmp_path / "par"), "--quiet", *[a for s in overrides for a in ("--set", s)]]
+    assert main(argv) == 0
+    for algo in algorithms:
+        assert _untimed_rows(tmp_path / "seq", algo) == _untimed_rows(tmp_path / "par", algo)
+    parallel = json.loads((tmp_path / "par" / "comparison.json").read_text())
+    assert parallel["ranking"] == sequential["ranking"]
+    summary = tmp_path / "par" / "fedavg" / "seed0" / "summary.json"
+    before = summary.stat().st_mtime_ns
+    run_comparison(TINY_CONFIG, algorithms, [0], tmp_path / "par", overrides, quiet=True, workers=3)
+    assert summary.stat().st_mtime_ns == before
+
+
+def test_jobs_below_one_is_a_one_line_error(tmp_path: Path, capsys):
+    argv = ["compare", "--config", str(TINY_CONFIG), "--algorithms", "fedavg", "--jobs", "0"]
+    assert main([*argv, "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip() == "fedpdpo: error: --jobs must be at least 1, got 0"
+    assert not (tmp_path / "o").exists()
+
+
+def test_each_worker_takes_one_gpu_round_robin():
+    from fedpdpo.workers import device_for
+
+    assert [device_for(w, ["0", "1", "2"]) for w in range(4)] == ["0", "1", "2", "0"]
+    assert device_for(5, ["3"]) is None and device_for(0, []) is None  # one GPU or none: nothing to pin

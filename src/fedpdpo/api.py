@@ -159,9 +159,11 @@ def compare(
     test_data: Data = None,
     overrides: Sequence[str] = (),
     quiet: bool = False,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Run every algorithm x seed on one config and write the comparison report, as ``fedpdpo compare``; returns
-    ``comparison.json``'s content (``ranking``, per-algorithm means and stds, ``fairness_differences``)."""
+    ``comparison.json``'s content (``ranking``, per-algorithm means and stds, ``fairness_differences``). ``jobs``:
+    runs at a time, each in its own process (``--jobs``)."""
     from fedpdpo.cli import offline_env
     from fedpdpo.rundir import locked_dir
     from fedpdpo.sweep import run_comparison
@@ -173,4 +175,4 @@ def compare(
         raise FedPDPOError("compare needs at least one algorithm and one seed")
     cfg = resolve_config(config, overrides, data, test_data)
     with locked_dir(Path(out)):
-        return run_comparison(cfg, list(algorithms), list(seeds), out, quiet=quiet)
+        return run_comparison(cfg, list(algorithms), list(seeds), out, quiet=quiet, workers=jobs)

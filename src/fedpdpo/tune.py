@@ -28,8 +28,8 @@ from fedpdpo.client.state import atomic_write
 from fedpdpo.config import load_config
 from fedpdpo.errors import ConfigError, FedPDPOError
 from fedpdpo.jsonio import dumps
-from fedpdpo.report.compare import load_run
-from fedpdpo.sweep import run_comparison, run_dir
+from fedpdpo.report.compare import load_run, write_report
+from fedpdpo.sweep import execute, plan, run_dir
 
 #: Test figures reported next to the validation score (summary keys, per client), when the algorithm has them.
 TEST_KEYS = ("accuracy", "accuracy_implicit", "accuracy_combined", "accuracy_explicit", "accuracy_global")
@@ -138,17 +138,22 @@ def run_tune(
     out: str | Path,
     overrides: Sequence[str] = (),
     quiet: bool = False,
+    workers: int = 1,
 ) -> dict[str, Any]:
-    """Run every variant of ``grid`` (each a ``compare`` of ``algorithm`` over ``seeds``), choose one by the
-    validation score, write ``tune.json`` and ``tune.md``; returns what ``tune.json`` holds."""
+    """Run every variant of ``grid`` (each a comparison of ``algorithm`` over ``seeds``, with its own report),
+    choose one by the validation score, write ``tune.json`` and ``tune.md``; returns what ``tune.json`` holds.
+    ``workers``: runs at a time, across variants (:func:`fedpdpo.sweep.execute`)."""
     out = Path(out).resolve()
     points = variants(grid)
-    for variant in points:  # every variant's config must load before anything runs
-        load_config(config, [*overrides, *variant.sets])
-    for i, variant in enumerate(points, 1):
-        if not quiet:
-            print(f"[variant {i}/{len(points)}] {variant.name}", flush=True)
-        run_comparison(config, [algorithm], seeds, out / variant.name, [*overrides, *variant.sets], quiet=quiet)
+    # every variant's config loads before anything runs
+    bases = [load_config(config, [*overrides, *variant.sets]) for variant in points]
+    jobs = {
+        v.name: plan(base, [algorithm], seeds, out / v.name, prefix=f"{v.name}: ")
+        for v, base in zip(points, bases, strict=True)
+    }
+    execute([job for batch in jobs.values() for job in batch], quiet, workers)
+    for name, batch in jobs.items():
+        write_report([load_run(job.path) for job in batch], out / name)
     results = [_variant_result(v, out, algorithm, seeds) for v in points]
     best = max(range(len(results)), key=lambda i: (results[i]["validation_score"]["mean"], -i))
     tune = {

@@ -29,6 +29,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     cmp.add_argument("--out", required=True, help="output directory")
     cmp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key for every run")
     cmp.add_argument("--quiet", action="store_true", help="no progress bars or round tables")
+    cmp.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="runs at a time, each in its own process (cores shared; several GPUs: one each); results as when "
+        "run one after another",
+    )
     cmp.set_defaults(func=cmd_compare)
 
 
@@ -40,8 +48,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     seeds = parse_seeds(args.seeds)
     if not algorithms or not seeds:
         raise FedPDPOError("--algorithms and --seeds must each name at least one value")
+    if args.jobs < 1:
+        raise FedPDPOError(f"--jobs must be at least 1, got {args.jobs}")
     with locked_dir(Path(args.out)):  # one comparison per directory; each run also locks its own
-        comparison = run_comparison(args.config, algorithms, seeds, args.out, args.set or [], quiet=args.quiet)
+        comparison = run_comparison(
+            args.config, algorithms, seeds, args.out, args.set or [], quiet=args.quiet, workers=args.jobs
+        )
     table = {
         a: {
             "mean_accuracy": round(comparison["algorithms"][a]["mean_accuracy"], 4),

@@ -32,21 +32,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     tune.add_argument("--out", required=True, help="output directory")
     tune.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key for every run")
     tune.add_argument("--quiet", action="store_true", help="no progress bars or round tables")
+    tune.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="runs at a time, each in its own process (cores shared; several GPUs: one each); results as when "
+        "run one after another",
+    )
     tune.set_defaults(func=cmd_tune)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from fedpdpo.rundir import locked_dir
-    from fedpdpo.strategies import get_strategy
     from fedpdpo.tune import parse_grid, run_tune
 
     seeds = parse_seeds(args.seeds)
     if not seeds:
         raise FedPDPOError("--seeds must name at least one seed")
-    get_strategy(args.algorithm)  # an unknown name fails before anything runs
+    if args.jobs < 1:
+        raise FedPDPOError(f"--jobs must be at least 1, got {args.jobs}")
     grid = parse_grid(args.grid)
     with locked_dir(Path(args.out)):  # one sweep per directory; each variant's runs also lock their own
-        tune = run_tune(args.config, grid, args.algorithm, seeds, args.out, args.set or [], quiet=args.quiet)
+        tune = run_tune(args.config, grid, args.algorithm, seeds, args.out, args.set or [], args.quiet, args.jobs)
     chosen = next(v for v in tune["variants"] if v["name"] == tune["chosen"])
     print(dumps({"out": args.out, "chosen": chosen["sets"], "validation_score": chosen["validation_score"]}))
     return 0
