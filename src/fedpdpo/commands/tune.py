@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedpdpo.commands.compare import parse_seeds
-from fedpdpo.errors import FedPDPOError
+from fedpdpo.commands.compare import add_run_options, run_options
 from fedpdpo.jsonio import dumps
 
 
@@ -28,18 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "more keys, every combination runs",
     )
     tune.add_argument("--algorithm", default="fedpdpo", help="the algorithm tuned (default: fedpdpo)")
-    tune.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
-    tune.add_argument("--out", required=True, help="output directory")
-    tune.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key for every run")
-    tune.add_argument("--quiet", action="store_true", help="no progress bars or round tables")
-    tune.add_argument(
-        "--jobs",
-        type=int,
-        default=1,
-        metavar="N",
-        help="runs at a time, each in its own process (cores shared; several GPUs: one each); results as when "
-        "run one after another",
-    )
+    add_run_options(tune)
     tune.set_defaults(func=cmd_tune)
 
 
@@ -47,11 +35,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from fedpdpo.rundir import locked_dir
     from fedpdpo.tune import parse_grid, run_tune
 
-    seeds = parse_seeds(args.seeds)
-    if not seeds:
-        raise FedPDPOError("--seeds must name at least one seed")
-    if args.jobs < 1:
-        raise FedPDPOError(f"--jobs must be at least 1, got {args.jobs}")
+    seeds = run_options(args)
     grid = parse_grid(args.grid)
     with locked_dir(Path(args.out)):  # one sweep per directory; each variant's runs also lock their own
         tune = run_tune(args.config, grid, args.algorithm, seeds, args.out, args.set or [], args.quiet, args.jobs)
