@@ -340,3 +340,32 @@ def test_each_worker_takes_one_gpu_round_robin():
 
     assert [device_for(w, ["0", "1", "2"]) for w in range(4)] == ["0", "1", "2", "0"]
     assert device_for(5, ["3"]) is None and device_for(0, []) is None  # one GPU or none: nothing to pin
+
+
+def test_killed_parallel_compare_leaves_no_run_going_and_resumes(tmp_path: Path):
+    """SIGKILL of `compare --jobs 2`: its workers end with it (their runs stop growing), and the same command
+    again finishes every run as an uninterrupted comparison would."""
+    import sys
+    import time
+
+    from tests.test_resume import _kill_when
+
+    algorithms, overrides = ["fedpdpo", "fedavg"], ["rounds=12", "local_steps=2", "threads=1"]
+    cmd = [sys.executable, "-m", "fedpdpo.cli", "compare", "--quiet", "--config", str(TINY_CONFIG), "--jobs", "2"]
+    cmd += ["--algorithms", ",".join(algorithms), *[a for s in overrides for a in ("--set", s)], "--out"]
+    runs = [tmp_path / "killed" / algo / "seed0" for algo in algorithms]
+    _kill_when(
+        [*cmd, str(tmp_path / "killed")],
+        lambda: all(
+            (r / "checkpoint.pt").is_file() and (r / "metrics.jsonl").read_text().count("\n") >= 4 for r in runs
+        ),
+    )
+    time.sleep(3)  # the workers' SIGTERM has landed
+    sizes = [(r / "metrics.jsonl").stat().st_size for r in runs]
+    time.sleep(3)
+    assert [(r / "metrics.jsonl").stat().st_size for r in runs] == sizes
+    assert not any((r / "summary.json").exists() for r in runs)
+    run_comparison(TINY_CONFIG, algorithms, [0], tmp_path / "killed", overrides, quiet=True, workers=2)
+    run_comparison(TINY_CONFIG, algorithms, [0], tmp_path / "fresh", overrides, quiet=True)
+    for algo in algorithms:
+        assert _untimed_rows(tmp_path / "killed", algo) == _untimed_rows(tmp_path / "fresh", algo)

@@ -130,7 +130,7 @@ def execute(jobs: Sequence[Job], quiet: bool = False, workers: int = 1) -> None:
     workers = min(workers, len(todo))
     ctx = multiprocessing.get_context("spawn")
     threads = max(1, (os.cpu_count() or 1) // workers)
-    init = (ctx.Value("i", 0), cuda_devices(), threads)
+    init = (ctx.Value("i", 0), cuda_devices(), threads, os.getpid())
     errors: list[BaseException] = []
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=init) as pool:
         started = {pool.submit(run_job, job, True): (job, time.perf_counter()) for job in todo}

@@ -7,7 +7,11 @@ read when CUDA starts, and must be set before anything in the process asks for a
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
+import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,9 +31,27 @@ def cuda_devices() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def init_worker(counter: Any, devices: Sequence[str], threads: int) -> None:
+def die_with_parent(parent: int) -> None:
+    """Linux: have the kernel end this worker (SIGTERM) when the parent process dies. A killed ``compare`` must not
+    leave runs going on unseen, which would also hold their directories' locks against the resumed command; the
+    interrupted runs continue from their last checkpoint when the command is run again."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def init_worker(counter: Any, devices: Sequence[str], threads: int, parent: int) -> None:
     """Runs first in each worker: take the next worker number, pin the process to its GPU, set its CPU threads
-    (a run's own ``threads`` setting, where given, still applies when the run starts)."""
+    (a run's own ``threads`` setting, where given, still applies when the run starts), and quiet it as the CLI is
+    (library deprecation notices hidden; the parent reports each run's end, so only warnings are logged here)."""
+    die_with_parent(parent)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     with counter.get_lock():
         worker = counter.value
         counter.value += 1
