@@ -134,13 +134,17 @@ def execute(jobs: Sequence[Job], quiet: bool = False, workers: int = 1) -> None:
     errors: list[BaseException] = []
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=init) as pool:
         started = {pool.submit(run_job, job, True): (job, time.perf_counter()) for job in todo}
-        for i, future in enumerate(as_completed(started), 1):
-            job, start = started[future]
-            try:
-                _finished(i, len(todo), job, future.result(), start)
-            except Exception as exc:  # reported, and the first raised, once the other runs are done
-                log.error("[%d/%d] %s failed: %s", i, len(todo), job.label, exc)
-                errors.append(exc)
+        try:
+            for i, future in enumerate(as_completed(started), 1):
+                job, start = started[future]
+                try:
+                    _finished(i, len(todo), job, future.result(), start)
+                except Exception as exc:  # reported, and the first raised, once the other runs are done
+                    log.error("[%d/%d] %s failed: %s", i, len(todo), job.label, exc)
+                    errors.append(exc)
+        except BaseException:  # Ctrl-C: start no queued run; the workers end with this process (init_worker)
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     if errors:
         raise errors[0]
 

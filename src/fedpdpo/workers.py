@@ -46,10 +46,14 @@ def die_with_parent(parent: int) -> None:
 
 
 def init_worker(counter: Any, devices: Sequence[str], threads: int, parent: int) -> None:
-    """Runs first in each worker: take the next worker number, pin the process to its GPU, set its CPU threads
-    (a run's own ``threads`` setting, where given, still applies when the run starts), and quiet it as the CLI is
-    (library deprecation notices hidden; the parent reports each run's end, so only warnings are logged here)."""
+    """Runs first in each worker: tie its life to the parent's (and to Ctrl-C), take the next worker number, pin
+    the process to its GPU, set its CPU threads (a run's own ``threads`` setting, where given, still applies when
+    the run starts), and quiet it as the CLI is (library deprecation notices hidden; the parent reports each run's
+    end, so only warnings are logged here)."""
     die_with_parent(parent)
+    # Ctrl-C ends the worker at once, like a kill (the run resumes from its checkpoint): caught as an exception
+    # instead, it would end only the current run and the worker would take the next one from the queue
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     warnings.filterwarnings("ignore", category=FutureWarning)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     with counter.get_lock():
