@@ -43,6 +43,12 @@ def test_a_key_given_twice_is_refused():
         parse_grid(["lr=1e-3", "lr=5e-4"])
 
 
+@pytest.mark.parametrize(("key", "option"), [("algorithm", "--algorithm"), ("seed", "--seeds")])
+def test_algorithm_and_seed_are_not_grid_keys(key, option):
+    with pytest.raises(ConfigError, match=f"cannot vary '{key}': use {option}"):
+        parse_grid([f"{key}=1,2"])
+
+
 def test_validation_score_averages_the_chosen_score_and_the_implicit_reward():
     summary = {
         "clients": [
@@ -56,10 +62,11 @@ def test_validation_score_averages_the_chosen_score_and_the_implicit_reward():
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory) -> Path:
-    """A real sweep on the tiny config through the CLI: two learning rates x two seeds."""
+    """A real sweep on the tiny config through the CLI: two learning rates x two seeds, two runs at a time."""
     out = tmp_path_factory.mktemp("tune") / "out"
     sets = [a for s in FAST for a in ("--set", s)]
-    argv = ["tune", "--config", str(TINY_CONFIG), "--grid", "lr=5e-3,1e-5", "--seeds", "0,1", "--out", str(out)]
+    argv = ["tune", "--config", str(TINY_CONFIG), "--grid", "lr=5e-3,1e-5", "--seeds", "0,1", "--jobs", "2"]
+    argv += ["--out", str(out)]
     assert main([*argv, "--quiet", *sets]) == 0
     return out
 

@@ -77,6 +77,8 @@ def parse_grid(specs: Sequence[str]) -> dict[str, list[str]]:
             raise ConfigError(f"--grid expects KEY=VALUE[,VALUE...], got {spec!r}")
         if key in grid:
             raise ConfigError(f"--grid names '{key}' twice; give all its values in one --grid")
+        if key in ("algorithm", "seed"):  # each run's own: a grid over them would be silently overridden
+            raise ConfigError(f"--grid cannot vary '{key}': use --{'algorithm' if key == 'algorithm' else 'seeds'}")
         grid[key] = values
     return grid
 
