@@ -28,8 +28,8 @@ from fedpdpo.client.state import atomic_write
 from fedpdpo.config import load_config
 from fedpdpo.errors import ConfigError, FedPDPOError
 from fedpdpo.jsonio import dumps
-from fedpdpo.report.compare import load_run, write_report
-from fedpdpo.sweep import execute, plan, run_dir
+from fedpdpo.report.compare import Run, load_run, write_report
+from fedpdpo.sweep import execute, plan
 
 #: Test figures reported next to the validation score (summary keys, per client), when the algorithm has them.
 TEST_KEYS = ("accuracy", "accuracy_implicit", "accuracy_combined", "accuracy_explicit", "accuracy_global")
@@ -108,12 +108,12 @@ def _mean_std(values: Sequence[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
-def _variant_result(variant: Variant, out: Path, algorithm: str, seeds: Sequence[int]) -> dict[str, Any]:
-    runs = [load_run(run_dir(out / variant.name, algorithm, seed)) for seed in seeds]
+def _variant_result(variant: Variant, runs: Sequence[Run], seeds: Sequence[int], where: Path) -> dict[str, Any]:
     scores = [validation_score(r.summary) for r in runs]
-    if any(s is None for s in scores):
+    present = [s for s in scores if s is not None]
+    if len(present) < len(scores):
         raise FedPDPOError(
-            f"{out / variant.name}: its runs hold out no validation pairs, so nothing can choose between variants; "
+            f"{where}: its runs hold out no validation pairs, so nothing can choose between variants; "
             "set data.validation_fraction above 0"
         )
     test: dict[str, dict[str, float]] = {}
@@ -126,7 +126,7 @@ def _variant_result(variant: Variant, out: Path, algorithm: str, seeds: Sequence
     return {
         "name": variant.name,
         "sets": list(variant.sets),
-        "validation_score": _mean_std([float(s) for s in scores if s is not None]),
+        "validation_score": _mean_std(present),
         "validation_score_by_seed": dict(zip((str(s) for s in seeds), scores, strict=True)),
         "test": test,
     }
@@ -154,9 +154,11 @@ def run_tune(
         for v, base in zip(points, bases, strict=True)
     }
     execute([job for batch in jobs.values() for job in batch], quiet, workers)
-    for name, batch in jobs.items():
-        write_report([load_run(job.path) for job in batch], out / name)
-    results = [_variant_result(v, out, algorithm, seeds) for v in points]
+    results = []
+    for v in points:
+        runs = [load_run(job.path) for job in jobs[v.name]]
+        write_report(runs, out / v.name)
+        results.append(_variant_result(v, runs, seeds, out / v.name))
     best = max(range(len(results)), key=lambda i: (results[i]["validation_score"]["mean"], -i))
     tune = {
         "config": str(Path(config).resolve()),
