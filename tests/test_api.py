@@ -54,7 +54,9 @@ def test_run_takes_a_path_a_dict_or_a_runconfig_and_in_memory_records(tmp_path):
     in_memory = fedpdpo.run(cfg, tmp_path / "memory", data=records, quiet=True)
     as_dict = {
         "model": "tiny",
+        "precision": "fp32",  # as configs/tiny.toml: "auto" would pick bf16 on a CPU with bf16 units
         "num_clients": 2,
+        "batch_size": 4,
         "max_length": 64,
         "lr": cfg.lr,
         "lora": {"r": 4, "alpha": 8},

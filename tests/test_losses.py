@@ -134,8 +134,10 @@ def test_local_rpo_scope_trains_only_the_local_tensors_with_the_nll(tiny_cfg):
     plain, everywhere, local_only = grads(0.0, "all"), grads(1.0, "all"), grads(1.0, "local")
     assert set(local_only) == set(plain)
     for name in params:
-        expected = plain[name] if name in shared else everywhere[name]
-        assert torch.allclose(local_only[name], expected, rtol=1e-5, atol=1e-7), name
+        if name in shared:  # the shared LoRA never sees the NLL: the same gradient, bit for bit
+            assert torch.equal(local_only[name], plain[name]), name
+        else:  # the sum of two backward passes against one: the same up to fp32 rounding of the accumulation
+            assert torch.allclose(local_only[name], everywhere[name], rtol=1e-5, atol=1e-6), name
     head = [n for n in params if n not in shared and "head" in n and "reward" not in n]
     assert head and not torch.allclose(plain[head[0]], everywhere[head[0]])  # the NLL does reach the local head
     lora = [n for n in shared if "lora_B" in n]

@@ -314,3 +314,48 @@ def test_prefix_groups_are_computed_together_only_where_exact(tiny_cfg, monkeypa
     assert list(cache.batch_exact.values()) == [False]
     cache.clear()
     assert torch.equal(model.prefix.hidden(batch), alone)  # later groups of that shape: one by one
+
+
+def test_a_training_step_reads_its_results_back_once(tiny_cfg, monkeypatch):
+    """On a GPU every read of a computed tensor (``.item()``, ``float()``, ``.tolist()``) makes the host wait for the
+    device's queue; a step reads its metrics, loss and gradient norm in one copy, and nothing else: the response
+    positions (``nonzero``) are found while the batch is still on the CPU (data/tokenize.py), not in the model.
+    (torch's AdamW reads its step counters with ``.item()``: they stay on the CPU unless ``capturable``, so only
+    reads made by fedpdpo's own code are counted.)"""
+    import sys
+
+    from fedpdpo.client import trainer
+
+    reads = {"item": 0, "float": 0, "nonzero": 0, "scalars": 0}
+    real_read = trainer.read_scalars
+    package = str(Path(trainer.__file__).parents[1])
+
+    def count(kind, real):
+        def wrapped(*args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if kind == "scalars" or (caller.startswith(package) and not caller.endswith("tokenize.py")):
+                reads[kind] += 1
+            return real(*args, **kwargs)
+
+        return wrapped
+
+    tiny_cfg.algorithm = "fedpdpo"
+    tiny_cfg.local_steps = 5
+    setup = build_setup(tiny_cfg)
+    task, state = setup.tasks[0], ClientState()
+    ensure_reference(setup.model, task, state, setup.cfg)  # not part of the steps
+    steps = []
+    monkeypatch.setattr(trainer, "read_scalars", count("scalars", real_read))
+    monkeypatch.setattr(torch.Tensor, "item", count("item", torch.Tensor.item))
+    monkeypatch.setattr(torch.Tensor, "__float__", count("float", torch.Tensor.__float__))
+    monkeypatch.setattr(torch.Tensor, "nonzero", count("nonzero", torch.Tensor.nonzero))
+    trainer._run_steps(
+        setup.model,
+        task,
+        state,
+        setup.cfg,
+        trainer._Steps(torch.optim.AdamW(list(setup.model.trainable().values())), setup.model.trainable(), set(), 0, 5),
+        lambda step, metrics: steps.append(metrics),
+    )
+    assert len(steps) == 5 and all(isinstance(v, float) for m in steps for v in m.values())
+    assert reads == {"item": 0, "float": 0, "nonzero": 0, "scalars": 5}

@@ -16,20 +16,35 @@ Metric names follow TRL's DPOTrainer: ``rewards/chosen`` is ``beta * (log pi - l
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
 
 
+def read_scalars(values: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """The 0-dim tensors ``values`` as floats, in one device-to-host copy: on a GPU each ``.item()`` makes the host
+    wait until the device's queue is empty, so a step that read its ten metrics one by one would stall ten times."""
+    if not values:
+        return {}
+    flat = torch.stack([v.detach().reshape(()).float() for v in values.values()]).tolist()
+    return dict(zip(values, flat, strict=True))
+
+
 @dataclass
 class LossOutput:
     loss: torch.Tensor  # scalar, what is back-propagated
-    metrics: dict[str, float]
+    values: dict[str, torch.Tensor]  # the metrics as detached 0-dim tensors, still on the loss's device
     margins: torch.Tensor  # [B] implicit reward margins beta * h per pair (detached): what evaluation ranks by
     # A term of the objective whose gradient goes to the client's local tensors only (the NLL with
     # rpo_scope = "local"): the trainer back-propagates it with ``inputs=`` those tensors; not part of ``loss``.
     local_loss: torch.Tensor | None = None
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The metrics as floats (TRL's names), read in one copy (:func:`read_scalars`)."""
+        return read_scalars(self.values)
 
 
 def dpo_loss(
@@ -91,35 +106,35 @@ def fedpdpo_objective(
     )
     loss = losses.mean()
     margins = r_chosen - r_rejected
-    metrics = {
-        "loss/dpo": loss.item(),
-        "rewards/chosen": r_chosen.mean().item(),
-        "rewards/rejected": r_rejected.mean().item(),
-        "rewards/margins": margins.mean().item(),
-        "rewards/accuracies": pairwise_accuracy(margins).item(),
-        "logps/chosen": policy_logps[:b].detach().mean().item(),
-        "logps/rejected": policy_logps[b:].detach().mean().item(),
+    metrics: dict[str, torch.Tensor] = {
+        "loss/dpo": loss.detach(),
+        "rewards/chosen": r_chosen.mean(),
+        "rewards/rejected": r_rejected.mean(),
+        "rewards/margins": margins.mean(),
+        "rewards/accuracies": pairwise_accuracy(margins),
+        "logps/chosen": policy_logps[:b].detach().mean(),
+        "logps/rejected": policy_logps[b:].detach().mean(),
     }
     if rewards is not None and reward_weight > 0:
         rm_loss = reward_bt_loss(rewards[:b], rewards[b:]).mean()
         loss = loss + reward_weight * rm_loss
         explicit_margin = (rewards[:b] - rewards[b:]).detach()
-        metrics["loss/reward"] = rm_loss.item()
-        metrics["explicit/margins"] = explicit_margin.mean().item()
-        metrics["explicit/accuracies"] = pairwise_accuracy(explicit_margin).item()
+        metrics["loss/reward"] = rm_loss.detach()
+        metrics["explicit/margins"] = explicit_margin.mean()
+        metrics["explicit/accuracies"] = pairwise_accuracy(explicit_margin)
     if n_tokens is not None and rpo_alpha > 0:
         nll = -policy_logps[:b].sum() / n_tokens[:b].sum().clamp_min(1)
         if rpo_scope == "local":
             local_loss = rpo_alpha * nll
         else:
             loss = loss + rpo_alpha * nll
-        metrics["loss/nll"] = nll.item()
+        metrics["loss/nll"] = nll.detach()
     if global_logps is not None and global_weight > 0:
         g_losses, g_chosen, g_rejected = dpo_loss(
             global_logps[:b], global_logps[b:], ref_logps[:b], ref_logps[b:], beta, loss_type, label_smoothing
         )
         loss = loss + global_weight * g_losses.mean()
-        metrics["loss/global"] = g_losses.mean().item()
-        metrics["global/accuracies"] = pairwise_accuracy(g_chosen - g_rejected).item()
-    metrics["loss"] = loss.item() + (0.0 if local_loss is None else local_loss.item())
+        metrics["loss/global"] = g_losses.mean().detach()
+        metrics["global/accuracies"] = pairwise_accuracy(g_chosen - g_rejected)
+    metrics["loss"] = (loss if local_loss is None else loss + local_loss).detach()
     return LossOutput(loss, metrics, margins, local_loss)

@@ -20,11 +20,14 @@ from fedpdpo.config import RunConfig
 from fedpdpo.data.task import ClientTask
 from fedpdpo.data.tokenize import PairBatch, TokenizedPair, collate, length_bucketed_batches
 from fedpdpo.instructions import FitPlan
-from fedpdpo.losses import LossOutput, fedpdpo_objective, pairwise_accuracy
+from fedpdpo.losses import LossOutput, fedpdpo_objective, pairwise_accuracy, read_scalars
 from fedpdpo.model.naming import PERSONAL, optimizer_groups, personal_copies
 from fedpdpo.model.policy import FedPDPOModel, PolicyOutput
 from fedpdpo.timing import phase
 from fedpdpo.transfer import to_wire
+
+#: Key of the whole back-propagated loss (proximal term included) in a step's one read; checked, not logged.
+OBJECTIVE = "_objective"
 
 
 @dataclass
@@ -103,8 +106,8 @@ def _fill_reference(
         for batch in _batches(pairs, cfg.eval_batch_size, pad_id, device):
             ref = model.reference_logps(batch).float().cpu()
             b = batch.num_pairs
-            table[batch.index.cpu(), 0] = ref[:b]
-            table[batch.index.cpu(), 1] = ref[b:]
+            table[batch.index, 0] = ref[:b]
+            table[batch.index, 1] = ref[b:]
 
 
 def reference_logps(model: FedPDPOModel, pairs: list[TokenizedPair], cfg: RunConfig, pad_id: int) -> torch.Tensor:
@@ -136,7 +139,7 @@ def ensure_reference(
 
 def _store_reference(batch: PairBatch, ref: torch.Tensor, table: torch.Tensor) -> None:
     """Cache reference log-probs computed inside a training step (only rows still missing)."""
-    idx = batch.index.cpu()
+    idx = batch.index
     b = idx.shape[0]
     rows = torch.stack([ref[:b], ref[b:]], 1).detach().float().cpu()
     missing = torch.isnan(table[idx]).any(1)
@@ -144,7 +147,7 @@ def _store_reference(batch: PairBatch, ref: torch.Tensor, table: torch.Tensor) -
 
 
 def _ref_for(batch: PairBatch, table: torch.Tensor, device: torch.device) -> torch.Tensor:
-    rows = table[batch.index.cpu()]
+    rows = table[batch.index]
     return torch.cat([rows[:, 0], rows[:, 1]]).to(device)
 
 
@@ -245,11 +248,14 @@ def _run_steps(
         # de-duplicate when the client has fewer pairs than the batch size
         batch = collate([task.train[i] for i in dict.fromkeys(idx)], task.pad_id).to(device)
         with autocast(cfg, model):
-            need_ref = cfg.perf.fused_reference and bool(torch.isnan(ref_table[batch.index.cpu()]).any())
+            need_ref = cfg.perf.fused_reference and bool(torch.isnan(ref_table[batch.index]).any())
+            # a cached reference goes to the device with the batch, before the forward pass is queued (a copy to
+            # a GPU after it would wait for it to finish)
+            ref = None if need_ref else _ref_for(batch, ref_table, device)
             out = model(batch, with_reference=need_ref)
-            if need_ref:
+            if ref is None:
                 _store_reference(batch, out.ref_logps, ref_table)
-            ref = _ref_for(batch, ref_table, device)
+                ref = _ref_for(batch, ref_table, device)
             result = objective(out.logps, ref, out.rewards, cfg, out.global_logps, out.n_tokens)
         loss = result.loss
         if anchor is not None:
@@ -260,14 +266,15 @@ def _run_steps(
         for p in frozen:
             p.grad = None
         grad_norm = torch.nn.utils.clip_grad_norm_(list(run.params.values()), cfg.max_grad_norm)
-        result.metrics["grad_norm"] = float(grad_norm)
-        if not math.isfinite(loss.item()) or not math.isfinite(float(grad_norm)):
+        # the step's only wait for the device: every metric, the loss and the gradient norm in one copy
+        metrics = read_scalars(result.values | {"grad_norm": grad_norm, OBJECTIVE: loss})
+        if not math.isfinite(metrics.pop(OBJECTIVE)) or not math.isfinite(metrics["grad_norm"]):
             raise FloatingPointError(f"client {task.client_id}: non-finite loss or gradient at step {step}")
         run.optimizer.step()
-        for k, v in result.metrics.items():
+        for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v
         if on_step is not None:
-            on_step(step, result.metrics)
+            on_step(step, metrics)
     model.eval()
     return {k: v / run.steps for k, v in sums.items()}
 
@@ -375,7 +382,7 @@ def _reference_output(model: FedPDPOModel, batch: PairBatch, ref_table: torch.Te
     """What ``model(batch, with_global=True)`` gives while the policy is the reference
     (:meth:`FedPDPOModel.at_reference`), without running it: the cached reference log-probs (computed on the same
     batches) for the policy and the global policy, and the zero reward head's zeros."""
-    logps = _ref_for(batch, ref_table, batch.index.device)
+    logps = _ref_for(batch, ref_table, batch.input_ids.device)
     rewards = torch.zeros_like(logps) if "reward_head" in model.local else None
     return PolicyOutput(logps, rewards, batch.response_mask[:, 1:].sum(1), global_logps=logps)
 

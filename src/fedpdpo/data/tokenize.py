@@ -38,17 +38,32 @@ class TokenizedPair:
 
 @dataclass
 class PairBatch:
-    index: torch.Tensor  # [B]
+    index: torch.Tensor  # [B], always on the CPU: it indexes the CPU reference tables (no device round trip)
     input_ids: torch.Tensor  # [2B, L]: chosen rows first, then rejected rows
     attention_mask: torch.Tensor  # [2B, L]
     response_mask: torch.Tensor  # [2B, L], True where the token is part of the response
+    # (rows, columns) of the predicted response tokens, i.e. of ``response_mask[:, 1:]``, found on the CPU by
+    # :meth:`to`: finding them on a GPU (``nonzero``) would make the host wait for the device in mid-step
+    positions: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def num_pairs(self) -> int:
         return int(self.index.shape[0])
 
     def to(self, device: torch.device | str) -> PairBatch:
-        return PairBatch(*(t.to(device) for t in (self.index, self.input_ids, self.attention_mask, self.response_mask)))
+        """The sequences and response positions on ``device``; the index stays on the CPU, where the tables it
+        indexes live (reading a GPU tensor back would make the host wait for the device's queue)."""
+        positions = self.positions
+        if positions is None and self.response_mask.device.type == "cpu":
+            rows, cols = self.response_mask[:, 1:].nonzero(as_tuple=True)
+            positions = (rows, cols)
+        return PairBatch(
+            self.index,
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.response_mask.to(device),
+            None if positions is None else (positions[0].to(device), positions[1].to(device)),
+        )
 
 
 @dataclass(frozen=True)

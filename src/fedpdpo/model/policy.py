@@ -106,17 +106,22 @@ def response_logps(
     response_mask: torch.Tensor,
     weight: torch.Tensor,
     project_mask: torch.Tensor | None = None,
+    positions: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
     """Sum of log p(y_t | y_<t) over response tokens, per sequence.
 
     ``hidden`` [N, L, H]; the token at position t is predicted from the hidden state at t-1, so response positions
     are shifted left by one before the (chunked) vocabulary projection. ``project_mask`` (default: the response)
     selects the positions sent through the head; a wider mask (every real token, as TRL does) only costs time and
-    exists to measure what projecting the response alone saves.
+    exists to measure what projecting the response alone saves. ``positions``: the (rows, columns) of
+    ``response_mask[:, 1:]``'s true entries when the caller has them (:meth:`PairBatch.to`), used without a mask.
     """
     target_mask = response_mask[:, 1:]
-    projected = target_mask if project_mask is None else project_mask[:, 1:].bool() | target_mask
-    rows, cols = projected.nonzero(as_tuple=True)
+    if project_mask is None and positions is not None:
+        rows, cols = positions
+    else:
+        projected = target_mask if project_mask is None else project_mask[:, 1:].bool() | target_mask
+        rows, cols = projected.nonzero(as_tuple=True)
     states = hidden[:, :-1][rows, cols]  # [T, H]
     targets = input_ids[:, 1:][rows, cols]  # [T]
     weight = cast_once_for_autocast(weight)
@@ -350,4 +355,4 @@ class FedPDPOModel(nn.Module):
 
     def _logps(self, hidden: torch.Tensor, batch: PairBatch, head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         project = batch.attention_mask if self.project_all else None
-        return response_logps(hidden, batch.input_ids, batch.response_mask, head, project)
+        return response_logps(hidden, batch.input_ids, batch.response_mask, head, project, batch.positions)
