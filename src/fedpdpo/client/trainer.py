@@ -324,7 +324,7 @@ def fit(
     metrics = _run_steps(model, task, state, cfg, run, on_step)
     if model.gated:  # where the client's scales of the shared LoRA stand after the round (docs/method.md)
         gate = model.gate_weight.detach()
-        metrics |= {f"lora_gate/{stat}": getattr(gate, stat)().item() for stat in ("mean", "min", "max")}
+        metrics |= read_scalars({f"lora_gate/{stat}": getattr(gate, stat)() for stat in ("mean", "min", "max")})
     update = to_wire(model.get_tensors(list(shared)), cfg.transfer_dtype)
     personal = personal_copies(state.local)  # Ditto's copies, kept aside: state.local is rebuilt below
     state.local = model.get_tensors([n for n in params if n not in shared])
