@@ -79,25 +79,33 @@ def _load_run(run_dir: Path) -> tuple[RunSetup, dict[str, torch.Tensor], ClientS
     return setup, load_file(run_dir / GLOBAL_FILE), store
 
 
-def cross_client_matrix(setup: RunSetup, global_: dict[str, torch.Tensor], store: ClientStore) -> dict[str, Any]:
+def cross_client_matrix(
+    setup: RunSetup, global_: dict[str, torch.Tensor], store: ClientStore, chosen: dict[int, str] | None = None
+) -> dict[str, Any]:
     """``accuracy[i][j]``: client i's model on client j's test pairs, ranked by the score client i chose on its own
-    validation pairs (and by the implicit reward)."""
+    validation pairs (and by the implicit reward). ``chosen``: that score per client as the run recorded it
+    (summary.json); a client missing there chooses again on its validation pairs, which costs an evaluation of
+    them and of the global policy. Every cell, the diagonal included, is computed from the stored model."""
     ids = [t.client_id for t in setup.tasks]
     finals = {i: load_final(store, i, global_) for i in ids}  # kept round's (select_round), else final global
+    chosen = dict(chosen or {})
     acc, implicit = [], []
     for i in ids:
         mine, shared = finals[i]
-        own = evaluate(setup.model, setup.tasks[i], mine, shared, setup.initial, setup.cfg)
-        chosen = SCORES[int(own["selected_score"])]
+        own = None
+        if i not in chosen:
+            own = evaluate(setup.model, setup.tasks[i], mine, shared, setup.initial, setup.cfg)
+            chosen[i] = SCORES[int(own["selected_score"])]
         row, row_implicit = [], []
         for j in ids:
-            if j == i:  # its own test pairs, ranked by the score it chose: measured just above
+            if j == i and own is not None:  # its own test pairs, ranked by the score it chose: measured just above
                 metrics = own
             else:
                 state = ClientState(local=mine.local, reference=finals[j][0].reference)
                 test_only = dataclasses.replace(setup.tasks[j], val=[])  # i's choice is made; j's val unused
+                with_global = chosen[i] == "global"  # the global policy's margins only where they are the score
                 metrics = evaluate(
-                    setup.model, test_only, state, shared, setup.initial, setup.cfg, score=chosen, global_policy=False
+                    setup.model, test_only, state, shared, setup.initial, setup.cfg, chosen[i], with_global
                 )
             row.append(round(metrics["accuracy"], 4))
             row_implicit.append(round(metrics["accuracy_implicit"], 4))
@@ -115,6 +123,16 @@ def cross_client_matrix(setup: RunSetup, global_: dict[str, torch.Tensor], store
         "worst_client": round(float(min(diagonal)), 4),
         "spread": round(float(max(diagonal) - min(diagonal)), 4),
     }
+
+
+def _recorded_scores(run_dir: Path) -> dict[int, str]:
+    """The score each client ranks by, as its run chose it on the client's validation pairs (summary.json; {} when
+    the run has no summary)."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return {}
+    clients = json.loads(path.read_text(encoding="utf-8")).get("clients", [])
+    return {int(c["id"]): str(c["selected_score"]) for c in clients if c.get("selected_score") in SCORES}
 
 
 def _direction(judge: Judge, setup: RunSetup, cid: int, n: int) -> tuple[float, float]:
@@ -267,7 +285,7 @@ def evaluate_run(run_dir: str | Path, settings: EvaluationSettings | None = None
     result: dict[str, Any] = {}
     if settings.matrix:
         with phase("cross-client matrix"):
-            result["cross_client"] = cross_client_matrix(setup, global_, store)
+            result["cross_client"] = cross_client_matrix(setup, global_, store, _recorded_scores(run_dir))
     if settings.samples > 0:
         with phase("judge"):
             result["judge"] = judge_clients(setup, global_, store, settings)
