@@ -125,13 +125,10 @@ def cross_client_matrix(
     }
 
 
-def _recorded_scores(run_dir: Path) -> dict[int, str]:
-    """The score each client ranks by, as its run chose it on the client's validation pairs (summary.json; {} when
-    the run has no summary)."""
-    path = run_dir / "summary.json"
-    if not path.is_file():
-        return {}
-    clients = json.loads(path.read_text(encoding="utf-8")).get("clients", [])
+def _recorded_scores(summary: dict[str, Any] | None) -> dict[int, str]:
+    """The score each client ranks by, as its run chose it on the client's validation pairs (from the run's
+    summary.json; {} without one)."""
+    clients = (summary or {}).get("clients", [])
     return {int(c["id"]): str(c["selected_score"]) for c in clients if c.get("selected_score") in SCORES}
 
 
@@ -282,10 +279,12 @@ def evaluate_run(run_dir: str | Path, settings: EvaluationSettings | None = None
     settings = settings or EvaluationSettings()
     run_dir = Path(run_dir).resolve()
     setup, global_, store = _load_run(run_dir)
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
     result: dict[str, Any] = {}
     if settings.matrix:
         with phase("cross-client matrix"):
-            result["cross_client"] = cross_client_matrix(setup, global_, store, _recorded_scores(run_dir))
+            result["cross_client"] = cross_client_matrix(setup, global_, store, _recorded_scores(summary))
     if settings.samples > 0:
         with phase("judge"):
             result["judge"] = judge_clients(setup, global_, store, settings)
@@ -294,9 +293,7 @@ def evaluate_run(run_dir: str | Path, settings: EvaluationSettings | None = None
     merged = (json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}) | result
     text = json.dumps(merged, indent=2, allow_nan=False) + "\n"
     atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
-    summary_path = run_dir / "summary.json"
-    if summary_path.is_file():
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    if summary is not None:
         summary.update(merged)
         if "judge" in merged:
             summary["judge"] = {k: v for k, v in merged["judge"].items() if k != "settings"}
