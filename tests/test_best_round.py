@@ -155,11 +155,11 @@ def test_summary_reports_each_clients_kept_round(best_run):
 
 
 def test_evaluation_and_export_rebuild_the_kept_round(best_run, tmp_path):
-    from fedpdpo.evaluation import _load_run, cross_client_matrix
+    from fedpdpo.evaluation import cross_client_matrix, load_run
     from fedpdpo.export import load_from_run
 
     _, out, summary = best_run
-    setup, global_, store = _load_run(out)
+    setup, global_, store = load_run(out)
     matrix = cross_client_matrix(setup, global_, store)
     assert matrix["accuracy"][0][0] == summary["clients"][0]["accuracy"]  # the kept round's model, not the last
     for client in summary["clients"]:

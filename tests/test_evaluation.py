@@ -90,9 +90,9 @@ def test_matrix_reads_each_clients_recorded_score_and_matches_choosing_again(run
     """The matrix ranks client i's cells by the score its run chose (summary.json) instead of evaluating its
     validation pairs again; choosing again gives the same matrix. A client whose recorded score is the global
     policy's gets its diagonal from the global policy (a cell used to look for a score it had not computed)."""
-    from fedpdpo.evaluation import _load_run, _recorded_scores, cross_client_matrix
+    from fedpdpo.evaluation import _recorded_scores, cross_client_matrix, load_run
 
-    setup, global_, store = _load_run(run_dir)
+    setup, global_, store = load_run(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     recorded = _recorded_scores(summary)
     assert recorded == {c["id"]: c["selected_score"] for c in summary["clients"]} and recorded
@@ -185,5 +185,62 @@ def test_cli_evaluate_best_of_adds_a_judged_row(run_dir, capsys):
             row["best_of/oriented_score"] - row["base/oriented_score"], abs=2e-4
         )
     assert main(["report", str(run_dir)]) == 0
-    assert "oriented score: personalized / best_of / global / base" in (run_dir / "report.md").read_text()
+    report = (run_dir / "report.md").read_text()
+    assert "oriented score: personalized / best_of / global / base" in report
+    assert "personalized samples that the client's own reward head ranks first" in report  # the row is explained
     assert main([*argv, "--best-of", "0"]) == 2
+
+
+def test_cli_evaluate_realign_adds_a_judged_row(run_dir, capsys):
+    """`--realign L` (L != 1) judges personalized samples drawn at realignment strength L next to the plain ones,
+    and the report says what the row is; by default (L = 1) there is no such row."""
+    assert EvaluationSettings().realign == 1.0
+    argv = ["evaluate", "--run", str(run_dir), "--no-matrix", "--samples", "2", "--max-new-tokens", "4"]
+    assert main([*argv, "--best-of", "1", "--realign", "2"]) == 0
+    judge = json.loads((run_dir / "summary.json").read_text())["judge"]
+    assert judge["models"] == ["personalized", "global", "base", "realigned"]
+    assert judge["settings"]["realign"] == 2.0
+    for row in judge["clients"]:
+        assert row["realigned/vs_base"] == pytest.approx(
+            row["realigned/oriented_score"] - row["base/oriented_score"], abs=2e-4
+        )
+    assert main(["report", str(run_dir)]) == 0
+    report = (run_dir / "report.md").read_text()
+    assert "oriented score: personalized / realigned / global / base" in report
+    assert "at realignment strength 2" in report
+    assert main([*argv, "--realign", "-1"]) == 2
+    assert main([*argv, "--realign", "inf"]) == 2
+
+
+def test_sample_ablation_script_samples_each_client_with_a_module_put_back(run_dir, capsys, monkeypatch):
+    """scripts/sample_ablation.py (the probe behind docs/results.md's "Where the loops come from"): one line per
+    client and model, and the modules it swaps are restored afterwards (the run's own model is unchanged)."""
+    import importlib.util
+    import sys
+
+    import torch
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("sample_ablation", ROOT / "scripts" / "sample_ablation.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    head = torch.randn(3, 4)
+    before = head.clone()
+    with script.replaced([(head, torch.zeros(3, 4))]):
+        assert not head.any()
+    assert torch.equal(head, before)
+    monkeypatch.setattr(sys, "argv", ["sample_ablation", "--run", str(run_dir), "--samples", "2"])
+    script.main()
+    lines = capsys.readouterr().out.splitlines()
+    clients = len(json.loads((run_dir / "summary.json").read_text())["clients"])
+    models = {line.split(" | ")[1] for line in lines}
+    assert models == {
+        "personalized",
+        "personal head -> original",
+        "adapter -> identity",
+        "global",
+        "base",
+        "realigned, strength 2",
+    }
+    assert len(lines) == 6 * clients and all("repeated trigrams" in line for line in lines)

@@ -271,3 +271,45 @@ def test_decoding_runs_eager_attention_and_restores_it(cm):
             raise RuntimeError
     assert torch.equal(expected, plain)
     assert decoder.config._attn_implementation == attention
+
+
+def test_realigned_logits_are_the_geometric_mixture():
+    """softmax(realigned(policy, reference, L)) is proportional to p_policy^L * p_reference^(1 - L)."""
+    policy, reference = torch.randn(50), torch.randn(50)
+    p, r = torch.softmax(policy, -1), torch.softmax(reference, -1)
+    for strength in (0.0, 0.5, 1.0, 2.0, 3.0):
+        mixed = p**strength * r ** (1 - strength)
+        got = torch.softmax(generate_module.realigned(policy, reference, strength), -1)
+        torch.testing.assert_close(got, mixed / mixed.sum(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["personalized", "global"])
+def test_realign_zero_samples_the_reference(cm, variant):
+    """At strength 0 the policy's tokens are drawn from the reference alone: the base model's samples, seed for
+    seed (the reference runs on its own key/value cache next to the policy's)."""
+    sampling = SamplingConfig(max_new_tokens=10, temperature=1.0, top_p=0.95, seed=2)
+    prompt_ids = _training_prompt(cm)
+    base = generate_module.sample_responses(cm.model, prompt_ids, "base", 3, sampling, set())
+    zero = dataclasses.replace(sampling, realign=0.0)
+    assert generate_module.sample_responses(cm.model, prompt_ids, variant, 3, zero, set()) == base
+    assert generate_module.sample_responses(cm.model, prompt_ids, "base", 3, zero, set()) == base
+
+
+def test_realigned_greedy_tokens_are_the_argmax_of_the_extrapolated_log_ratio(cm):
+    """At strength L, each greedy token is the argmax of ``L log pi - (L - 1) log pi_ref`` computed by full forward
+    passes of the personalized policy and of the reference on the sequence so far. L = 32: the tiny policy, three
+    steps from the reference, has the reference's greedy tokens up to L = 16; at 32 its log-ratio decides."""
+    strength = 32.0
+    new = generate_ids(cm, PROMPT, "personalized", dataclasses.replace(GREEDY, realign=strength))
+    assert new
+    prompt_ids = _training_prompt(cm)
+    ids = torch.tensor([prompt_ids + new])
+    with torch.no_grad():
+        hidden = cm.model.local["adapter"](cm.model.decoder(input_ids=ids).last_hidden_state)
+        log_pi = torch.log_softmax(hidden[0] @ cm.model.local["head"].weight.T, -1)
+        with cm.model.peft.disable_adapter():
+            ref_hidden = cm.model.decoder(input_ids=ids).last_hidden_state
+        log_ref = torch.log_softmax(ref_hidden[0] @ cm.model.ref_head_weight.T, -1)
+    predicted = (strength * log_pi - (strength - 1) * log_ref)[len(prompt_ids) - 1 : -1].argmax(-1).tolist()
+    assert predicted == new
+    assert new != generate_ids(cm, PROMPT, "personalized", GREEDY)  # the extrapolation changed the tokens

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 EVALUATION_FILE = "evaluation.json"
 MODELS: tuple[Variant, ...] = ("personalized", "global", "base")
 BEST_OF = "best_of"
+REALIGNED = "realigned"
 
 
 @dataclass
@@ -65,11 +66,17 @@ class EvaluationSettings:
     # > 1: also a "best_of" model: per slot, the personalized sample the client's own score ranks first among
     # best_of candidates (the slot's personalized sample and best_of - 1 more from the same model)
     best_of: int = 4
+    # != 1: also a "realigned" model: personalized samples drawn from pi_ref^(1 - realign) * pi^realign
+    # (decoding-time realignment, fedpdpo.generate.realigned). Off by default: at 2 it amplified the personalized
+    # policies' loops more than their lean on the demo (docs/results.md, 6 December)
+    realign: float = 1.0
     matrix: bool = True
     direction_pairs: int = 64  # training pairs per client from which its preferred side is read
 
 
-def _load_run(run_dir: Path) -> tuple[RunSetup, dict[str, torch.Tensor], ClientStore]:
+def load_run(run_dir: str | Path) -> tuple[RunSetup, dict[str, torch.Tensor], ClientStore]:
+    """A finished run's setup (config, data, model), its final global tensors and its clients' private states."""
+    run_dir = Path(run_dir)
     if not (run_dir / "config.toml").is_file():
         raise FedPDPOError(f"--run {run_dir}: no config.toml here; point --run at the --out directory of a run")
     if not (run_dir / GLOBAL_FILE).is_file():
@@ -132,7 +139,7 @@ def _recorded_scores(summary: dict[str, Any] | None) -> dict[int, str]:
     return {int(c["id"]): str(c["selected_score"]) for c in clients if c.get("selected_score") in SCORES}
 
 
-def _direction(judge: Judge, setup: RunSetup, cid: int, n: int) -> tuple[float, float]:
+def direction(judge: Judge, setup: RunSetup, cid: int, n: int) -> tuple[float, float]:
     """(sign, size) of the judge's mean chosen-minus-rejected score on the client's training pairs."""
     records = setup.clients[cid].train[:n]
     prompts = [flat(r.prompt) for r in records]
@@ -200,7 +207,10 @@ def judge_clients(
         settings.max_new_tokens, settings.temperature, settings.top_p, settings.seed, settings.repetition_penalty
     )
     sampled: dict[tuple, list[str]] = {}  # (model, client for personalized, prompt key) -> texts (global/base shared)
-    models: tuple[str, ...] = MODELS + ((BEST_OF,) if settings.best_of > 1 else ())
+    models: tuple[str, ...] = (
+        MODELS + ((BEST_OF,) if settings.best_of > 1 else ()) + ((REALIGNED,) if settings.realign != 1 else ())
+    )
+    realign = dataclasses.replace(sampling, realign=settings.realign)
     rows = []
     for task in setup.tasks:
         cid = task.client_id
@@ -215,18 +225,20 @@ def judge_clients(
         state, own_shared = load_final(store, cid, global_)
         texts: dict[str, list[str]] = {}
         for name in models:
-            variant: Variant = "personalized" if name == BEST_OF else name  # type: ignore[assignment]
+            variant: Variant = "personalized" if name in (BEST_OF, REALIGNED) else name  # type: ignore[assignment]
             personal = variant == "personalized"
+            how = realign if name == REALIGNED else sampling
             load_client(model, own_shared if personal else global_, state, setup.initial, personal=personal)
             out: list[str] = []
             for prompt, count in by_prompt.items():
                 prompt_ids = pair_tok.prompt_ids(prompt)
-                key = (variant, cid if personal else None, tuple(prompt_ids), count)
+                key = (variant, how.realign, cid if personal else None, tuple(prompt_ids), count)
                 if key not in sampled:
                     # personalized: best-of's candidates in the same batch (rows count.. are the (best_of - 1) more)
-                    n_rows = count * (settings.best_of if personal and BEST_OF in models else 1)
+                    with_candidates = personal and BEST_OF in models and how is sampling
+                    n_rows = count * (settings.best_of if with_candidates else 1)
                     with autocast(setup.cfg, model):  # the run's precision, as in training
-                        ids = sample_responses(model, prompt_ids, variant, n_rows, sampling, stop)
+                        ids = sample_responses(model, prompt_ids, variant, n_rows, how, stop)
                     sampled[key] = [setup.tokenizer.decode(x, skip_special_tokens=True) for x in ids]
                 if name == BEST_OF:
                     out.extend(best_of_texts(setup, pair_tok, prompt, sampled[key], count, settings.best_of))
@@ -234,7 +246,7 @@ def judge_clients(
                     out.extend(sampled[key][:count])
             texts[name] = out
         prompts = [flat(p) for p, count in by_prompt.items() for _ in range(count)]
-        sign, diff = _direction(judge, setup, cid, settings.direction_pairs)
+        sign, diff = direction(judge, setup, cid, settings.direction_pairs)
         scores = {v: np.asarray(judge(prompts, texts[v])) for v in models}
         row: dict[str, Any] = {
             "client": cid,
@@ -278,7 +290,7 @@ def evaluate_run(run_dir: str | Path, settings: EvaluationSettings | None = None
     """Cross-client matrix and judge table of a finished run; written to evaluation.json and summary.json."""
     settings = settings or EvaluationSettings()
     run_dir = Path(run_dir).resolve()
-    setup, global_, store = _load_run(run_dir)
+    setup, global_, store = load_run(run_dir)
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
     result: dict[str, Any] = {}
@@ -294,9 +306,7 @@ def evaluate_run(run_dir: str | Path, settings: EvaluationSettings | None = None
     text = json.dumps(merged, indent=2, allow_nan=False) + "\n"
     atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
     if summary is not None:
-        summary.update(merged)
-        if "judge" in merged:
-            summary["judge"] = {k: v for k, v in merged["judge"].items() if k != "settings"}
+        summary.update(merged)  # the judge's settings too: the report says what its extra rows are
         body = json.dumps(summary, indent=2, allow_nan=False) + "\n"
         atomic_write(summary_path, lambda p: Path(p).write_text(body, encoding="utf-8"))
     return result

@@ -37,6 +37,10 @@ class SamplingConfig:
     # transformers' repetition penalty (1 = off): logits of tokens already in the sequence, prompt included, are
     # divided by it when positive and multiplied when negative (RepetitionPenaltyLogitsProcessor, CTRL's rule)
     repetition_penalty: float = 1.0
+    # decoding-time realignment (DeRa, Liu et al. 2024): sample from pi_ref^(1 - realign) * pi^realign, token by
+    # token (:func:`realigned`). 1 = the policy as trained; 2 = about the policy DPO would reach with beta / 2;
+    # 0 = the reference. Costs a second decoder pass per token (the reference's); ignored for the base model.
+    realign: float = 1.0
 
 
 NUCLEUS_CANDIDATES = 256  # most probable tokens examined first for the nucleus; the whole vocabulary if they fall short
@@ -59,6 +63,20 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, gen: to
     keep = top.cumsum(0) - top < top_p  # the first token always stays
     pick = torch.multinomial(top[keep].cpu(), 1, generator=gen)
     return int(order[keep][pick])
+
+
+def realigned(policy: torch.Tensor, reference: torch.Tensor, strength: float) -> torch.Tensor:
+    """Next-token logits of ``pi_ref^(1 - strength) * pi^strength`` from the policy's and the reference's logits.
+
+    Why: DPO's optimum is ``pi_ref * exp(r / beta)``, so scaling the learned log-ratio ``log pi - log pi_ref`` by
+    ``strength`` gives the policy the same data would train at ``beta / strength`` (DeRa, "Decoding-time
+    Realignment of Language Models", Liu et al. 2024; exact for the sequence, approximated here token by token).
+    A strength above 1 shows, without retraining, which way the learned log-ratio pushes what the policy writes:
+    towards its client's taste, and towards whatever else it learned (on the demo's policies, repetition: measured
+    in docs/results.md)."""
+    log_pi = torch.log_softmax(policy.float(), dim=-1)
+    log_ref = torch.log_softmax(reference.float(), dim=-1)
+    return log_ref + strength * (log_pi - log_ref)
 
 
 @contextlib.contextmanager
@@ -91,12 +109,17 @@ def sample_responses(
     is the same in every row: it runs once, and the rows continue its key/value cache, so no padding); row ``k``
     draws from a generator seeded ``sampling.seed + k``.
     End tokens are not included. ``personalized`` uses the model's local head, adapter and LoRA gate as loaded;
-    ``global`` the shared LoRA as aggregated with the original head; ``base`` the frozen backbone."""
+    ``global`` the shared LoRA as aggregated with the original head; ``base`` the frozen backbone. With
+    ``sampling.realign != 1`` (not for ``base``) the reference runs next to the policy on its own key/value cache and
+    each token is drawn from :func:`realigned` logits."""
     device = next(model.parameters()).device
     gens = [torch.Generator().manual_seed(sampling.seed + k) for k in range(n)]
     personal = variant == "personalized"
     head = model.local["head"].get_parameter("weight") if personal and "head" in model.local else model.ref_head_weight
     head = cast_once_for_autocast(head)
+    ref_head = cast_once_for_autocast(model.ref_head_weight)
+    strength = 1.0 if variant == "base" else sampling.realign
+    ref_cache = None
     adapter = model.local["adapter"] if personal and "adapter" in model.local else None
     responses: list[list[int]] = [[] for _ in range(n)]
     open_rows = set(range(n))
@@ -116,6 +139,13 @@ def sample_responses(
             if adapter is not None:
                 hidden = adapter(hidden)
             logits = hidden @ head.T
+            if strength != 1.0:
+                with model.peft.disable_adapter():
+                    ref_out = model.decoder(input_ids=ids, cache=ref_cache, use_cache=True)
+                if ref_cache is None and n > 1:
+                    ref_out.cache.batch_repeat_interleave(n)
+                ref_cache = ref_out.cache
+                logits = realigned(logits, ref_out.last_hidden_state[:, -1].expand(n, -1) @ ref_head.T, strength)
             if penalty is not None:
                 logits = penalty(seen, logits.float())
             tokens = []

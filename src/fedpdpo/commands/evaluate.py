@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 from fedpdpo.errors import FedPDPOError
 
@@ -43,6 +44,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="N > 1: also judge, per sample, the best of N personalized samples by the client's own reward head "
         "(its explicit reward), the 'best_of' row; 1: no such row",
     )
+    ev.add_argument(
+        "--realign",
+        type=float,
+        default=1.0,
+        help="L != 1: also judge personalized samples drawn from pi_ref^(1-L) * pi^L token by token (decoding-time "
+        "realignment: about the policy trained at beta / L), the 'realigned' row; 1: no such row",
+    )
     ev.add_argument("--no-matrix", action="store_true", help="skip the cross-client accuracy matrix")
     ev.set_defaults(func=cmd_evaluate)
 
@@ -54,6 +62,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise FedPDPOError("--samples must be >= 0, --max-new-tokens >= 1 and --best-of >= 1")
     if not 0.0 < args.top_p <= 1.0 or args.temperature < 0 or not args.repetition_penalty > 0:
         raise FedPDPOError("--top-p must be in (0, 1], --temperature >= 0 and --repetition-penalty > 0")
+    if not 0 <= args.realign < math.inf:
+        raise FedPDPOError(f"--realign must be a finite number >= 0 (1: no 'realigned' row), got {args.realign}")
     settings = EvaluationSettings(
         judge=args.judge,
         samples=args.samples,
@@ -63,6 +73,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         seed=args.seed,
         repetition_penalty=args.repetition_penalty,
         best_of=args.best_of,
+        realign=args.realign,
         matrix=not args.no_matrix,
     )
     print(json.dumps(brief(evaluate_run(args.run, settings))))

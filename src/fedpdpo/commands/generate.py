@@ -52,6 +52,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="transformers' repetition penalty, 1 = off (default: %(default)s)",
     )
     gen.add_argument(
+        "--realign",
+        type=float,
+        default=1.0,
+        help="decoding-time realignment: sample from pi_ref^(1-L) * pi^L token by token; 1 = the policy as trained, "
+        "2 = about the policy trained at beta / 2, 0 = the reference (default: %(default)s)",
+    )
+    gen.add_argument(
         "--best-of",
         type=int,
         default=1,
@@ -155,7 +162,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise FedPDPOError("need a finite --repetition-penalty > 0 (1 = off)")
     if args.best_of < 1:
         raise FedPDPOError("need --best-of >= 1")
-    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed, args.repetition_penalty)
+    if not 0 <= args.realign < math.inf:
+        raise FedPDPOError(f"need a finite --realign >= 0 (1 = the policy as trained), got {args.realign}")
+    sampling = SamplingConfig(
+        args.max_new_tokens, args.temperature, args.top_p, args.seed, args.repetition_penalty, args.realign
+    )
     wanted = {"personalized": True, "global": args.with_global, "base": args.with_base}
     variants = [v for v in VARIANTS if wanted[v]]
     cm = load_client_model(args)

@@ -14,7 +14,7 @@ MODELS = ("personalized", "global", "base")  # what evaluations written before t
 
 
 def _models(judge: dict[str, Any]) -> tuple[str, ...]:
-    """The judged models in table order (``best_of``, when judged, goes next to ``personalized``)."""
+    """The judged models in table order (``best_of`` and ``realigned``, when judged, go next to ``personalized``)."""
     models = tuple(judge.get("models", MODELS))
     return (
         "personalized",
@@ -59,6 +59,12 @@ def judge_lines(judge: dict[str, Any]) -> list[str]:
             f" 'best_of' is, per sample, the one of {judge['settings']['best_of']} personalized samples that the "
             "client's own reward head ranks first."
             if "best_of" in models and "settings" in judge
+            else ""
+        )
+        + (
+            f" 'realigned' samples the personalized policy at realignment strength {judge['settings']['realign']:g}: "
+            "each token from pi_ref^(1-L) * pi^L, about the policy the client's pairs would train at beta / L."
+            if "realigned" in models and "settings" in judge
             else ""
         ),
         "",
@@ -112,7 +118,7 @@ def matrix_lines(matrix: dict[str, Any]) -> list[str]:
 
 
 def plot_judge(judge: dict[str, Any], path: Path, title: str) -> Path:
-    """Oriented judge score per client: personalized (and best-of), global and base samples side by side."""
+    """Oriented judge score per client: personalized (best-of, realigned), global and base samples side by side."""
     rows = judge["clients"]
     models = _models(judge)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(rows)), 3.8))
