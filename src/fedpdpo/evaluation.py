@@ -235,7 +235,7 @@ def judge_clients(
                 key = (variant, how.realign, cid if personal else None, tuple(prompt_ids), count)
                 if key not in sampled:
                     # personalized: best-of's candidates in the same batch (rows count.. are the (best_of - 1) more)
-                    with_candidates = personal and BEST_OF in models and how is sampling
+                    with_candidates = personal and BEST_OF in models and name != REALIGNED
                     n_rows = count * (settings.best_of if with_candidates else 1)
                     with autocast(setup.cfg, model):  # the run's precision, as in training
                         ids = sample_responses(model, prompt_ids, variant, n_rows, how, stop)

@@ -117,8 +117,9 @@ def sample_responses(
     personal = variant == "personalized"
     head = model.local["head"].get_parameter("weight") if personal and "head" in model.local else model.ref_head_weight
     head = cast_once_for_autocast(head)
-    ref_head = cast_once_for_autocast(model.ref_head_weight)
     strength = 1.0 if variant == "base" else sampling.realign
+    # the reference's head, cast only where the reference runs (the plain path keeps no second [V, H] copy)
+    ref_head = cast_once_for_autocast(model.ref_head_weight) if strength != 1.0 else model.ref_head_weight
     ref_cache = None
     adapter = model.local["adapter"] if personal and "adapter" in model.local else None
     responses: list[list[int]] = [[] for _ in range(n)]
