@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from fedpdpo.losses import dpo_loss, fedpdpo_objective, pairwise_accuracy, reward_bt_loss
 
@@ -87,6 +89,45 @@ def test_rpo_term_adds_the_chosen_sides_per_token_nll():
     assert torch.equal(rpo.margins, base.margins)  # ranking is unchanged: the term only shapes training
     off = fedpdpo_objective(logps, ref, None, 0.1, 0.0, n_tokens=n_tokens, rpo_alpha=0.0)
     assert "loss/nll" not in off.metrics and off.loss.item() == pytest.approx(base.loss.item())
+
+
+def test_dpop_penalises_only_a_chosen_side_below_the_reference():
+    """DPOP: h - mu * max(0, log pi_ref(y_w) - log pi(y_w)) inside the sigmoid; a chosen side at or above the
+    reference costs nothing, the margins that rank pairs do not change, and the global policy's term gets it too."""
+    logps = torch.tensor([-12.0, -8.0, -20.0, -9.0])  # chosen: 2 nats below its reference, 1 above; then rejected
+    ref = torch.tensor([-10.0, -9.0, -18.0, -10.0])
+    beta, mu = 0.1, 5.0
+    out = fedpdpo_objective(logps, ref, None, beta, 0.0, dpop_lambda=mu)
+    h = torch.tensor([(-2.0) - (-2.0) - mu * 2.0, 1.0 - 1.0])
+    assert out.loss.item() == pytest.approx(-F.logsigmoid(beta * h).mean().item())
+    assert out.metrics["dpop/chosen_drop"] == pytest.approx(1.0)  # (2 + 0) / 2 nats
+    plain = fedpdpo_objective(logps, ref, None, beta, 0.0)
+    assert torch.equal(out.margins, plain.margins) and "dpop/chosen_drop" not in plain.metrics
+    assert fedpdpo_objective(logps, ref, None, beta, 0.0, dpop_lambda=0.0).loss.item() == plain.loss.item()
+    above = torch.tensor([-9.0, -8.0, -20.0, -9.0])  # both chosen sides at or above the reference: no penalty
+    assert fedpdpo_objective(above, ref, None, beta, 0.0, dpop_lambda=mu).loss.item() == pytest.approx(
+        fedpdpo_objective(above, ref, None, beta, 0.0).loss.item()
+    )
+    glob = fedpdpo_objective(logps, ref, None, beta, 0.0, global_logps=logps, global_weight=1.0, dpop_lambda=mu)
+    assert glob.metrics["loss/global"] == pytest.approx(out.metrics["loss/dpo"])
+
+
+def test_dpop_keeps_the_chosen_likelihood_up_in_a_training_step(tiny_cfg):
+    """With method.dpop_lambda the same local round ends with its training pairs' chosen side less far below the
+    reference than without (the gradient of the penalty pushes log pi(y_w) up); the metric is reported."""
+    from fedpdpo.client.state import ClientState
+    from fedpdpo.client.trainer import fit
+    from fedpdpo.engines.setup import build_setup
+
+    def train(mu: float) -> dict[str, float]:
+        cfg = copy.deepcopy(tiny_cfg)
+        cfg.method.rpo_alpha, cfg.method.dpop_lambda, cfg.local_steps, cfg.lr = 0.0, mu, 12, 1e-2
+        setup = build_setup(cfg)
+        return fit(setup.model, setup.tasks[0], ClientState(), setup.initial_global(), setup.initial, cfg, 1).metrics
+
+    plain, dpop = train(0.0), train(50.0)
+    assert "dpop/chosen_drop" in dpop and "dpop/chosen_drop" not in plain
+    assert dpop["rewards/chosen"] > plain["rewards/chosen"]
 
 
 def test_rpo_term_raises_the_chosen_likelihood_in_a_training_step(tiny_cfg):

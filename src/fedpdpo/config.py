@@ -60,6 +60,10 @@ class MethodConfig:
     # so the shared LoRA is trained by DPO alone and the clients' NLL on opposite kinds of text does not pull it
     # towards the majority's kind; docs/method.md, "Objective").
     rpo_scope: Literal["all", "local"] = "all"
+    # dpop_lambda: DPOP's weight (Pal et al. 2024, "DPO-Positive"; 50 in the paper): inside the DPO loss, a penalty
+    # of dpop_lambda nats of margin per nat that the chosen response falls below the reference, against the
+    # likelihood displacement that takes the policy's mass off both sides (docs/method.md, "Objective"). 0 = off.
+    dpop_lambda: float = 0.0
     # alpha: weight of the explicit reward margin in the combined evaluation score.
     eval_reward_weight: float = 1.0
     personal_head: bool = True
@@ -369,6 +373,7 @@ RANGES: dict[str, Range] = {
     "method.eval_reward_weight": NON_NEGATIVE,
     "method.global_weight": NON_NEGATIVE,
     "method.rpo_alpha": NON_NEGATIVE,
+    "method.dpop_lambda": NON_NEGATIVE,
     "method.adapter_dim": POSITIVE,
     "method.reward_layer": NON_NEGATIVE,
     "method.local_lr_scale": POSITIVE,

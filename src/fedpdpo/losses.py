@@ -5,6 +5,9 @@ Notation for one pair (x, y_w, y_l): ``h = [log pi(y_w) - log pi_ref(y_w)] - [lo
 * DPO (sigmoid, Rafailov et al. 2023) with label smoothing eps (cDPO):
   ``L = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)``
 * IPO (Azar et al. 2023): ``L = (h - 1 / (2 beta))^2``
+* DPOP (Pal et al. 2024, "DPO-Positive"): ``h`` above becomes ``h - mu * max(0, log pi_ref(y_w) - log pi(y_w))``
+  (``mu = method.dpop_lambda``), so a step that lowers the chosen side below the reference is penalised inside the
+  loss; the margins that rank pairs stay ``beta * h``
 * explicit reward (Bradley-Terry): ``L_r = -log sigmoid(r(x, y_w) - r(x, y_l))``
 * RPO (Pang et al. 2024; TRL's ``rpo_alpha``): ``L_NLL = -sum log pi(y_w) / |y_w|`` over the batch's chosen tokens
   (with ``rpo_scope = "local"`` its gradient reaches the client's local tensors only)
@@ -55,11 +58,15 @@ def dpo_loss(
     beta: float,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    dpop_lambda: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair DPO losses and the implicit rewards ``beta * log(pi / pi_ref)`` of both sides."""
+    """Per-pair DPO losses and the implicit rewards ``beta * log(pi / pi_ref)`` of both sides. ``dpop_lambda`` > 0
+    subtracts DPOP's penalty on the chosen side's fall below the reference from ``h`` inside the loss only."""
     chosen_logratio = policy_chosen - ref_chosen
     rejected_logratio = policy_rejected - ref_rejected
     h = chosen_logratio - rejected_logratio
+    if dpop_lambda > 0:
+        h = h - dpop_lambda * (-chosen_logratio).clamp_min(0)
     if loss_type == "sigmoid":
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     elif loss_type == "ipo":
@@ -92,17 +99,19 @@ def fedpdpo_objective(
     n_tokens: torch.Tensor | None = None,
     rpo_alpha: float = 0.0,
     rpo_scope: str = "all",
+    dpop_lambda: float = 0.0,
 ) -> LossOutput:
     """The FedPDPO loss for a batch laid out as [chosen..., rejected...] (see ``PairBatch``); ``global_logps`` are
     the log-probs of the global policy (shared tensors, no local modules), whose DPO loss is added with weight
     ``global_weight``; ``n_tokens`` (response tokens per sequence) gives the chosen side's per-token negative
     log-likelihood, added with weight ``rpo_alpha``: DPO alone can lower the likelihood of both sides and let a
     policy that ranks pairs well generate degenerate text; the NLL keeps it generating the client's chosen kind.
-    With ``rpo_scope = "local"`` the NLL is returned as ``local_loss`` instead of being added to ``loss``."""
+    With ``rpo_scope = "local"`` the NLL is returned as ``local_loss`` instead of being added to ``loss``.
+    ``dpop_lambda``: DPOP's weight (module docstring), for the client's DPO term and the global policy's alike."""
     b = policy_logps.shape[0] // 2
     local_loss = None
     losses, r_chosen, r_rejected = dpo_loss(
-        policy_logps[:b], policy_logps[b:], ref_logps[:b], ref_logps[b:], beta, loss_type, label_smoothing
+        policy_logps[:b], policy_logps[b:], ref_logps[:b], ref_logps[b:], beta, loss_type, label_smoothing, dpop_lambda
     )
     loss = losses.mean()
     margins = r_chosen - r_rejected
@@ -115,6 +124,8 @@ def fedpdpo_objective(
         "logps/chosen": policy_logps[:b].detach().mean(),
         "logps/rejected": policy_logps[b:].detach().mean(),
     }
+    if dpop_lambda > 0:  # nats per chosen response below the reference: what DPOP's term penalises
+        metrics["dpop/chosen_drop"] = (ref_logps[:b] - policy_logps[:b].detach()).clamp_min(0).mean()
     if rewards is not None and reward_weight > 0:
         rm_loss = reward_bt_loss(rewards[:b], rewards[b:]).mean()
         loss = loss + reward_weight * rm_loss
@@ -131,7 +142,14 @@ def fedpdpo_objective(
         metrics["loss/nll"] = nll.detach()
     if global_logps is not None and global_weight > 0:
         g_losses, g_chosen, g_rejected = dpo_loss(
-            global_logps[:b], global_logps[b:], ref_logps[:b], ref_logps[b:], beta, loss_type, label_smoothing
+            global_logps[:b],
+            global_logps[b:],
+            ref_logps[:b],
+            ref_logps[b:],
+            beta,
+            loss_type,
+            label_smoothing,
+            dpop_lambda,
         )
         loss = loss + global_weight * g_losses.mean()
         metrics["loss/global"] = g_losses.mean().detach()

@@ -161,7 +161,7 @@ def objective(
 ) -> LossOutput:
     """The run's objective on pairs laid out [chosen..., rejected...]: what training minimises and what evaluation
     reports, through the same function (as TRL computes train and eval losses), so both honour ``loss_type``,
-    ``label_smoothing`` and ``rpo_alpha`` and carry the same metric names."""
+    ``label_smoothing``, ``rpo_alpha`` and ``dpop_lambda`` and carry the same metric names."""
     return fedpdpo_objective(
         logps.float(),
         ref,
@@ -175,6 +175,7 @@ def objective(
         None if n_tokens is None else n_tokens.float(),
         cfg.method.rpo_alpha,
         cfg.method.rpo_scope,
+        cfg.method.dpop_lambda,
     )
 
 
