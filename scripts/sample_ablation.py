@@ -3,7 +3,7 @@
 For each client of a finished run, samples its kept-round personalized policy on its held-out prompt as is and with
 one personal module put back to where it started (the personal head replaced by the original head; the bottleneck
 adapter's up-projection zeroed, which makes it the identity) and at realignment strength ``--realign`` (decoding-time
-realignment, ``fedpdpo.generate.realigned``), next to the global policy and the base model. Every
+realignment, ``fedpdpo.sampling.realigned``), next to the global policy and the base model. Every
 model draws sample ``k`` with seed ``k`` (the same streams as ``fedpdpo evaluate``), and each sample set is scored
 with the run-independent VADER judge, oriented to the client's side (read from its training pairs), and by its
 share of repeated word trigrams (loops). One line per client and model:
@@ -26,8 +26,8 @@ from fedpdpo.client.trainer import autocast, load_client
 from fedpdpo.data.formats import flat
 from fedpdpo.data.tokenize import PairTokenizer
 from fedpdpo.evaluation import EvaluationSettings, direction, load_run, repeated_trigrams
-from fedpdpo.generate import SamplingConfig, Variant, sample_responses
 from fedpdpo.judge import load_judge
+from fedpdpo.sampling import SamplingConfig, Variant, sample_responses
 
 
 @contextlib.contextmanager

@@ -8,12 +8,13 @@ import json
 import pytest
 import torch
 
-import fedpdpo.generate as generate_module
+import fedpdpo.sampling as sampling_module
 from fedpdpo.config import load_config
 from fedpdpo.data import PairTokenizer, PreferenceRecord, collate, load_records
 from fedpdpo.export import export_client, load_from_run
-from fedpdpo.generate import SamplingConfig, generate, generate_ids, sample_token, score
+from fedpdpo.generate import generate, generate_ids, score
 from fedpdpo.model.backbone import load_backbone
+from fedpdpo.sampling import SamplingConfig, sample_token
 from tests.conftest import TINY_CONFIG, TINY_DATA
 
 PROMPT = "Write a short review of the movie."
@@ -63,7 +64,7 @@ def test_sample_token_greedy_and_nucleus():
 def test_nucleus_beyond_the_candidates_falls_back_to_the_whole_vocabulary(monkeypatch):
     """With 2 candidates holding 0.6 of the mass, a 0.95 nucleus needs the third token: the same set as a full sort,
     and a nucleus inside the candidates never draws outside it."""
-    monkeypatch.setattr(generate_module, "NUCLEUS_CANDIDATES", 2)
+    monkeypatch.setattr(sampling_module, "NUCLEUS_CANDIDATES", 2)
     logits = torch.log(torch.tensor([0.02, 0.35, 0.25, 0.2, 0.18]))
     gen = torch.Generator().manual_seed(0)
     assert {sample_token(logits, 1.0, 0.95, gen) for _ in range(400)} == {1, 2, 3, 4}
@@ -84,10 +85,10 @@ def test_rows_of_one_call_are_the_single_samples_of_their_seeds(cm, variant):
     seed ``seed + k`` (what best-of's layout and the judge's slots rely on), with a repetition penalty too."""
     sampling = SamplingConfig(max_new_tokens=10, temperature=1.0, top_p=0.95, seed=5, repetition_penalty=1.3)
     prompt_ids = _training_prompt(cm)
-    rows = generate_module.sample_responses(cm.model, prompt_ids, variant, 3, sampling, set())
+    rows = sampling_module.sample_responses(cm.model, prompt_ids, variant, 3, sampling, set())
     for k, row in enumerate(rows):
         one = dataclasses.replace(sampling, seed=sampling.seed + k)
-        assert row == generate_module.sample_responses(cm.model, prompt_ids, variant, 1, one, set())[0]
+        assert row == sampling_module.sample_responses(cm.model, prompt_ids, variant, 1, one, set())[0]
     assert len({tuple(r) for r in rows}) > 1
 
 
@@ -255,14 +256,14 @@ def test_decoding_runs_eager_attention_and_restores_it(cm):
     attention = decoder.config._attn_implementation
     ids = torch.tensor([_training_prompt(cm)])
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), cm.model.frozen_weights_as(torch.bfloat16):
-        with generate_module.decoding(decoder):
+        with sampling_module.decoding(decoder):
             expected = decoder(input_ids=ids).last_hidden_state
         decoder.config._attn_implementation = "eager"
         try:
             plain = decoder(input_ids=ids).last_hidden_state
         finally:
             decoder.config._attn_implementation = attention
-        with pytest.raises(RuntimeError), generate_module.decoding(decoder):
+        with pytest.raises(RuntimeError), sampling_module.decoding(decoder):
             frozen = [
                 m.weight for m in decoder.modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad
             ]
@@ -279,7 +280,7 @@ def test_realigned_logits_are_the_geometric_mixture():
     p, r = torch.softmax(policy, -1), torch.softmax(reference, -1)
     for strength in (0.0, 0.5, 1.0, 2.0, 3.0):
         mixed = p**strength * r ** (1 - strength)
-        got = torch.softmax(generate_module.realigned(policy, reference, strength), -1)
+        got = torch.softmax(sampling_module.realigned(policy, reference, strength), -1)
         torch.testing.assert_close(got, mixed / mixed.sum(), rtol=1e-5, atol=1e-6)
 
 
@@ -289,10 +290,10 @@ def test_realign_zero_samples_the_reference(cm, variant):
     seed (the reference runs on its own key/value cache next to the policy's)."""
     sampling = SamplingConfig(max_new_tokens=10, temperature=1.0, top_p=0.95, seed=2)
     prompt_ids = _training_prompt(cm)
-    base = generate_module.sample_responses(cm.model, prompt_ids, "base", 3, sampling, set())
+    base = sampling_module.sample_responses(cm.model, prompt_ids, "base", 3, sampling, set())
     zero = dataclasses.replace(sampling, realign=0.0)
-    assert generate_module.sample_responses(cm.model, prompt_ids, variant, 3, zero, set()) == base
-    assert generate_module.sample_responses(cm.model, prompt_ids, "base", 3, zero, set()) == base
+    assert sampling_module.sample_responses(cm.model, prompt_ids, variant, 3, zero, set()) == base
+    assert sampling_module.sample_responses(cm.model, prompt_ids, "base", 3, zero, set()) == base
 
 
 def test_realigned_greedy_tokens_are_the_argmax_of_the_extrapolated_log_ratio(cm):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fedpdpo.engines.setup import build_model
-from fedpdpo.generate import SamplingConfig, sample_responses
 from fedpdpo.model.naming import LORA_GATE, optimizer_groups
+from fedpdpo.sampling import SamplingConfig, sample_responses
 from fedpdpo.strategies import get_strategy
 from tests.test_model import tiny_batch
 

@@ -42,8 +42,9 @@ from fedpdpo.engines.checkpoint import CLIENTS_DIR
 from fedpdpo.engines.server import GLOBAL_FILE
 from fedpdpo.engines.setup import RunSetup, build_setup
 from fedpdpo.errors import FedPDPOError
-from fedpdpo.generate import SamplingConfig, Variant, own_score, sample_responses, score_responses
+from fedpdpo.generate import own_score, score_responses
 from fedpdpo.judge import Judge, load_judge
+from fedpdpo.sampling import SamplingConfig, Variant, sample_responses
 from fedpdpo.timing import phase
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class EvaluationSettings:
     # best_of candidates (the slot's personalized sample and best_of - 1 more from the same model)
     best_of: int = 4
     # != 1: also a "realigned" model: personalized samples drawn from pi_ref^(1 - realign) * pi^realign
-    # (decoding-time realignment, fedpdpo.generate.realigned). Off by default: at 2 it amplified the personalized
+    # (decoding-time realignment, fedpdpo.sampling.realigned). Off by default: at 2 it amplified the personalized
     # policies' loops more than their lean on the demo (docs/results.md, 6 December)
     realign: float = 1.0
     matrix: bool = True

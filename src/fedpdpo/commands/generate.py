@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     prompts = gen.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     prompts.add_argument("--prompts", metavar="FILE", help="prompts: one per line, or JSONL with a 'prompt' field")
-    # the defaults of fedpdpo.generate.SamplingConfig, spelled here so that --help needs no torch import
+    # the defaults of fedpdpo.sampling.SamplingConfig, spelled here so that --help needs no torch import
     gen.add_argument(
         "--max-new-tokens", type=int, default=64, help="tokens to sample per response at most (default: %(default)s)"
     )
@@ -152,7 +152,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.panel import Panel
 
-    from fedpdpo.generate import VARIANTS, SamplingConfig, generate, generate_best_of
+    from fedpdpo.generate import generate, generate_best_of
+    from fedpdpo.sampling import VARIANTS, SamplingConfig
 
     prompts = args.prompt or read_prompts(args.prompts)
     _check_texts("--prompt", prompts)
