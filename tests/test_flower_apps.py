@@ -47,12 +47,15 @@ class Recorder:
 
 # algorithm -> the instruction its train messages must carry (the strategy's per-round instructions travel in the
 # message's ConfigRecord, as Flower's FedProx sends proximal-mu)
-INSTRUCTED = {"fedpdpo": None, "ditto": "ditto-lambda", "centralized": "local-steps"}
+INSTRUCTED = {"fedpdpo": None, "ditto": "ditto-lambda", "centralized": "local-steps", "fedpdpo+online": None}
 
 
 @pytest.mark.parametrize("algorithm", sorted(INSTRUCTED))
 def test_flower_apps_match_inprocess_engine(tiny_cfg, tmp_path, algorithm):
-    tiny_cfg.algorithm = algorithm
+    """ "+online": with on-policy pairs, which the client samples from its own policy in each round."""
+    tiny_cfg.algorithm = algorithm.removesuffix("+online")
+    if algorithm.endswith("+online"):
+        tiny_cfg.method.online_pairs = 4
     ref = run_inprocess(tiny_cfg, tmp_path / "inprocess", quiet=True)
     recorder = Recorder()
     got = run_on_local_grid(tiny_cfg, tmp_path / "flower", app=recorder)

@@ -91,6 +91,15 @@ class MethodConfig:
     # ``lr * gate_lr_scale``: one scalar per module needs a step near the scale of the change it makes.
     lora_gate: bool = False
     gate_lr_scale: float = 50.0
+    # On-policy pairs (docs/method.md, "On-policy pairs"): after its DPO steps on its own pairs, each round the
+    # client samples online_pairs pairs of responses from its personalized policy (two per prompt, prompts drawn
+    # from its training pairs, at online_temperature), labels each pair by its own score (the explicit reward
+    # head; the implicit reward without one) and takes online_steps DPO steps on them (0: one pass, i.e.
+    # ceil(online_pairs / batch_size)). Why: the offline pairs are human text the policy would not write, and
+    # what it learns on them barely moves what it samples; these pairs are what it writes. 0 = off.
+    online_pairs: int = 0
+    online_steps: int = 0
+    online_temperature: float = 1.0
     # Parameters of the strategies that use them (others ignore them); the strategy sends them to its clients
     # with each round's instructions. FedProx: proximal term weight mu on the shared parameters (0 = its default).
     proximal_mu: float = 0.0
@@ -374,6 +383,9 @@ RANGES: dict[str, Range] = {
     "method.global_weight": NON_NEGATIVE,
     "method.rpo_alpha": NON_NEGATIVE,
     "method.dpop_lambda": NON_NEGATIVE,
+    "method.online_pairs": NON_NEGATIVE,
+    "method.online_steps": NON_NEGATIVE,
+    "method.online_temperature": POSITIVE,
     "method.adapter_dim": POSITIVE,
     "method.reward_layer": NON_NEGATIVE,
     "method.local_lr_scale": POSITIVE,

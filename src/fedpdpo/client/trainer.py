@@ -9,12 +9,14 @@ after a restart.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from fedpdpo.client.online import own_pairs
 from fedpdpo.client.state import ClientState
 from fedpdpo.config import RunConfig
 from fedpdpo.data.task import ClientTask
@@ -323,6 +325,12 @@ def fit(
         shared_only_after=plan.head_steps > 0,
     )
     metrics = _run_steps(model, task, state, cfg, run, on_step)
+    online_steps = 0
+    if cfg.method.online_pairs > 0:
+        online, online_steps = _fit_online(
+            model, task, cfg, run, derive_seed(cfg.seed, server_round, task.client_id, 2)
+        )
+        metrics |= online
     if model.gated:  # where the client's scales of the shared LoRA stand after the round (docs/method.md)
         gate = model.gate_weight.detach()
         metrics |= read_scalars({f"lora_gate/{stat}": getattr(gate, stat)() for stat in ("mean", "min", "max")})
@@ -332,9 +340,29 @@ def fit(
     state.optimizer = optimizer.state_dict()
     if plan.ditto_lambda > 0:
         metrics.update(_fit_personal(model, task, state, shared, personal, cfg, server_round, plan))
-    metrics["steps"] = float(plan.total_steps)
+    metrics["steps"] = float(plan.total_steps + online_steps)
     state.rounds_trained += 1
     return FitResult(update, len(task.train), metrics, state)
+
+
+def _fit_online(model: FedPDPOModel, task: ClientTask, cfg: RunConfig, run: _Steps, seed: int) -> tuple[dict, int]:
+    """DPO steps on pairs of the client's own samples labelled by its own score (:mod:`fedpdpo.client.online`),
+    with the round's optimizer, on every tensor the round trains. The explicit reward loss and the NLL are off for
+    these pairs: the reward head would only learn its own labels back, and an NLL on the policy's own samples would
+    reinforce whatever it writes, loops included. Returns the metrics (``online/...``) and the steps taken."""
+    model.eval()
+    with autocast(cfg, model):
+        own = own_pairs(model, task, cfg, seed)
+    if not own.pairs:
+        return own.metrics, 0
+    steps = cfg.method.online_steps or math.ceil(len(own.pairs) / cfg.batch_size)
+    pairs_task = dataclasses.replace(task, train=own.pairs, val=[], test=[])
+    pairs_state = ClientState(reference={"train": own.reference})
+    method = dataclasses.replace(cfg.method, reward_weight=0.0, rpo_alpha=0.0)
+    steps_run = dataclasses.replace(run, seed=derive_seed(seed, 1), steps=steps, local_only_steps=0, anchor=None)
+    metrics = _run_steps(model, pairs_task, pairs_state, dataclasses.replace(cfg, method=method), steps_run, None)
+    keep = ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected")
+    return own.metrics | {f"online/{k}": v for k, v in metrics.items() if k in keep}, steps
 
 
 def _fit_personal(

@@ -37,6 +37,10 @@ class ClientTask:
     val: list[TokenizedPair] = field(default_factory=list)
     lengths: Lengths | None = None
     info: dict[str, Any] = field(default_factory=dict)  # sizes, limits and truncation shares, for the summary
+    # Tokens that end a sampled response (end of turn, end of text), and the one that closes a response in training
+    # pairs (None: responses are not closed): what on-policy pairs need to look like the training pairs.
+    stop_ids: tuple[int, ...] = ()
+    end_id: int | None = None
 
     def split(self, name: str) -> list[TokenizedPair]:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
@@ -85,4 +89,15 @@ def build_task(client: ClientData, tokenizer, cfg: RunConfig) -> ClientTask:
         100 * shares["prompts_truncated"],
         100 * shares["responses_truncated"],
     )
-    return ClientTask(client.client_id, splits["train"], splits["test"], tok.pad_id, splits["val"], lengths, info)
+    stop_ids = tuple(sorted({tokenizer.eos_token_id, tok.end_id} - {None}))
+    return ClientTask(
+        client.client_id,
+        splits["train"],
+        splits["test"],
+        tok.pad_id,
+        splits["val"],
+        lengths,
+        info,
+        stop_ids=stop_ids,
+        end_id=tok.end_id,
+    )

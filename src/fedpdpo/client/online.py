@@ -1,0 +1,107 @@
+"""On-policy pairs: responses the client's personalized policy writes, labelled by the client's own score.
+
+Why: a client's preference pairs are text the policy would not write (on IMDB, human reviews), and DPO on them
+teaches the policy to *rank* such text long before it changes what the policy *samples*: on the demo the
+personalized policies rank 70 % of held-out pairs right, yet their samples lean to their clients' side no more
+than the base model's, while the best of 4 of their own samples by the client's reward head does
+(docs/results.md). Pairs of the policy's own samples, ordered by that head, put the preference where the policy
+writes. The reward head learned on the client's pairs only, so nothing leaves the client and no outside judge is
+involved (the judge of ``fedpdpo evaluate`` stays independent of training).
+
+:func:`own_pairs` builds them; the trainer then takes ``method.online_steps`` DPO steps on them with the
+reference log-probs computed here (formula and choices in docs/method.md, "On-policy pairs").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fedpdpo.config import RunConfig
+from fedpdpo.data.task import ClientTask
+from fedpdpo.data.tokenize import TokenizedPair, collate
+from fedpdpo.model.policy import FedPDPOModel
+from fedpdpo.sampling import SamplingConfig, sample_responses
+
+
+@dataclass
+class OwnPairs:
+    pairs: list[TokenizedPair]  # indexed 0..n-1: the rows of ``reference``
+    reference: torch.Tensor  # [n, 2] reference log-probs of (chosen, rejected)
+    metrics: dict[str, float]
+
+
+def close(response: list[int], budget: int, end_id: int | None) -> tuple[int, ...]:
+    """A sampled response as a training response: closed by the end-of-turn token when it ended before the budget
+    (training responses are closed unless cut), and at most ``budget`` tokens."""
+    ids = list(response[:budget])
+    if end_id is not None and len(ids) < budget:
+        ids.append(end_id)
+    return tuple(ids)
+
+
+def sample_pairs(model: FedPDPOModel, task: ClientTask, cfg: RunConfig, seed: int) -> list[TokenizedPair]:
+    """``cfg.method.online_pairs`` pairs of two personalized samples each, to prompts drawn (with ``seed``) from the
+    client's training pairs; prompts that recur are sampled in one batch. Unlabelled: ``chosen`` is the first
+    sample. Pairs of two identical responses are dropped (nothing to prefer)."""
+    k = cfg.method.online_pairs
+    gen = torch.Generator().manual_seed(seed)
+    picks = torch.randint(len(task.train), (k,), generator=gen).tolist()
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for slot, i in enumerate(picks):
+        groups.setdefault(task.train[i].prompt_ids, []).append(slot)
+    max_length = task.lengths.max_length if task.lengths else cfg.max_length
+    stop = set(task.stop_ids)
+    found: dict[int, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = {}
+    for g, (prompt, slots) in enumerate(groups.items()):
+        budget = max_length - len(prompt)
+        sampling = SamplingConfig(
+            max_new_tokens=budget, temperature=cfg.method.online_temperature, top_p=1.0, seed=seed + 1 + 2 * k * g
+        )
+        rows = sample_responses(model, list(prompt), "personalized", 2 * len(slots), sampling, stop)
+        for j, slot in enumerate(slots):
+            found[slot] = (prompt, close(rows[2 * j], budget, task.end_id), close(rows[2 * j + 1], budget, task.end_id))
+    kept = [found[slot] for slot in range(k) if found[slot][1] != found[slot][2]]
+    return [TokenizedPair(i, p, a, b) for i, (p, a, b) in enumerate(kept)]
+
+
+@torch.no_grad()
+def own_pairs(model: FedPDPOModel, task: ClientTask, cfg: RunConfig, seed: int) -> OwnPairs:
+    """:func:`sample_pairs`, each ordered so that the side the client's own score ranks higher is ``chosen``: its
+    explicit reward ``r(x, y)``, or without a reward head the implicit reward (the same rule as best-of-N,
+    :func:`fedpdpo.generate.own_score`). Ties are dropped. Run under the caller's autocast, with the model's client
+    modules loaded and in eval mode."""
+    pairs = sample_pairs(model, task, cfg, seed)
+    labelled: list[TokenizedPair] = []
+    reference: list[torch.Tensor] = []
+    gaps: list[float] = []
+    agree = 0
+    for start in range(0, len(pairs), cfg.eval_batch_size):
+        chunk = pairs[start : start + cfg.eval_batch_size]
+        batch = collate(chunk, task.pad_id).to(next(model.parameters()).device)
+        out = model(batch, with_reference=True)
+        n = len(chunk)
+        implicit = (out.logps.float() - out.ref_logps.float()).cpu()
+        own = implicit if out.rewards is None else out.rewards.float().cpu()
+        ref = out.ref_logps.float().cpu()
+        for row, pair in enumerate(chunk):
+            gap = float(own[row] - own[n + row])
+            if gap == 0:
+                continue
+            first_wins = gap > 0
+            agree += int((implicit[row] > implicit[n + row]) == first_wins)
+            gaps.append(abs(gap))
+            chosen, rejected = (
+                (pair.chosen_ids, pair.rejected_ids) if first_wins else (pair.rejected_ids, pair.chosen_ids)
+            )
+            labelled.append(TokenizedPair(len(labelled), pair.prompt_ids, chosen, rejected))
+            sides = (ref[row], ref[n + row]) if first_wins else (ref[n + row], ref[row])
+            reference.append(torch.stack(sides))
+    metrics = {"online/pairs": float(len(labelled))}
+    if labelled:
+        metrics["online/score_gap"] = sum(gaps) / len(gaps)
+        # how often the policy's implicit reward already orders its own samples as its reward head does
+        metrics["online/implicit_agrees"] = agree / len(labelled)
+    table = torch.stack(reference) if reference else torch.empty((0, 2))
+    return OwnPairs(labelled, table, metrics)

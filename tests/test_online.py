@@ -1,0 +1,87 @@
+"""On-policy pairs (fedpdpo.client.online): the client's own samples, labelled by its own score, and the DPO steps
+the round takes on them."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from fedpdpo.client.online import close, own_pairs, sample_pairs
+from fedpdpo.client.state import ClientState
+from fedpdpo.client.trainer import _fit_online, _Steps, fit, load_client
+from fedpdpo.data.tokenize import collate
+from fedpdpo.engines.setup import build_setup
+from fedpdpo.model.naming import optimizer_groups
+
+
+def test_close_ends_a_finished_response_as_training_does_and_cuts_at_the_budget():
+    assert close([5, 6], 4, 2) == (5, 6, 2)  # ended before the budget: closed by the end-of-turn token
+    assert close([5, 6, 7, 8], 4, 2) == (5, 6, 7, 8)  # reached the budget: cut, as a long training response
+    assert close([5, 6, 7, 8, 9], 4, 2) == (5, 6, 7, 8)
+    assert close([5], 4, None) == (5,)
+
+
+@pytest.fixture
+def online_setup(tiny_cfg):
+    tiny_cfg.method.online_pairs = 6
+    setup = build_setup(tiny_cfg)
+    model, task = setup.model, setup.tasks[0]
+    load_client(model, setup.initial_global(), ClientState(), setup.initial)
+    with torch.no_grad():  # a reward head that is not zero, so that it orders the samples
+        for name, p in model.trainable().items():
+            if "reward" in name:
+                p.add_(torch.randn_like(p))
+    model.eval()
+    return setup, model, task
+
+
+def test_own_pairs_put_the_side_the_reward_head_prefers_first(online_setup):
+    setup, model, task = online_setup
+    own = own_pairs(model, task, setup.cfg, seed=7)
+    assert own.pairs and len(own.pairs) <= 6 and own.metrics["online/pairs"] == len(own.pairs)
+    assert [p.index for p in own.pairs] == list(range(len(own.pairs)))
+    budget = task.lengths.max_length - len(task.train[0].prompt_ids)
+    prompts = {p.prompt_ids for p in task.train}
+    batch = collate(own.pairs, task.pad_id)
+    with torch.no_grad():
+        out = model(batch, with_reference=True)
+    n = len(own.pairs)
+    assert bool((out.rewards[:n] > out.rewards[n:]).all())  # chosen = what the client's reward head ranks higher
+    assert torch.allclose(own.reference, torch.stack(out.ref_logps.chunk(2), 1), atol=1e-5)
+    for pair in own.pairs:
+        assert pair.prompt_ids in prompts and pair.chosen_ids != pair.rejected_ids
+        assert 0 < len(pair.chosen_ids) <= budget and 0 < len(pair.rejected_ids) <= budget
+    again = own_pairs(model, task, setup.cfg, seed=7)
+    assert again.pairs == own.pairs  # the seed decides the prompts and every sample
+    assert sample_pairs(model, task, setup.cfg, seed=8) != sample_pairs(model, task, setup.cfg, seed=7)
+
+
+def test_online_steps_train_the_policy_and_leave_the_reward_head_alone(online_setup):
+    """The explicit reward loss is off on the client's own samples (the head would learn its own labels back): its
+    tensors do not move, while the LoRA, the adapter and the personal head do."""
+    setup, model, task = online_setup
+    params = model.trainable()
+    before = {n: p.detach().clone() for n, p in params.items()}
+    optimizer = torch.optim.AdamW(optimizer_groups(params, setup.cfg), lr=1e-2)
+    run = _Steps(optimizer, params, set(setup.initial_global()), seed=1, steps=0)
+    metrics, steps = _fit_online(model, task, setup.cfg, run, seed=3)
+    assert steps == -(-int(metrics["online/pairs"]) // setup.cfg.batch_size) and steps > 0
+    assert {"online/loss", "online/rewards/accuracies", "online/implicit_agrees"} <= set(metrics)
+    moved = {n for n, p in params.items() if not torch.equal(p.detach(), before[n])}
+    assert moved and not any("reward" in n for n in moved)
+    assert any("lora" in n for n in moved) and any("head" in n and "reward" not in n for n in moved)
+
+
+def test_fit_with_online_pairs_is_seeded_and_counts_its_steps(tiny_cfg):
+    def run(online_pairs: int) -> dict[str, float]:
+        cfg = copy.deepcopy(tiny_cfg)
+        cfg.method.online_pairs, cfg.method.online_steps = online_pairs, 3
+        setup = build_setup(cfg)
+        return fit(setup.model, setup.tasks[0], ClientState(), setup.initial_global(), setup.initial, cfg, 1).metrics
+
+    plain, online, again = run(0), run(4), run(4)
+    assert not any(k.startswith("online/") for k in plain)
+    assert online["steps"] == plain["steps"] + 3
+    assert online == again
