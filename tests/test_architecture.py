@@ -10,7 +10,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "fedpdpo"
 
 #: Layer -> the layers it may import (besides itself and ``BASE``), as docs/architecture.md lists them.
-CORE = {"config", "data", "model", "losses", "instructions", "transfer", "client"}
+CORE = {"config", "data", "model", "losses", "instructions", "transfer", "sampling", "client"}
 MAY_IMPORT = {
     "config": set(),
     "instructions": set(),
@@ -18,14 +18,15 @@ MAY_IMPORT = {
     "losses": set(),
     "data": {"config"},
     "model": {"config", "data"},
-    "client": {"config", "data", "model", "losses", "instructions", "transfer"},
+    "sampling": {"model"},  # the token-by-token loop: training's on-policy pairs and generate both use it
+    "client": {"config", "data", "model", "losses", "instructions", "transfer", "sampling"},
     "strategies": {"config", "data", "model", "instructions"},
     "report": {"config", "client"},  # client.state's atomic_write: run files are written like client state
     "rundir": {"client"},  # the run-directory lock and replace; client.state's atomic file writes
     "engines": CORE | {"strategies", "report", "rundir"},
     "export": CORE | {"strategies", "engines", "rundir", "model_card"},
     "model_card": set(),  # pure rendering of facts export collected
-    "generate": {"data", "export", "model"},
+    "generate": {"data", "export", "model", "sampling"},
     "judge": set(),
     "evaluation": CORE | {"engines", "generate", "judge"},
     "sweep": {"config", "engines", "report", "strategies", "workers"},
