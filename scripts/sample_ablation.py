@@ -60,7 +60,6 @@ def main() -> None:
         cid = task.client_id
         assert task.lengths is not None
         pair_tok = PairTokenizer(setup.tokenizer, task.lengths.max_length, task.lengths.max_prompt_length)
-        stop = {setup.tokenizer.eos_token_id, pair_tok.end_id} - {None}
         prompt = setup.clients[cid].test[0].prompt
         prompt_ids = pair_tok.prompt_ids(prompt)
         sign, _ = direction(judge, setup, cid, defaults.direction_pairs)
@@ -79,7 +78,7 @@ def main() -> None:
             models[f"realigned, strength {args.realign:g}"] = ("personalized", realign, [])
         for name, (variant, how, swaps) in models.items():
             with replaced(swaps), autocast(setup.cfg, model):
-                ids = sample_responses(model, prompt_ids, variant, args.samples, how, stop)
+                ids = sample_responses(model, prompt_ids, variant, args.samples, how, pair_tok.stop_ids)
             texts = [setup.tokenizer.decode(x, skip_special_tokens=True) for x in ids]
             oriented = sign * np.asarray(judge([flat(prompt)] * len(texts), texts))
             se = oriented.std(ddof=1) / np.sqrt(len(oriented))

@@ -218,7 +218,6 @@ def judge_clients(
         lengths = task.lengths
         assert lengths is not None
         pair_tok = PairTokenizer(setup.tokenizer, lengths.max_length, lengths.max_prompt_length)
-        stop = {setup.tokenizer.eos_token_id, pair_tok.end_id} - {None}
         slots = _prompts(setup, cid, settings.samples)
         by_prompt: dict[Any, int] = {}
         for prompt, _ in slots:
@@ -239,7 +238,7 @@ def judge_clients(
                     with_candidates = personal and BEST_OF in models and name != REALIGNED
                     n_rows = count * (settings.best_of if with_candidates else 1)
                     with autocast(setup.cfg, model):  # the run's precision, as in training
-                        ids = sample_responses(model, prompt_ids, variant, n_rows, how, stop)
+                        ids = sample_responses(model, prompt_ids, variant, n_rows, how, pair_tok.stop_ids)
                     sampled[key] = [setup.tokenizer.decode(x, skip_special_tokens=True) for x in ids]
                 if name == BEST_OF:
                     out.extend(best_of_texts(setup, pair_tok, prompt, sampled[key], count, settings.best_of))

@@ -29,8 +29,7 @@ def generate_ids(
     sampling = sampling or SamplingConfig()
     pair_tok = PairTokenizer(cm.tokenizer, cm.max_length, cm.max_prompt_length)
     prompt_ids = pair_tok.prompt_ids(prompt)  # exactly as training built it
-    stop = {cm.tokenizer.eos_token_id, pair_tok.end_id} - {None}
-    return sample_responses(cm.model, prompt_ids, variant, 1, sampling, stop)[0]
+    return sample_responses(cm.model, prompt_ids, variant, 1, sampling, pair_tok.stop_ids)[0]
 
 
 def generate(
@@ -45,8 +44,7 @@ def generate_best_of(cm: ClientModel, prompt: str, n: int, sampling: SamplingCon
     client's own score (:func:`own_score`) ranks first: its reward head chooses what it says."""
     sampling = sampling or SamplingConfig()
     pair_tok = PairTokenizer(cm.tokenizer, cm.max_length, cm.max_prompt_length)
-    stop = {cm.tokenizer.eos_token_id, pair_tok.end_id} - {None}
-    ids = sample_responses(cm.model, pair_tok.prompt_ids(prompt), "personalized", n, sampling, stop)
+    ids = sample_responses(cm.model, pair_tok.prompt_ids(prompt), "personalized", n, sampling, pair_tok.stop_ids)
     texts = [cm.tokenizer.decode(x, skip_special_tokens=True) for x in ids]
     values = [own_score(row) for row in score_responses(cm.model, pair_tok, cm.beta, prompt, texts)]
     return texts[max(range(n), key=values.__getitem__)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Literal
 
@@ -96,7 +97,7 @@ def sample_responses(
     variant: Variant,
     n: int,
     sampling: SamplingConfig,
-    stop: set[int],
+    stop: AbstractSet[int],
 ) -> list[list[int]]:
     """``n`` responses to one prompt from ``model``'s ``variant`` policy, sampled together in one batch (the prompt
     is the same in every row: it runs once, and the rows continue its key/value cache, so no padding); row ``k``

@@ -54,14 +54,13 @@ def sample_pairs(model: FedPDPOModel, task: ClientTask, cfg: RunConfig, seed: in
     for slot, i in enumerate(picks):
         groups.setdefault(task.train[i].prompt_ids, []).append(slot)
     max_length = task.lengths.max_length if task.lengths else cfg.max_length
-    stop = set(task.stop_ids)
     found: dict[int, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = {}
     for g, (prompt, slots) in enumerate(groups.items()):
         budget = max_length - len(prompt)
         sampling = SamplingConfig(
             max_new_tokens=budget, temperature=cfg.method.online_temperature, top_p=1.0, seed=seed + 1 + 2 * k * g
         )
-        rows = sample_responses(model, list(prompt), "personalized", 2 * len(slots), sampling, stop)
+        rows = sample_responses(model, list(prompt), "personalized", 2 * len(slots), sampling, task.stop_ids)
         for j, slot in enumerate(slots):
             found[slot] = (prompt, close(rows[2 * j], budget, task.end_id), close(rows[2 * j + 1], budget, task.end_id))
     kept = [found[slot] for slot in range(k) if found[slot][1] != found[slot][2]]

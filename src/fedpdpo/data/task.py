@@ -39,7 +39,7 @@ class ClientTask:
     info: dict[str, Any] = field(default_factory=dict)  # sizes, limits and truncation shares, for the summary
     # Tokens that end a sampled response (end of turn, end of text), and the one that closes a response in training
     # pairs (None: responses are not closed): what on-policy pairs need to look like the training pairs.
-    stop_ids: tuple[int, ...] = ()
+    stop_ids: frozenset[int] = frozenset()
     end_id: int | None = None
 
     def split(self, name: str) -> list[TokenizedPair]:
@@ -89,7 +89,6 @@ def build_task(client: ClientData, tokenizer, cfg: RunConfig) -> ClientTask:
         100 * shares["prompts_truncated"],
         100 * shares["responses_truncated"],
     )
-    stop_ids = tuple(sorted({tokenizer.eos_token_id, tok.end_id} - {None}))
     return ClientTask(
         client.client_id,
         splits["train"],
@@ -98,6 +97,6 @@ def build_task(client: ClientData, tokenizer, cfg: RunConfig) -> ClientTask:
         splits["val"],
         lengths,
         info,
-        stop_ids=stop_ids,
+        stop_ids=tok.stop_ids,
         end_id=tok.end_id,
     )

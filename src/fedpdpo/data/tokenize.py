@@ -86,6 +86,8 @@ class PairTokenizer:
         self.max_prompt_length = max_prompt_length
         self.end_id = self.encoder.end_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.end_id or 0)
+        # the tokens that end a sampled response: end of turn (what closes training responses) and end of text
+        self.stop_ids = frozenset({tokenizer.eos_token_id, self.end_id} - {None})
 
     def prompt_ids(self, prompt: Text) -> list[int]:
         """The prompt as training sees it (and ``fedpdpo generate`` samples from it)."""
