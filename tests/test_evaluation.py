@@ -244,3 +244,14 @@ def test_sample_ablation_script_samples_each_client_with_a_module_put_back(run_d
         "realigned, strength 2",
     }
     assert len(lines) == 6 * clients and all("repeated trigrams" in line for line in lines)
+
+
+def test_cli_defaults_are_the_settings_defaults():
+    """`fedpdpo evaluate` and `fedpdpo run --evaluate` judge alike: the command's defaults are EvaluationSettings'."""
+    from fedpdpo.cli import build_parser
+
+    args = build_parser().parse_args(["evaluate", "--run", "x"])
+    defaults = EvaluationSettings()
+    names = ("judge", "samples", "max_new_tokens", "temperature", "top_p", "seed", "repetition_penalty", "best_of")
+    for name in (*names, "realign"):
+        assert getattr(args, name) == getattr(defaults, name), name

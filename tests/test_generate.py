@@ -240,6 +240,21 @@ def test_best_of_returns_the_sample_the_clients_own_score_ranks_first(cm):
     assert own_score(dataclasses.replace(row, explicit=None)) == row.implicit  # no reward head: the implicit reward
 
 
+def test_own_scores_are_the_explicit_rewards_of_the_full_scoring_pass(cm):
+    """own_scores runs only the reward head's path, and gives what score_responses' rows rank by (own_score), in
+    batches of any size."""
+    from fedpdpo.data.tokenize import PairTokenizer
+    from fedpdpo.generate import own_score, own_scores
+
+    assert "reward_head" in cm.model.local
+    texts = [generate(cm, PROMPT, "personalized", SamplingConfig(6, 1.0, 1.0, k)) for k in range(5)]
+    full = [own_score(r) for r in score(cm, PROMPT, texts)]
+    pair_tok = PairTokenizer(cm.tokenizer, cm.max_length, cm.max_prompt_length)
+    for batch_size in (16, 2):
+        got = own_scores(cm.model, pair_tok, cm.beta, PROMPT, texts, batch_size)
+        assert got == pytest.approx(full, rel=1e-5, abs=1e-6)
+
+
 def test_generate_cli_best_of(run_dir, capsys):
     from fedpdpo.cli import main
 
@@ -249,9 +264,10 @@ def test_generate_cli_best_of(run_dir, capsys):
     assert main([*base, "--best-of", "0"]) == 2
 
 
-def test_decoding_runs_eager_attention_and_restores_it(cm):
-    """Inside the block the decoder gives exactly what eager attention gives; the setting is restored on exit, even
-    on error. Under the judge's autocast the frozen weights are already bf16 copies (``frozen_weights_as``)."""
+def test_decoding_runs_grouped_attention_and_restores_it(cm):
+    """Inside the block a Llama-type decoder runs :func:`grouped_attention` and gives what eager attention gives; the
+    setting is restored on exit, even on error. Under the judge's autocast the frozen weights are already bf16
+    copies (``frozen_weights_as``)."""
     decoder = cm.model.decoder
     attention = decoder.config._attn_implementation
     ids = torch.tensor([_training_prompt(cm)])
@@ -268,10 +284,58 @@ def test_decoding_runs_eager_attention_and_restores_it(cm):
                 m.weight for m in decoder.modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad
             ]
             assert frozen and all(w.dtype == torch.bfloat16 for w in frozen)
-            assert decoder.config._attn_implementation == "eager"
+            assert decoder.config._attn_implementation == sampling_module.GROUPED
             raise RuntimeError
-    assert torch.equal(expected, plain)
+    torch.testing.assert_close(expected, plain, rtol=2e-2, atol=2e-2)  # bf16: one rounding step apart at most
     assert decoder.config._attn_implementation == attention
+
+
+def test_grouped_attention_is_eager_attention_with_padding_and_cache(cm):
+    """fp32, left-padded rows of different lengths, then one cached decoding step: grouped attention's hidden
+    states are eager attention's (the tiny model has 4 query heads per key/value head)."""
+    decoder = cm.model.decoder
+    config = decoder.config
+    assert config.num_attention_heads > config.num_key_value_heads
+    ids = torch.tensor([[5, 5, 7, 9, 11], [3, 4, 6, 8, 10]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    step = torch.tensor([[12], [13]])
+    outputs = {}
+    attention = config._attn_implementation
+    for name in ("eager", sampling_module.GROUPED):
+        config._attn_implementation = name
+        try:
+            with torch.no_grad():
+                first = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+                second = decoder(
+                    input_ids=step,
+                    attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1),
+                    position_ids=positions[:, -1:] + 1,
+                    cache=first.cache,
+                    use_cache=True,
+                )
+        finally:
+            config._attn_implementation = attention
+        outputs[name] = (first.last_hidden_state[:, -1], second.last_hidden_state)
+    for got, want in zip(outputs[sampling_module.GROUPED], outputs["eager"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["personalized", "base"])
+def test_batch_of_prompts_of_different_lengths_gives_each_prompts_own_samples(cm, variant):
+    """Rows of one :func:`sample_batch` call with prompts of different lengths (left-padded) are the samples each
+    prompt gives alone with the row's seed, with a repetition penalty and whatever ``max_rows`` splits them."""
+    sampling = SamplingConfig(max_new_tokens=8, temperature=1.0, top_p=0.95, repetition_penalty=1.3)
+    long = _training_prompt(cm)
+    short = long[: len(long) // 2]
+    prompts, seeds = [long, short, long, short, short], [3, 3, 4, 9, 11]
+    for max_rows in (5, 2):
+        rows = sampling_module.sample_batch(cm.model, prompts, seeds, variant, sampling, set(), max_rows=max_rows)
+        for prompt, seed, row in zip(prompts, seeds, rows, strict=True):
+            alone = dataclasses.replace(sampling, seed=seed)
+            assert row == sampling_module.sample_responses(cm.model, prompt, variant, 1, alone, set())[0]
+    with pytest.raises(ValueError, match="one seed per prompt row"):
+        sampling_module.sample_batch(cm.model, prompts, seeds[:2], variant, sampling, set())
 
 
 def test_realigned_logits_are_the_geometric_mixture():

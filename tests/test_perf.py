@@ -200,7 +200,9 @@ def test_reward_layer_reads_the_frozen_layer_on_every_path(tiny_cfg):
         expected = model.local["reward_head"](states, batch.response_mask)
     model.prefix.cache.clear()
     for perf in (PLAIN, PerfSettings(), PerfSettings(prefix_cache=False)):
-        torch.testing.assert_close(_twin(setup, model, perf)(batch).rewards, expected, rtol=1e-5, atol=1e-5)
+        twin = _twin(setup, model, perf)
+        torch.testing.assert_close(twin(batch).rewards, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(twin.explicit_rewards(batch), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(model(batch).rewards, expected, rtol=1e-5, atol=1e-5)
     assert model.prefix.cache.count("layer1") == 6  # chosen and rejected of 3 pairs, computed once each
     with torch.no_grad():

@@ -42,9 +42,9 @@ from fedpdpo.engines.checkpoint import CLIENTS_DIR
 from fedpdpo.engines.server import GLOBAL_FILE
 from fedpdpo.engines.setup import RunSetup, build_setup
 from fedpdpo.errors import FedPDPOError
-from fedpdpo.generate import own_score, score_responses
+from fedpdpo.generate import own_scores
 from fedpdpo.judge import Judge, load_judge
-from fedpdpo.sampling import SamplingConfig, Variant, sample_responses
+from fedpdpo.sampling import SamplingConfig, Variant, sample_batch
 from fedpdpo.timing import phase
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,9 @@ REALIGNED = "realigned"
 @dataclass
 class EvaluationSettings:
     judge: str = "sentiment"
-    samples: int = 16  # responses per client and model
+    # responses per client and model: 48, because with 16 the standard error of a lean (0.19-0.26 on the demo's
+    # sentiment scores) is as large as the leans themselves (docs/evaluation.md)
+    samples: int = 48
     max_new_tokens: int = 96
     temperature: float = 0.7
     top_p: float = 0.9
@@ -66,7 +68,7 @@ class EvaluationSettings:
     repetition_penalty: float = 1.0  # transformers' rule, the same for every model (1 = off)
     # > 1: also a "best_of" model: per slot, the personalized sample the client's own score ranks first among
     # best_of candidates (the slot's personalized sample and best_of - 1 more from the same model)
-    best_of: int = 4
+    best_of: int = 8
     # != 1: also a "realigned" model: personalized samples drawn from pi_ref^(1 - realign) * pi^realign
     # (decoding-time realignment, fedpdpo.sampling.realigned). Off by default: at 2 it amplified the personalized
     # policies' loops more than their lean on the demo (docs/results.md, 6 December)
@@ -185,8 +187,7 @@ def own_reward(setup: RunSetup, pair_tok: PairTokenizer, prompt: Any, texts: lis
     loaded in ``setup.model``."""
     cfg = setup.cfg
     with autocast(cfg, setup.model):
-        rows = score_responses(setup.model, pair_tok, cfg.beta, prompt, texts, cfg.eval_batch_size)
-    return np.asarray([own_score(r) for r in rows])
+        return np.asarray(own_scores(setup.model, pair_tok, cfg.beta, prompt, texts, cfg.eval_batch_size))
 
 
 def best_of_texts(
@@ -229,21 +230,28 @@ def judge_clients(
             personal = variant == "personalized"
             how = realign if name == REALIGNED else sampling
             load_client(model, own_shared if personal else global_, state, setup.initial, personal=personal)
+            owner = cid if personal else None
+            keys = {
+                p: (variant, how.realign, owner, tuple(pair_tok.prompt_ids(p)), count) for p, count in by_prompt.items()
+            }
+            # what this model has not sampled yet, every prompt in one batched call; personalized: best-of's
+            # candidates with it (a prompt's rows count.. are its (best_of - 1) more)
+            per_slot = settings.best_of if personal and BEST_OF in models and name != REALIGNED else 1
+            todo = [key for key in dict.fromkeys(keys.values()) if key not in sampled]
+            if todo:
+                prompt_rows = [list(key[3]) for key in todo for _ in range(key[4] * per_slot)]
+                seeds = [how.seed + r for key in todo for r in range(key[4] * per_slot)]
+                with autocast(setup.cfg, model):  # the run's precision, as in training
+                    drawn = sample_batch(model, prompt_rows, seeds, variant, how, pair_tok.stop_ids)
+                texts_drawn = iter(setup.tokenizer.decode(x, skip_special_tokens=True) for x in drawn)
+                for key in todo:
+                    sampled[key] = [next(texts_drawn) for _ in range(key[4] * per_slot)]
             out: list[str] = []
             for prompt, count in by_prompt.items():
-                prompt_ids = pair_tok.prompt_ids(prompt)
-                key = (variant, how.realign, cid if personal else None, tuple(prompt_ids), count)
-                if key not in sampled:
-                    # personalized: best-of's candidates in the same batch (rows count.. are the (best_of - 1) more)
-                    with_candidates = personal and BEST_OF in models and name != REALIGNED
-                    n_rows = count * (settings.best_of if with_candidates else 1)
-                    with autocast(setup.cfg, model):  # the run's precision, as in training
-                        ids = sample_responses(model, prompt_ids, variant, n_rows, how, pair_tok.stop_ids)
-                    sampled[key] = [setup.tokenizer.decode(x, skip_special_tokens=True) for x in ids]
                 if name == BEST_OF:
-                    out.extend(best_of_texts(setup, pair_tok, prompt, sampled[key], count, settings.best_of))
+                    out.extend(best_of_texts(setup, pair_tok, prompt, sampled[keys[prompt]], count, settings.best_of))
                 else:
-                    out.extend(sampled[key][:count])
+                    out.extend(sampled[keys[prompt]][:count])
             texts[name] = out
         prompts = [flat(p) for p, count in by_prompt.items() for _ in range(count)]
         sign, diff = direction(judge, setup, cid, settings.direction_pairs)

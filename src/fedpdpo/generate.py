@@ -11,6 +11,7 @@ the *explicit* reward head's ``r(x, y)``, computed exactly as in training (same 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +47,7 @@ def generate_best_of(cm: ClientModel, prompt: str, n: int, sampling: SamplingCon
     pair_tok = PairTokenizer(cm.tokenizer, cm.max_length, cm.max_prompt_length)
     ids = sample_responses(cm.model, pair_tok.prompt_ids(prompt), "personalized", n, sampling, pair_tok.stop_ids)
     texts = [cm.tokenizer.decode(x, skip_special_tokens=True) for x in ids]
-    values = [own_score(row) for row in score_responses(cm.model, pair_tok, cm.beta, prompt, texts)]
+    values = own_scores(cm.model, pair_tok, cm.beta, prompt, texts)
     return texts[max(range(n), key=values.__getitem__)]
 
 
@@ -68,16 +69,13 @@ def own_score(row: ResponseScore) -> float:
     return row.implicit if row.explicit is None else row.explicit
 
 
-@torch.no_grad()
-def score_responses(
-    model: FedPDPOModel, pair_tok: PairTokenizer, beta: float, prompt: Text, responses: list[str], batch_size: int = 16
-) -> list[ResponseScore]:
-    """Implicit and explicit rewards of each response to ``prompt`` under ``model`` as loaded (a client's modules),
-    tokenized and truncated as in training; ``batch_size`` responses per forward pass."""
+def _response_batches(
+    pair_tok: PairTokenizer, prompt: Text, responses: list[str], batch_size: int, device: torch.device
+) -> Iterator[tuple[list[str], PairBatch]]:
+    """``responses`` to ``prompt``, ``batch_size`` at a time, tokenized and truncated as in training: each batch
+    holds them once (collate's chosen half; its rejected half would repeat them)."""
     prompt_ids = tuple(pair_tok.prompt_ids(prompt))
     budget = pair_tok.max_length - len(prompt_ids)
-    device = next(model.parameters()).device
-    rows = []
     for start in range(0, len(responses), batch_size):
         texts = responses[start : start + batch_size]
         pairs = []
@@ -86,8 +84,19 @@ def score_responses(
             pairs.append(TokenizedPair(i, prompt_ids, ids, ids))
         full = collate(pairs, pair_tok.pad_id)
         n = len(texts)
-        # collate lays out [chosen..., rejected...]; both halves are the same responses here, so score one half
-        batch = PairBatch(full.index, full.input_ids[:n], full.attention_mask[:n], full.response_mask[:n]).to(device)
+        batch = PairBatch(full.index, full.input_ids[:n], full.attention_mask[:n], full.response_mask[:n])
+        yield texts, batch.to(device)
+
+
+@torch.no_grad()
+def score_responses(
+    model: FedPDPOModel, pair_tok: PairTokenizer, beta: float, prompt: Text, responses: list[str], batch_size: int = 16
+) -> list[ResponseScore]:
+    """Implicit and explicit rewards of each response to ``prompt`` under ``model`` as loaded (a client's modules),
+    tokenized and truncated as in training; ``batch_size`` responses per forward pass."""
+    device = next(model.parameters()).device
+    rows = []
+    for texts, batch in _response_batches(pair_tok, prompt, responses, batch_size, device):
         out = model(batch)
         ref = model.reference_logps(batch)
         for i, text in enumerate(texts):
@@ -95,6 +104,20 @@ def score_responses(
             explicit = None if out.rewards is None else float(out.rewards[i])
             rows.append(ResponseScore(text, logp, ref_logp, beta * (logp - ref_logp), explicit, int(out.n_tokens[i])))
     return rows
+
+
+@torch.no_grad()
+def own_scores(
+    model: FedPDPOModel, pair_tok: PairTokenizer, beta: float, prompt: Text, responses: list[str], batch_size: int = 16
+) -> list[float]:
+    """:func:`own_score` of each response, as :func:`score_responses` would give it; with a reward head only that
+    head runs (no log-probs of the policy or the reference), so ranking best-of-N candidates costs one decoder
+    pass."""
+    if "reward_head" not in model.local:
+        return [own_score(row) for row in score_responses(model, pair_tok, beta, prompt, responses, batch_size)]
+    device = next(model.parameters()).device
+    batches = _response_batches(pair_tok, prompt, responses, batch_size, device)
+    return [float(r) for _, batch in batches for r in model.explicit_rewards(batch)]
 
 
 def score(cm: ClientModel, prompt: Text, responses: list[str]) -> list[ResponseScore]:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from transformers import PreTrainedModel, RepetitionPenaltyLogitsProcessor
+from transformers import AttentionInterface, PreTrainedModel, RepetitionPenaltyLogitsProcessor
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from fedpdpo.model.policy import FedPDPOModel, cast_once_for_autocast
 
@@ -40,23 +41,35 @@ class SamplingConfig:
 NUCLEUS_CANDIDATES = 256  # most probable tokens examined first for the nucleus; the whole vocabulary if they fall short
 
 
-def sample_token(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
-    """One token id from ``logits`` [V]: greedy at temperature 0, else nucleus (top-p) sampling.
+def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, gens: list[torch.Generator]) -> list[int]:
+    """One token id per row of ``logits`` [n, V], row ``k`` drawing from ``gens[k]``: greedy at temperature 0, else
+    nucleus (top-p) sampling.
 
     The nucleus (the smallest set of most probable tokens whose mass reaches ``top_p``) is found among the
-    :data:`NUCLEUS_CANDIDATES` most probable tokens, and only when their mass falls short of ``top_p`` by sorting the
-    whole vocabulary: the same set either way, without a sort of 49k-262k probabilities per token and row."""
+    :data:`NUCLEUS_CANDIDATES` most probable tokens, and only for a row whose mass there falls short of ``top_p`` by
+    sorting its whole vocabulary: the same set either way, without a sort of 49k-262k probabilities per token and
+    row. The softmax and the candidates of all rows are one batched call; each row draws with its own generator, so
+    what a row draws does not depend on the other rows in its batch."""
     if temperature <= 0:
-        return int(logits.argmax())
+        return logits.argmax(dim=-1).tolist()
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p >= 1.0:
-        return int(torch.multinomial(probs.cpu(), 1, generator=gen))
-    top, order = probs.topk(min(NUCLEUS_CANDIDATES, probs.numel()))  # descending
-    if float(top.sum()) < top_p and top.numel() < probs.numel():
-        top, order = probs.sort(descending=True)
-    keep = top.cumsum(0) - top < top_p  # the first token always stays
-    pick = torch.multinomial(top[keep].cpu(), 1, generator=gen)
-    return int(order[keep][pick])
+        return [int(torch.multinomial(row, 1, generator=gen)) for row, gen in zip(probs.cpu(), gens, strict=True)]
+    tops, orders = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)  # descending
+    whole = tops.shape[-1] == probs.shape[-1]
+    short = [False] * len(gens) if whole else (tops.sum(dim=-1) < top_p).tolist()
+    tops, orders = tops.cpu(), orders.cpu()
+    out = []
+    for k, gen in enumerate(gens):
+        top, order = [t.cpu() for t in probs[k].sort(descending=True)] if short[k] else (tops[k], orders[k])
+        keep = top.cumsum(0) - top < top_p  # the first token always stays
+        out.append(int(order[keep][torch.multinomial(top[keep], 1, generator=gen)]))
+    return out
+
+
+def sample_token(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
+    """One token id from ``logits`` [V]: :func:`sample_tokens` for one row."""
+    return sample_tokens(logits[None], temperature, top_p, [gen])[0]
 
 
 def realigned(policy: torch.Tensor, reference: torch.Tensor, strength: float) -> torch.Tensor:
@@ -73,9 +86,47 @@ def realigned(policy: torch.Tensor, reference: torch.Tensor, strength: float) ->
     return log_ref + strength * (log_pi - log_ref)
 
 
+GROUPED = "fedpdpo_grouped"  # the attention implementation registered below
+# model types whose eager attention is plain grouped-query attention (no soft-capping or sliding window), so that
+# :func:`grouped_attention` computes exactly what it does
+GROUPED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+def grouped_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: object,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' eager attention without ``repeat_kv``: query heads [B, H, Q, D] are grouped by the key/value
+    head they share, [B, KV, H / KV * Q, D], and multiply the cached keys and values as they are.
+
+    Why: eager attention copies every key and value of the cache H / KV times per layer and step (3x for SmolLM2),
+    so decoding a long sample moves several times the cache through memory at every token; here nothing is
+    copied. Same sums as eager attention (a reshape, no new rounding); used only for decoding (:func:`decoding`)."""
+    b, h, q, d = query.shape
+    kv = key.shape[1]
+    groups = h // kv
+    scores = torch.matmul(query.reshape(b, kv, groups * q, d), key.transpose(2, 3)) * scaling
+    if attention_mask is not None:  # [B, 1, Q, L] -> each group's rows
+        scores = (scores.view(b, kv, groups, q, -1) + attention_mask[:, :, None]).view(b, kv, groups * q, -1)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(weights, value).view(b, h, q, d)
+    return out.transpose(1, 2).contiguous(), weights.view(b, h, q, -1)
+
+
+AttentionInterface.register(GROUPED, grouped_attention)
+AttentionMaskInterface.register(GROUPED, eager_mask)
+
+
 @contextlib.contextmanager
 def decoding(decoder: PreTrainedModel) -> Iterator[None]:
-    """Within the block, ``decoder`` runs eager attention (restored on exit, also on error).
+    """Within the block, ``decoder`` runs eager attention, or :func:`grouped_attention` where that is the same
+    (restored on exit, also on error).
 
     Why: a decoding step attends with a one-token query, where PyTorch's CPU SDPA kernel is several times slower
     than plain matmul + softmax (2.5 against 0.4 ms per call, batch 48 x 9 heads x 80 keys, bf16). It rounds
@@ -83,14 +134,45 @@ def decoding(decoder: PreTrainedModel) -> Iterator[None]:
     :func:`~fedpdpo.client.trainer.autocast` (``FedPDPOModel.frozen_weights_as``), as in training."""
     config = decoder.config
     attention = config._attn_implementation
-    config._attn_implementation = "eager"
+    config._attn_implementation = GROUPED if config.model_type in GROUPED_MODEL_TYPES else "eager"
     try:
         yield
     finally:
         config._attn_implementation = attention
 
 
+MAX_ROWS = 64  # rows decoded together: a 135M model's decoding step costs about the same at 1 row as at dozens
+
+
 @torch.no_grad()
+def sample_batch(
+    model: FedPDPOModel,
+    prompts: list[list[int]],
+    seeds: list[int],
+    variant: Variant,
+    sampling: SamplingConfig,
+    stop: AbstractSet[int],
+    max_rows: int = MAX_ROWS,
+) -> list[list[int]]:
+    """One response per row from ``model``'s ``variant`` policy: row ``i`` continues ``prompts[i]`` and draws from a
+    generator seeded ``seeds[i]`` (``sampling.seed`` is not used here). Rows are decoded ``max_rows`` at a time.
+
+    Why batched: on a CPU one decoding step of a small model costs about as much for one row as for dozens, so the
+    judge's samples (a few per prompt, dozens of prompts) are drawn together. Within a batch each distinct prompt
+    runs once, left-padded to the longest (masked, with positions counted from its first real token), and its rows
+    continue its key/value cache. End tokens are not included. ``personalized`` uses the model's local head, adapter
+    and LoRA gate as loaded; ``global`` the shared LoRA as aggregated with the original head; ``base`` the frozen
+    backbone. With ``sampling.realign != 1`` (not for ``base``) the reference runs next to the policy on its own
+    key/value cache and each token is drawn from :func:`realigned` logits."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"one seed per prompt row expected, got {len(seeds)} for {len(prompts)}")
+    out: list[list[int]] = []
+    for start in range(0, len(prompts), max_rows):
+        rows = slice(start, start + max_rows)
+        out.extend(_sample_rows(model, prompts[rows], seeds[rows], variant, sampling, stop))
+    return out
+
+
 def sample_responses(
     model: FedPDPOModel,
     prompt_ids: list[int],
@@ -99,61 +181,79 @@ def sample_responses(
     sampling: SamplingConfig,
     stop: AbstractSet[int],
 ) -> list[list[int]]:
-    """``n`` responses to one prompt from ``model``'s ``variant`` policy, sampled together in one batch (the prompt
-    is the same in every row: it runs once, and the rows continue its key/value cache, so no padding); row ``k``
-    draws from a generator seeded ``sampling.seed + k``.
-    End tokens are not included. ``personalized`` uses the model's local head, adapter and LoRA gate as loaded;
-    ``global`` the shared LoRA as aggregated with the original head; ``base`` the frozen backbone. With
-    ``sampling.realign != 1`` (not for ``base``) the reference runs next to the policy on its own key/value cache and
-    each token is drawn from :func:`realigned` logits."""
+    """``n`` responses to one prompt (:func:`sample_batch`); response ``k`` draws with seed ``sampling.seed + k``."""
+    return sample_batch(model, [prompt_ids] * n, [sampling.seed + k for k in range(n)], variant, sampling, stop)
+
+
+def _sample_rows(
+    model: FedPDPOModel,
+    prompts: list[list[int]],
+    seeds: list[int],
+    variant: Variant,
+    sampling: SamplingConfig,
+    stop: AbstractSet[int],
+) -> list[list[int]]:
+    """:func:`sample_batch` for rows decoded together."""
     device = next(model.parameters()).device
-    gens = [torch.Generator().manual_seed(sampling.seed + k) for k in range(n)]
+    n = len(prompts)
+    gens = [torch.Generator().manual_seed(seed) for seed in seeds]
+    distinct = list(dict.fromkeys(tuple(p) for p in prompts))
+    source = torch.tensor([distinct.index(tuple(p)) for p in prompts], device=device)  # row -> its prompt's row
+    width = max(len(p) for p in distinct)
+    # left padding repeats a prompt's first token (masked out; and the repetition penalty's set of seen tokens stays
+    # the prompt's own)
+    ids = torch.tensor([[p[0]] * (width - len(p)) + list(p) for p in distinct], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in distinct], device=device)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
     personal = variant == "personalized"
     head = model.local["head"].get_parameter("weight") if personal and "head" in model.local else model.ref_head_weight
     head = cast_once_for_autocast(head)
     strength = 1.0 if variant == "base" else sampling.realign
     # the reference's head, cast only where the reference runs (the plain path keeps no second [V, H] copy)
     ref_head = cast_once_for_autocast(model.ref_head_weight) if strength != 1.0 else model.ref_head_weight
-    ref_cache = None
     adapter = model.local["adapter"] if personal and "adapter" in model.local else None
     responses: list[list[int]] = [[] for _ in range(n)]
     open_rows = set(range(n))
-    ids = torch.tensor([prompt_ids], device=device)  # the prompt runs once; every row continues its key/values
-    cache = None
+    cache = ref_cache = None
     ctx = {"base": model.peft.disable_adapter, "global": model.gates_off}.get(variant, contextlib.nullcontext)()
     rep = sampling.repetition_penalty
     penalty = RepetitionPenaltyLogitsProcessor(rep) if rep != 1 else None
-    seen = ids.expand(n, -1)  # every row's tokens so far, prompt included (what the penalty looks at)
+    seen = ids[source]  # every row's tokens so far, prompt included (what the penalty looks at)
     with ctx, decoding(model.decoder):
-        for _ in range(sampling.max_new_tokens):
-            out = model.decoder(input_ids=ids, cache=cache, use_cache=True)
-            if cache is None and n > 1:
-                out.cache.batch_repeat_interleave(n)
+        for step in range(sampling.max_new_tokens):
+            prefill = step == 0
+            inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": True}
+            out = model.decoder(**inputs, cache=cache)
             cache = out.cache
-            hidden = out.last_hidden_state[:, -1].expand(n, -1)
+            hidden = out.last_hidden_state[:, -1]
+            if prefill:  # every row continues its prompt's keys and values
+                cache.reorder_cache(source)
+                hidden, mask, positions = hidden[source], mask[source], positions[source]
             if adapter is not None:
                 hidden = adapter(hidden)
             logits = hidden @ head.T
             if strength != 1.0:
                 with model.peft.disable_adapter():
-                    ref_out = model.decoder(input_ids=ids, cache=ref_cache, use_cache=True)
-                if ref_cache is None and n > 1:
-                    ref_out.cache.batch_repeat_interleave(n)
+                    ref_out = model.decoder(**inputs, cache=ref_cache)
                 ref_cache = ref_out.cache
-                logits = realigned(logits, ref_out.last_hidden_state[:, -1].expand(n, -1) @ ref_head.T, strength)
+                ref_hidden = ref_out.last_hidden_state[:, -1]
+                if prefill:
+                    ref_cache.reorder_cache(source)
+                    ref_hidden = ref_hidden[source]
+                logits = realigned(logits, ref_hidden @ ref_head.T, strength)
             if penalty is not None:
                 logits = penalty(seen, logits.float())
-            tokens = []
-            for k in range(n):
-                token = sample_token(logits[k], sampling.temperature, sampling.top_p, gens[k]) if k in open_rows else 0
-                if token in stop:
+            tokens = sample_tokens(logits, sampling.temperature, sampling.top_p, gens)
+            for k in sorted(open_rows):
+                if tokens[k] in stop:
                     open_rows.discard(k)
-                elif k in open_rows:
-                    responses[k].append(token)
-                tokens.append(token)
+                else:
+                    responses[k].append(tokens[k])
             if not open_rows:
                 break
-            ids = torch.tensor([[t] for t in tokens], device=device)
+            ids = torch.tensor(tokens, device=device)[:, None]
+            mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)
+            positions = positions[:, -1:] + 1
             if penalty is not None:
                 seen = torch.cat([seen, ids], dim=1)
     return responses

@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="'sentiment' (VADER polarity), a reward-model directory, or 'package.module:function' "
         "(f(prompts, responses) -> list of floats); see docs/evaluation.md",
     )
-    ev.add_argument("--samples", type=int, default=16, help="responses per client and model (0: no judge)")
+    ev.add_argument("--samples", type=int, default=48, help="responses per client and model (0: no judge)")
     ev.add_argument("--max-new-tokens", type=int, default=96, help="length of each sampled response")
     ev.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
     ev.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument(
         "--best-of",
         type=int,
-        default=4,
+        default=8,
         help="N > 1: also judge, per sample, the best of N personalized samples by the client's own reward head "
         "(its explicit reward), the 'best_of' row; 1: no such row",
     )

@@ -318,11 +318,26 @@ class FedPDPOModel(nn.Module):
             hidden = self.local["adapter"](hidden)
         head = self.local["head"].get_parameter("weight") if "head" in self.local else self.ref_head_weight
         logps, n_tokens = self._logps(hidden, batch, head)
-        rewards = None
-        if "reward_head" in self.local:
-            features = self.prefix.hidden(batch, self.reward_layer) if self.reward_layer else hidden
-            rewards = self.local["reward_head"](features, batch.response_mask)
+        rewards = self._rewards(batch, hidden) if "reward_head" in self.local else None
         return PolicyOutput(logps, rewards, n_tokens, ref_logps, global_logps)
+
+    @torch.no_grad()
+    def explicit_rewards(self, batch: PairBatch) -> torch.Tensor:
+        """The reward head's ``r(x, y)`` alone, as :meth:`forward` gives it, without the policy's log-probs (a
+        projection onto the whole vocabulary at every position) or a decoder pass for them: what best-of-N ranks
+        its candidates by."""
+        if self.reward_layer:
+            return self._rewards(batch, None)
+        hidden = self._hidden(batch, self.prefix.hidden(batch) if self.shared_prefix else None)
+        if "adapter" in self.local:
+            hidden = self.local["adapter"](hidden)
+        return self._rewards(batch, hidden)
+
+    def _rewards(self, batch: PairBatch, hidden: torch.Tensor | None) -> torch.Tensor:
+        """The reward head on ``hidden`` (the final hidden states after the adapter), or on the frozen layer
+        ``method.reward_layer``'s output when that is set."""
+        features = self.prefix.hidden(batch, self.reward_layer) if self.reward_layer else hidden
+        return self.local["reward_head"](features, batch.response_mask)
 
     @torch.no_grad()
     def reference_logps(self, batch: PairBatch, prefix: torch.Tensor | None = None) -> torch.Tensor:
