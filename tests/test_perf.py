@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -361,3 +362,19 @@ def test_a_training_step_reads_its_results_back_once(tiny_cfg, monkeypatch):
     )
     assert len(steps) == 5 and all(isinstance(v, float) for m in steps for v in m.values())
     assert reads == {"item": 0, "float": 0, "nonzero": 0, "scalars": 5}
+
+
+def test_judge_benchmark_runs_and_prints_its_ratios(tmp_path, monkeypatch, capsys):
+    """benchmarks/bench_judge.py on the tiny model: every side runs, the ratio lines and the JSON come out."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_judge.py"
+    spec = importlib.util.spec_from_file_location("bench_judge", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "judge.json"
+    argv = ["bench_judge.py", "--config", str(TINY_CONFIG), "--rows", "3", "--tokens", "3", "--prompts", "3"]
+    monkeypatch.setattr("sys.argv", [*argv, "--repeats", "1", "--json", str(out)])
+    bench.main()
+    printed = capsys.readouterr().out
+    names = ("grouped_vs_eager", "batched_vs_per_prompt", "reward_head_vs_full_scoring")
+    assert all(f"ratio_{name}=" in printed for name in names)
+    assert all(json.loads(out.read_text())[name] > 0 for name in names)
