@@ -4,6 +4,7 @@ the round takes on them."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -56,6 +57,59 @@ def test_own_pairs_put_the_side_the_reward_head_prefers_first(online_setup):
     again = own_pairs(model, task, setup.cfg, seed=7)
     assert again.pairs == own.pairs  # the seed decides the prompts and every sample
     assert sample_pairs(model, task, setup.cfg, seed=8) != sample_pairs(model, task, setup.cfg, seed=7)
+
+
+def test_more_candidates_pair_the_best_and_the_worst_of_each_prompts_samples(online_setup):
+    """online_candidates = N > 2: each pair is, of its slot's N samples (drawn as sample_responses draws them), the
+    one the reward head ranks first against the one it ranks last; N = 2 keeps the two as drawn."""
+    from fedpdpo.data.tokenize import collate_responses
+    from fedpdpo.sampling import SamplingConfig, sample_responses
+
+    setup, model, task = online_setup
+    cfg = setup.cfg
+    cfg.method.online_candidates = 4
+    prompt = task.train[0].prompt_ids
+    task.train = [p for p in task.train if p.prompt_ids == prompt]  # one prompt: one group, slots in order
+    pairs = sample_pairs(model, task, cfg, seed=3)
+    budget = task.lengths.max_length - len(prompt)
+    k, n = cfg.method.online_pairs, 4
+    sampling = SamplingConfig(max_new_tokens=budget, temperature=cfg.method.online_temperature, top_p=1.0, seed=4)
+    rows = [
+        close(r, budget, task.end_id)
+        for r in sample_responses(model, list(prompt), "personalized", n * k, sampling, task.stop_ids)
+    ]
+    with torch.no_grad():
+        scores = model.explicit_rewards(collate_responses(prompt, rows, task.pad_id)).tolist()
+    expected = []
+    for j in range(k):
+        slot = range(n * j, n * (j + 1))
+        best, worst = max(slot, key=scores.__getitem__), min(slot, key=scores.__getitem__)
+        if rows[best] != rows[worst]:
+            expected.append((rows[best], rows[worst]))
+    assert expected and [(p.chosen_ids, p.rejected_ids) for p in pairs] == expected
+    cfg.method.online_repetition_penalty = 1.3  # the candidates are drawn with it
+    penalised = dataclasses.replace(sampling, repetition_penalty=1.3)
+    rows = sample_responses(model, list(prompt), "personalized", n * k, penalised, task.stop_ids)
+    assert {p.chosen_ids for p in sample_pairs(model, task, cfg, seed=3)} <= {
+        close(r, budget, task.end_id) for r in rows
+    }
+    cfg.method.online_repetition_penalty = 1.0
+    cfg.method.online_candidates = 2
+    two = sample_pairs(model, task, cfg, seed=3)
+    drawn = [
+        close(r, budget, task.end_id)
+        for r in sample_responses(
+            model,
+            list(prompt),
+            "personalized",
+            2 * k,
+            SamplingConfig(budget, cfg.method.online_temperature, 1.0, 4),
+            task.stop_ids,
+        )
+    ]
+    assert [(p.chosen_ids, p.rejected_ids) for p in two] == [
+        (drawn[2 * j], drawn[2 * j + 1]) for j in range(k) if drawn[2 * j] != drawn[2 * j + 1]
+    ]
 
 
 def test_online_steps_train_the_policy_and_leave_the_reward_head_alone(online_setup):

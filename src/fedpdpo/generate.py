@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from fedpdpo.data.formats import Text
-from fedpdpo.data.tokenize import PairBatch, PairTokenizer, TokenizedPair, collate
+from fedpdpo.data.tokenize import PairBatch, PairTokenizer, collate_responses
 from fedpdpo.export import ClientModel
 from fedpdpo.model.policy import FedPDPOModel
 from fedpdpo.sampling import SamplingConfig, Variant, sample_responses
@@ -78,14 +78,8 @@ def _response_batches(
     budget = pair_tok.max_length - len(prompt_ids)
     for start in range(0, len(responses), batch_size):
         texts = responses[start : start + batch_size]
-        pairs = []
-        for i, text in enumerate(texts):
-            ids = tuple(pair_tok.response_ids(text, budget))
-            pairs.append(TokenizedPair(i, prompt_ids, ids, ids))
-        full = collate(pairs, pair_tok.pad_id)
-        n = len(texts)
-        batch = PairBatch(full.index, full.input_ids[:n], full.attention_mask[:n], full.response_mask[:n])
-        yield texts, batch.to(device)
+        ids = [tuple(pair_tok.response_ids(text, budget)) for text in texts]
+        yield texts, collate_responses(prompt_ids, ids, pair_tok.pad_id).to(device)
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ import torch
 
 from fedpdpo.config import RunConfig
 from fedpdpo.data.task import ClientTask
-from fedpdpo.data.tokenize import TokenizedPair, collate
+from fedpdpo.data.tokenize import TokenizedPair, collate, collate_responses
 from fedpdpo.model.policy import FedPDPOModel
 from fedpdpo.sampling import SamplingConfig, sample_responses
 
@@ -43,11 +43,14 @@ def close(response: list[int], budget: int, end_id: int | None) -> tuple[int, ..
     return tuple(ids)
 
 
+@torch.no_grad()
 def sample_pairs(model: FedPDPOModel, task: ClientTask, cfg: RunConfig, seed: int) -> list[TokenizedPair]:
-    """``cfg.method.online_pairs`` pairs of two personalized samples each, to prompts drawn (with ``seed``) from the
-    client's training pairs; prompts that recur are sampled in one batch. Unlabelled: ``chosen`` is the first
-    sample. Pairs of two identical responses are dropped (nothing to prefer)."""
-    k = cfg.method.online_pairs
+    """``cfg.method.online_pairs`` pairs of personalized samples, to prompts drawn (with ``seed``) from the
+    client's training pairs; prompts that recur are sampled in one batch. Each pair comes from
+    ``method.online_candidates`` samples of its prompt: with two, the two as drawn (unlabelled: ``chosen`` is the
+    first); with more, the one the client's own score ranks first (``chosen``) and the one it ranks last. Pairs of
+    two identical responses are dropped (nothing to prefer)."""
+    k, n = cfg.method.online_pairs, cfg.method.online_candidates
     gen = torch.Generator().manual_seed(seed)
     picks = torch.randint(len(task.train), (k,), generator=gen).tolist()
     groups: dict[tuple[int, ...], list[int]] = {}
@@ -58,13 +61,41 @@ def sample_pairs(model: FedPDPOModel, task: ClientTask, cfg: RunConfig, seed: in
     for g, (prompt, slots) in enumerate(groups.items()):
         budget = max_length - len(prompt)
         sampling = SamplingConfig(
-            max_new_tokens=budget, temperature=cfg.method.online_temperature, top_p=1.0, seed=seed + 1 + 2 * k * g
+            max_new_tokens=budget,
+            temperature=cfg.method.online_temperature,
+            top_p=1.0,
+            seed=seed + 1 + n * k * g,
+            repetition_penalty=cfg.method.online_repetition_penalty,
         )
-        rows = sample_responses(model, list(prompt), "personalized", 2 * len(slots), sampling, task.stop_ids)
+        rows = sample_responses(model, list(prompt), "personalized", n * len(slots), sampling, task.stop_ids)
+        closed = [close(row, budget, task.end_id) for row in rows]
+        scores = _own_scores(model, prompt, closed, task.pad_id, cfg.eval_batch_size) if n > 2 else None
         for j, slot in enumerate(slots):
-            found[slot] = (prompt, close(rows[2 * j], budget, task.end_id), close(rows[2 * j + 1], budget, task.end_id))
+            candidates = range(n * j, n * (j + 1))
+            if scores is None:
+                first, last = candidates[0], candidates[1]
+            else:
+                first, last = max(candidates, key=scores.__getitem__), min(candidates, key=scores.__getitem__)
+            found[slot] = (prompt, closed[first], closed[last])
     kept = [found[slot] for slot in range(k) if found[slot][1] != found[slot][2]]
     return [TokenizedPair(i, p, a, b) for i, (p, a, b) in enumerate(kept)]
+
+
+def _own_scores(
+    model: FedPDPOModel, prompt: tuple[int, ...], responses: list[tuple[int, ...]], pad_id: int, batch_size: int
+) -> list[float]:
+    """The client's own score of each response (explicit reward; the implicit log-ratio without a reward head:
+    the same order as :func:`fedpdpo.generate.own_scores`), ``batch_size`` responses per pass."""
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for start in range(0, len(responses), batch_size):
+        batch = collate_responses(prompt, responses[start : start + batch_size], pad_id).to(device)
+        if "reward_head" in model.local:
+            scores = model.explicit_rewards(batch)
+        else:
+            scores = model(batch).logps - model.reference_logps(batch)
+        out.extend(scores.float().tolist())
+    return out
 
 
 @torch.no_grad()

@@ -139,6 +139,14 @@ def collate(pairs: Sequence[TokenizedPair], pad_id: int) -> PairBatch:
     return PairBatch(index, input_ids, attention, response)
 
 
+def collate_responses(prompt_ids: tuple[int, ...], responses: Sequence[tuple[int, ...]], pad_id: int) -> PairBatch:
+    """A batch of single responses to one prompt (for scoring them, not for DPO): :func:`collate`'s chosen half,
+    one row per response (its rejected half would repeat them)."""
+    full = collate([TokenizedPair(i, prompt_ids, r, r) for i, r in enumerate(responses)], pad_id)
+    n = len(responses)
+    return PairBatch(full.index, full.input_ids[:n], full.attention_mask[:n], full.response_mask[:n])
+
+
 def length_bucketed_batches(pairs: Sequence[TokenizedPair], batch_size: int) -> list[list[TokenizedPair]]:
     """Fixed batches of similar length (for evaluation and reference caching: less padding, same results)."""
     ordered = sorted(pairs, key=lambda p: (p.length, p.index))
