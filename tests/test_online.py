@@ -4,7 +4,6 @@ the round takes on them."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import pytest
 import torch
@@ -87,13 +86,6 @@ def test_more_candidates_pair_the_best_and_the_worst_of_each_prompts_samples(onl
         if rows[best] != rows[worst]:
             expected.append((rows[best], rows[worst]))
     assert expected and [(p.chosen_ids, p.rejected_ids) for p in pairs] == expected
-    cfg.method.online_repetition_penalty = 1.3  # the candidates are drawn with it
-    penalised = dataclasses.replace(sampling, repetition_penalty=1.3)
-    rows = sample_responses(model, list(prompt), "personalized", n * k, penalised, task.stop_ids)
-    assert {p.chosen_ids for p in sample_pairs(model, task, cfg, seed=3)} <= {
-        close(r, budget, task.end_id) for r in rows
-    }
-    cfg.method.online_repetition_penalty = 1.0
     cfg.method.online_candidates = 2
     two = sample_pairs(model, task, cfg, seed=3)
     drawn = [

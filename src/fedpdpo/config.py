@@ -105,10 +105,6 @@ class MethodConfig:
     # samples of the policy little better than chance (docs/results.md), while its best of N leans clearly to its
     # client's side (the judge's best_of row); the extremes of N give the pair that difference.
     online_candidates: int = 2
-    # transformers' repetition penalty for the on-policy samples (1 = off). Why: a reward head can rank a looping
-    # sample high (measured on the demo's conflict client: docs/results.md), and pairs whose chosen side loops teach
-    # the policy to loop; penalised sampling keeps loops out of the candidates.
-    online_repetition_penalty: float = 1.0
     # Parameters of the strategies that use them (others ignore them); the strategy sends them to its clients
     # with each round's instructions. FedProx: proximal term weight mu on the shared parameters (0 = its default).
     proximal_mu: float = 0.0
@@ -396,7 +392,6 @@ RANGES: dict[str, Range] = {
     "method.online_steps": NON_NEGATIVE,
     "method.online_temperature": POSITIVE,
     "method.online_candidates": Range(2),
-    "method.online_repetition_penalty": POSITIVE,
     "method.adapter_dim": POSITIVE,
     "method.reward_layer": NON_NEGATIVE,
     "method.local_lr_scale": POSITIVE,
