@@ -12,7 +12,7 @@ involved (the judge of ``fedpdpo evaluate`` stays independent of training).
 reference log-probs computed here (formula and choices in docs/method.md, "On-policy pairs"). Off by default: at
 16 pairs and 4 steps per round on the demo it did not make the policies lean beyond noise (docs/results.md, "DPOP
 and on-policy pairs"); from the best and worst of 8 samples one majority client's policy of two leaned fluently
-on each of two seeds, the conflict client's on neither (docs/results.md, "On-policy pairs from the best and the
+on each of three seeds, the conflict client's on none (docs/results.md, "On-policy pairs from the best and the
 worst of 8").
 """
 
