@@ -242,7 +242,7 @@ def test_best_of_returns_the_sample_the_clients_own_score_ranks_first(cm):
 
 def test_own_scores_are_the_explicit_rewards_of_the_full_scoring_pass(cm):
     """own_scores runs only the reward head's path, and gives what score_responses' rows rank by (own_score), in
-    batches of any size."""
+    batches of any size; without a reward head, the implicit reward."""
     from fedpdpo.data.tokenize import PairTokenizer
     from fedpdpo.generate import own_score, own_scores
 
@@ -253,6 +253,12 @@ def test_own_scores_are_the_explicit_rewards_of_the_full_scoring_pass(cm):
     for batch_size in (16, 2):
         got = own_scores(cm.model, pair_tok, cm.beta, PROMPT, texts, batch_size)
         assert got == pytest.approx(full, rel=1e-5, abs=1e-6)
+    head = cm.model.local.pop("reward_head")  # without a reward head: the implicit reward, as own_score's rows
+    try:
+        implicit = [own_score(r) for r in score(cm, PROMPT, texts)]
+        assert own_scores(cm.model, pair_tok, cm.beta, PROMPT, texts, 2) == pytest.approx(implicit, rel=1e-4, abs=1e-5)
+    finally:
+        cm.model.local["reward_head"] = head
 
 
 def test_generate_cli_best_of(run_dir, capsys):

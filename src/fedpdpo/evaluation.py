@@ -237,15 +237,15 @@ def judge_clients(
             # what this model has not sampled yet, every prompt in one batched call; personalized: best-of's
             # candidates with it (a prompt's rows count.. are its (best_of - 1) more)
             per_slot = settings.best_of if personal and BEST_OF in models and name != REALIGNED else 1
-            todo = [key for key in dict.fromkeys(keys.values()) if key not in sampled]
+            todo = {key: key[-1] * per_slot for key in keys.values() if key not in sampled}  # key -> rows to draw
             if todo:
-                prompt_rows = [list(key[3]) for key in todo for _ in range(key[4] * per_slot)]
-                seeds = [how.seed + r for key in todo for r in range(key[4] * per_slot)]
+                prompt_rows = [list(key[3]) for key, n_rows in todo.items() for _ in range(n_rows)]
+                seeds = [how.seed + r for n_rows in todo.values() for r in range(n_rows)]
                 with autocast(setup.cfg, model):  # the run's precision, as in training
                     drawn = sample_batch(model, prompt_rows, seeds, variant, how, pair_tok.stop_ids)
                 texts_drawn = iter(setup.tokenizer.decode(x, skip_special_tokens=True) for x in drawn)
-                for key in todo:
-                    sampled[key] = [next(texts_drawn) for _ in range(key[4] * per_slot)]
+                for key, n_rows in todo.items():
+                    sampled[key] = [next(texts_drawn) for _ in range(n_rows)]
             out: list[str] = []
             for prompt, count in by_prompt.items():
                 if name == BEST_OF:

@@ -104,14 +104,12 @@ def score_responses(
 def own_scores(
     model: FedPDPOModel, pair_tok: PairTokenizer, beta: float, prompt: Text, responses: list[str], batch_size: int = 16
 ) -> list[float]:
-    """:func:`own_score` of each response, as :func:`score_responses` would give it; with a reward head only that
-    head runs (no log-probs of the policy or the reference), so ranking best-of-N candidates costs one decoder
-    pass."""
-    if "reward_head" not in model.local:
-        return [own_score(row) for row in score_responses(model, pair_tok, beta, prompt, responses, batch_size)]
+    """:func:`own_score` of each response, as :func:`score_responses` would give it
+    (:meth:`~fedpdpo.model.policy.FedPDPOModel.own_scores`); with a reward head only that head runs (no log-probs of
+    the policy or the reference), so ranking best-of-N candidates costs one decoder pass."""
     device = next(model.parameters()).device
     batches = _response_batches(pair_tok, prompt, responses, batch_size, device)
-    return [float(r) for _, batch in batches for r in model.explicit_rewards(batch)]
+    return [float(r) for _, batch in batches for r in model.own_scores(batch, beta)]
 
 
 def score(cm: ClientModel, prompt: Text, responses: list[str]) -> list[ResponseScore]:

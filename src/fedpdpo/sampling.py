@@ -197,8 +197,9 @@ def _sample_rows(
     device = next(model.parameters()).device
     n = len(prompts)
     gens = [torch.Generator().manual_seed(seed) for seed in seeds]
-    distinct = list(dict.fromkeys(tuple(p) for p in prompts))
-    source = torch.tensor([distinct.index(tuple(p)) for p in prompts], device=device)  # row -> its prompt's row
+    where = {p: i for i, p in enumerate(dict.fromkeys(tuple(p) for p in prompts))}  # distinct prompt -> its row
+    distinct = list(where)
+    source = torch.tensor([where[tuple(p)] for p in prompts], device=device)  # row -> its prompt's row
     width = max(len(p) for p in distinct)
     # left padding repeats a prompt's first token (masked out; and the repetition penalty's set of seen tokens stays
     # the prompt's own)

@@ -70,7 +70,7 @@ def sample_pairs(model: FedPDPOModel, task: ClientTask, cfg: RunConfig, seed: in
         )
         rows = sample_responses(model, list(prompt), "personalized", n * len(slots), sampling, task.stop_ids)
         closed = [close(row, budget, task.end_id) for row in rows]
-        scores = _own_scores(model, prompt, closed, task.pad_id, cfg.eval_batch_size) if n > 2 else None
+        scores = _own_scores(model, prompt, closed, task.pad_id, cfg) if n > 2 else None
         for j, slot in enumerate(slots):
             candidates = range(n * j, n * (j + 1))
             if scores is None:
@@ -83,19 +83,15 @@ def sample_pairs(model: FedPDPOModel, task: ClientTask, cfg: RunConfig, seed: in
 
 
 def _own_scores(
-    model: FedPDPOModel, prompt: tuple[int, ...], responses: list[tuple[int, ...]], pad_id: int, batch_size: int
+    model: FedPDPOModel, prompt: tuple[int, ...], responses: list[tuple[int, ...]], pad_id: int, cfg: RunConfig
 ) -> list[float]:
-    """The client's own score of each response (explicit reward; the implicit log-ratio without a reward head:
-    the same order as :func:`fedpdpo.generate.own_scores`), ``batch_size`` responses per pass."""
+    """The client's own score of each response (:meth:`FedPDPOModel.own_scores`), ``cfg.eval_batch_size``
+    responses per pass."""
     device = next(model.parameters()).device
     out: list[float] = []
-    for start in range(0, len(responses), batch_size):
-        batch = collate_responses(prompt, responses[start : start + batch_size], pad_id).to(device)
-        if "reward_head" in model.local:
-            scores = model.explicit_rewards(batch)
-        else:
-            scores = model(batch).logps - model.reference_logps(batch)
-        out.extend(scores.float().tolist())
+    for start in range(0, len(responses), cfg.eval_batch_size):
+        batch = collate_responses(prompt, responses[start : start + cfg.eval_batch_size], pad_id).to(device)
+        out.extend(model.own_scores(batch, cfg.beta).float().tolist())
     return out
 
 

@@ -333,6 +333,15 @@ class FedPDPOModel(nn.Module):
             hidden = self.local["adapter"](hidden)
         return self._rewards(batch, hidden)
 
+    @torch.no_grad()
+    def own_scores(self, batch: PairBatch, beta: float) -> torch.Tensor:
+        """What a client ranks its own responses by (best-of-N, on-policy pairs): the explicit reward ``r(x, y)``
+        (:meth:`explicit_rewards`, one decoder pass), or without a reward head the implicit reward
+        ``beta * (log pi - log pi_ref)``."""
+        if "reward_head" in self.local:
+            return self.explicit_rewards(batch)
+        return beta * (self(batch).logps - self.reference_logps(batch))
+
     def _rewards(self, batch: PairBatch, hidden: torch.Tensor | None) -> torch.Tensor:
         """The reward head on ``hidden`` (the final hidden states after the adapter), or on the frozen layer
         ``method.reward_layer``'s output when that is set."""
