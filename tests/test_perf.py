@@ -226,15 +226,17 @@ def test_reward_layer_must_be_frozen(tiny_cfg):
         config_from_dict({"data": {"path": "x.jsonl"}, "method": {"reward_layer": -1}})
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("bf16", [False, True])
-def test_head_logps_match_the_plain_formulation(bf16):
-    """``response_logps`` (fused fp32 cross-entropy, one head cast per call) against what benchmarks/bench_head.py
-    times it with (gather minus logsumexp, autocast's per-chunk cast): the same log-probs and gradients up to
-    float rounding, over more than one chunk."""
+def test_head_logps_match_the_plain_formulation(bf16, compiled, monkeypatch):
+    """``response_logps`` (fp32 logsumexp and a hand-written softmax gradient, compiled or eager, one head cast per
+    call) against what benchmarks/bench_head.py times it with (gather minus logsumexp, autocast's per-chunk cast):
+    the same log-probs and gradients up to float rounding, over more than one chunk (the second of 51 rows)."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_head.py"
     spec = importlib.util.spec_from_file_location("bench_head", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    monkeypatch.setattr("fedpdpo.model.head_logps.COMPILE_MIN_LOGITS", 0)  # compile this small vocabulary too
     gen = torch.Generator().manual_seed(0)
     tokens, hidden_size, vocab = bench.LOGIT_CHUNK + 50, 16, 300
     weight = torch.randn(vocab, hidden_size, generator=gen).requires_grad_(True)
@@ -244,7 +246,7 @@ def test_head_logps_match_the_plain_formulation(bf16):
     mask[0, 0] = False
     values = []
     for fn in (
-        lambda: response_logps(hidden, ids, mask, weight)[0],
+        lambda: response_logps(hidden, ids, mask, weight, compiled=compiled)[0],
         lambda: bench.plain_logps(hidden[0, :-1], ids[0, 1:], weight).sum()[None],
     ):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -254,6 +256,42 @@ def test_head_logps_match_the_plain_formulation(bf16):
     tol = {"rtol": 1e-2, "atol": 1e-2} if bf16 else {"rtol": 1e-5, "atol": 1e-4}
     for a, b in zip(*values, strict=True):
         torch.testing.assert_close(a.float(), b.float(), **tol)
+
+
+def test_head_kernels_fall_back_to_eager_when_compilation_fails(monkeypatch, caplog):
+    """Without a working compiler the head runs the same formulas eagerly, after one warning; ``compiled=False``
+    and chunks below ``COMPILE_MIN_LOGITS`` never compile. The result equals the eager one exactly."""
+    from fedpdpo.model import head_logps
+
+    calls = []
+
+    def broken_compile(fn, **_kwargs):
+        def run(*_args):
+            calls.append(fn.__name__)
+            raise RuntimeError("InductorError: no C++ compiler found\nmore detail")
+
+        return run
+
+    gen = torch.Generator().manual_seed(1)
+    states = torch.randn(7, 8, generator=gen).requires_grad_(True)
+    weight = torch.randn(30, 8, generator=gen).requires_grad_(True)
+    targets = torch.randint(0, 30, (7,), generator=gen)
+    expected = torch.autograd.grad(head_logps.target_logps(states, weight, targets, compiled=False).sum(), [states])
+    assert not calls
+    for kernel in (head_logps.LSE, head_logps.LOGITS_GRAD):
+        monkeypatch.setattr(kernel, "compiled", None)
+        monkeypatch.setattr(kernel, "failed", False)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    head_logps.target_logps(states, weight, targets).sum().backward()  # 210 logits: below the threshold
+    assert not calls
+    monkeypatch.setattr(head_logps, "COMPILE_MIN_LOGITS", 0)
+    with caplog.at_level("WARNING", logger="fedpdpo.model.head_logps"):
+        for _ in range(2):
+            got = torch.autograd.grad(head_logps.target_logps(states, weight, targets).sum(), [states])
+            torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)
+    assert calls == ["_lse", "_logits_grad"]  # each tried once, then eager for good
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2 and all("no C++ compiler found" in w and "more detail" not in w for w in warnings)
 
 
 def test_profile_fit_benchmark_profiles_the_call_asked_for(monkeypatch, capsys):

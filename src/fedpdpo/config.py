@@ -185,6 +185,10 @@ class PerfSettings:
     fused_reference: bool = True
     # Project only response positions through the output head (off: every non-padding position, as TRL does).
     response_only_logits: bool = True
+    # Run the output head's log-softmax forward (fp32 logsumexp) and backward (softmax gradient of the logits) as
+    # one torch.compile'd loop each instead of autograd's several passes over the [tokens, vocabulary] logits; the
+    # same formulas run eagerly where compilation fails (fedpdpo.model.head_logps).
+    compiled_head: bool = True
     # Keep each sequence's frozen-prefix hidden states in memory (per process, keyed by token ids) and reuse them
     # in later steps, rounds and evaluations: only the LoRA layers and the heads run again. Needs shared_prefix.
     # CPU only: on a GPU the frozen layers run batched every step, which is faster there (FrozenPrefix.caches).

@@ -92,6 +92,14 @@ def autocast(cfg: RunConfig, model: FedPDPOModel):
         yield
 
 
+def adamw(params, cfg: RunConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW at ``cfg.lr``, fused on CPU and CUDA: one pass over each tensor instead of one per operation. The
+    personal LM head is a [vocabulary, hidden] matrix updated every step; on a 2-core CPU the unfused update of
+    SmolLM2's head took 89 ms a step, the fused one 7 ms (docs/performance.md); the same update up to float rounding."""
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+
+
 def _batches(pairs: list[TokenizedPair], batch_size: int, pad_id: int, device: torch.device):
     for chunk in length_bucketed_batches(pairs, batch_size):
         yield collate(chunk, pad_id).to(device)
@@ -308,7 +316,7 @@ def fit(
     ensure_reference(model, task, state, cfg, ("test",) if cfg.perf.fused_reference else ("train", "test"))
 
     params = model.trainable()
-    optimizer = torch.optim.AdamW(optimizer_groups(params, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = adamw(optimizer_groups(params, cfg), cfg, device)
     if state.optimizer is not None:
         optimizer.load_state_dict(state.optimizer)
     seed = derive_seed(cfg.seed, server_round, task.client_id)
@@ -383,7 +391,7 @@ def _fit_personal(
     copies = {n: personal.get(n, shared[n]) for n in shared}
     model.set_tensors(copies)
     params = {n: p for n, p in model.trainable().items() if n in shared}
-    optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = adamw(params.values(), cfg, device_of(cfg))
     if state.personal_optimizer is not None:
         optimizer.load_state_dict(state.personal_optimizer)
     seed = derive_seed(cfg.seed, server_round, task.client_id, 1)

@@ -26,6 +26,7 @@ from transformers import PreTrainedModel
 from fedpdpo.config import LoraSettings, MethodConfig, PerfSettings
 from fedpdpo.data.tokenize import PairBatch
 from fedpdpo.errors import ConfigError, first_line
+from fedpdpo.model.head_logps import target_logps
 from fedpdpo.model.lora_targets import check_target_modules
 from fedpdpo.model.modules import BottleneckAdapter, LoraGate, PersonalHead, RewardHead
 from fedpdpo.model.naming import HEAD_WEIGHT
@@ -107,6 +108,7 @@ def response_logps(
     weight: torch.Tensor,
     project_mask: torch.Tensor | None = None,
     positions: tuple[torch.Tensor, torch.Tensor] | None = None,
+    compiled: bool = True,
 ):
     """Sum of log p(y_t | y_<t) over response tokens, per sequence.
 
@@ -115,6 +117,7 @@ def response_logps(
     selects the positions sent through the head; a wider mask (every real token, as TRL does) only costs time and
     exists to measure what projecting the response alone saves. ``positions``: the (rows, columns) of
     ``response_mask[:, 1:]``'s true entries when the caller has them (:meth:`PairBatch.to`), used without a mask.
+    ``compiled``: the head's elementwise kernels through ``torch.compile`` (:mod:`fedpdpo.model.head_logps`).
     """
     target_mask = response_mask[:, 1:]
     if project_mask is None and positions is not None:
@@ -122,17 +125,14 @@ def response_logps(
     else:
         projected = target_mask if project_mask is None else project_mask[:, 1:].bool() | target_mask
         rows, cols = projected.nonzero(as_tuple=True)
-    states = hidden[:, :-1][rows, cols]  # [T, H]
-    targets = input_ids[:, 1:][rows, cols]  # [T]
     weight = cast_once_for_autocast(weight)
-    token_logps = []
-    for start in range(0, states.shape[0], LOGIT_CHUNK):
-        logits = states[start : start + LOGIT_CHUNK] @ weight.T
-        # fused fp32 log-softmax + pick: one pass forward and one backward over [chunk, V] (a gather minus a
-        # logsumexp takes several, and its backward scatters into a zero [chunk, V] tensor)
-        ce = torch.nn.functional.cross_entropy(logits.float(), targets[start : start + LOGIT_CHUNK], reduction="none")
-        token_logps.append(-ce)
-    flat = torch.cat(token_logps) if token_logps else hidden.new_zeros(0)
+    states = hidden[:, :-1][rows, cols].to(weight.dtype)  # [T, H]
+    targets = input_ids[:, 1:][rows, cols]  # [T]
+    token_logps = [
+        target_logps(states[start : start + LOGIT_CHUNK], weight, targets[start : start + LOGIT_CHUNK], compiled)
+        for start in range(0, states.shape[0], LOGIT_CHUNK)
+    ]
+    flat = torch.cat(token_logps) if token_logps else hidden.new_zeros(0, dtype=torch.float32)
     if project_mask is not None:
         flat = flat * target_mask[rows, cols]
     out = torch.zeros(hidden.shape[0], dtype=flat.dtype, device=hidden.device)
@@ -163,6 +163,7 @@ class FedPDPOModel(nn.Module):
         self.shared_prefix = perf.shared_prefix and self.split_layer > 0
         self.prefix = FrozenPrefix(self.decoder, self.split_layer, perf)
         self.project_all = not perf.response_only_logits  # send every real position through the head (as TRL)
+        self.compiled_head = perf.compiled_head
         self.low_precision_copy = perf.frozen_low_precision_copy
         self._low_copies: dict[torch.dtype, list[tuple[nn.Linear, nn.Parameter]]] = {}
         self.local = nn.ModuleDict()  # named so that fedpdpo.model.naming.is_local recognises its tensors
@@ -379,4 +380,6 @@ class FedPDPOModel(nn.Module):
 
     def _logps(self, hidden: torch.Tensor, batch: PairBatch, head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         project = batch.attention_mask if self.project_all else None
-        return response_logps(hidden, batch.input_ids, batch.response_mask, head, project, batch.positions)
+        return response_logps(
+            hidden, batch.input_ids, batch.response_mask, head, project, batch.positions, self.compiled_head
+        )
