@@ -16,11 +16,14 @@ from fedpdpo.config import PerfSettings, config_from_dict
 from fedpdpo.data.tokenize import collate
 from fedpdpo.engines.setup import build_model, build_setup
 from fedpdpo.errors import ConfigError
+from fedpdpo.model import head_logps
 from fedpdpo.model.backbone import load_backbone
 from fedpdpo.model.policy import FedPDPOModel, response_logps
 from tests.conftest import TINY_CONFIG
 
-PLAIN = PerfSettings(shared_prefix=False, fused_reference=False, response_only_logits=False, prefix_cache=False)
+PLAIN = PerfSettings(
+    shared_prefix=False, fused_reference=False, response_only_logits=False, prefix_cache=False, compiled_head=False
+)
 
 
 def _setup(tiny_cfg, **lora):
@@ -78,8 +81,10 @@ def test_gradients_agree(tiny_cfg):
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
 
 
-def test_fit_same_with_and_without_switches(tiny_cfg):
-    """Fused reference + shared prefix train the same model and cache the same reference as the plain path."""
+def test_fit_same_with_and_without_switches(tiny_cfg, monkeypatch):
+    """Fused reference + shared prefix + the compiled head (forced on for the tiny vocabulary) train the same model
+    and cache the same reference as the plain path."""
+    monkeypatch.setattr("fedpdpo.model.head_logps.COMPILE_MIN_LOGITS", 0)
     results = []
     for perf in (PLAIN, PerfSettings()):
         cfg = dataclasses.replace(tiny_cfg, perf=perf)
@@ -89,8 +94,11 @@ def test_fit_same_with_and_without_switches(tiny_cfg):
         ensure_reference(setup.model, task, state, setup.cfg)  # fills rows the fused path has not visited yet
         results.append((result, state))
     (plain, plain_state), (fast, fast_state) = results
+    assert head_logps.LSE.compiled is not None  # the fast side went through torch.compile (or its fallback)
     for name in plain.shared:
-        torch.testing.assert_close(fast.shared[name], plain.shared[name], rtol=1e-4, atol=1e-5)
+        # atol 1e-4 on LoRA values of about 0.01-0.1: the compiled exp rounds differently from the eager one, and
+        # Adam's normalised steps carry a gradient's last bits into the update
+        torch.testing.assert_close(fast.shared[name], plain.shared[name], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fast_state.reference["train"], plain_state.reference["train"], rtol=1e-5, atol=1e-4)
     assert not torch.isnan(fast_state.reference["train"]).any()
 
@@ -261,8 +269,6 @@ def test_head_logps_match_the_plain_formulation(bf16, compiled, monkeypatch):
 def test_head_kernels_fall_back_to_eager_when_compilation_fails(monkeypatch, caplog):
     """Without a working compiler the head runs the same formulas eagerly, after one warning; ``compiled=False``
     and chunks below ``COMPILE_MIN_LOGITS`` never compile. The result equals the eager one exactly."""
-    from fedpdpo.model import head_logps
-
     calls = []
 
     def broken_compile(fn, **_kwargs):
