@@ -73,10 +73,13 @@ def test_more_candidates_pair_the_best_and_the_worst_of_each_prompts_samples(onl
     budget = task.lengths.max_length - len(prompt)
     k, n = cfg.method.online_pairs, 4
     sampling = SamplingConfig(max_new_tokens=budget, temperature=cfg.method.online_temperature, top_p=1.0, seed=4)
-    rows = [
-        close(r, budget, task.end_id)
-        for r in sample_responses(model, list(prompt), "personalized", n * k, sampling, task.stop_ids)
-    ]
+
+    def drawn(count: int) -> list[tuple[int, ...]]:
+        """The group's samples as sample_pairs draws them (seed + 1 for its only group), closed."""
+        rows = sample_responses(model, list(prompt), "personalized", count, sampling, task.stop_ids)
+        return [close(r, budget, task.end_id) for r in rows]
+
+    rows = drawn(n * k)
     with torch.no_grad():
         scores = model.explicit_rewards(collate_responses(prompt, rows, task.pad_id)).tolist()
     expected = []
@@ -88,19 +91,9 @@ def test_more_candidates_pair_the_best_and_the_worst_of_each_prompts_samples(onl
     assert expected and [(p.chosen_ids, p.rejected_ids) for p in pairs] == expected
     cfg.method.online_candidates = 2
     two = sample_pairs(model, task, cfg, seed=3)
-    drawn = [
-        close(r, budget, task.end_id)
-        for r in sample_responses(
-            model,
-            list(prompt),
-            "personalized",
-            2 * k,
-            SamplingConfig(budget, cfg.method.online_temperature, 1.0, 4),
-            task.stop_ids,
-        )
-    ]
+    rows = drawn(2 * k)
     assert [(p.chosen_ids, p.rejected_ids) for p in two] == [
-        (drawn[2 * j], drawn[2 * j + 1]) for j in range(k) if drawn[2 * j] != drawn[2 * j + 1]
+        (rows[2 * j], rows[2 * j + 1]) for j in range(k) if rows[2 * j] != rows[2 * j + 1]
     ]
 
 
