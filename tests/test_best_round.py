@@ -15,7 +15,7 @@ from fedpdpo.client.trainer import SCORES
 from fedpdpo.config import load_config
 from fedpdpo.engines.inprocess import run_inprocess
 from fedpdpo.model.naming import HEAD_WEIGHT
-from tests.conftest import TINY_CONFIG
+from tests.conftest import ROOT, TINY_CONFIG
 
 HEAD = "local.head.weight"
 
@@ -124,11 +124,13 @@ def test_finalize_without_bases_keeps_the_snapshot_linked_to_the_full_file(tmp_p
     assert torch.equal(state.local[HEAD], torch.full((2, 3), 1.0))
 
 
+BEST_RUN_SETS = ["lr=5e-2", "select_round=best_val", "data.validation_fraction=0.25"]
+
+
 @pytest.fixture(scope="module")
 def best_run(tmp_path_factory):
     # a large step, so that a client's validation accuracy peaks before the last round (client 0: round 2)
-    overrides = ["rounds=4", "lr=5e-2", "select_round=best_val", "data.validation_fraction=0.25"]
-    cfg = load_config(TINY_CONFIG, overrides)
+    cfg = load_config(TINY_CONFIG, ["rounds=4", *BEST_RUN_SETS])
     out = tmp_path_factory.mktemp("best") / "run"
     summary = run_inprocess(cfg, out, quiet=True)
     return cfg, out, summary
@@ -168,3 +170,26 @@ def test_evaluation_and_export_rebuild_the_kept_round(best_run, tmp_path):
         kept = load_file(snapshot.path / "shared.safetensors")
         loaded = load_from_run(out, client["id"]).model.get_tensors(sorted(kept))
         assert all(torch.equal(loaded[name].detach().cpu(), value) for name, value in kept.items())
+
+
+def test_replaying_the_selection_over_fewer_rounds_is_the_shorter_run(best_run, tmp_path, capsys):
+    """scripts/replay_selection.py: the learning rate is constant and training never reads the selection, so the
+    first R rounds of a run are the R-round run, and the replay of its rule over them gives that run's summary."""
+    import importlib.util
+
+    from fedpdpo.tune import validation_score
+
+    spec = importlib.util.spec_from_file_location("replay_selection", ROOT / "scripts" / "replay_selection.py")
+    assert spec is not None and spec.loader is not None
+    replay_selection = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(replay_selection)
+    cfg, out, summary = best_run
+    shorter = run_inprocess(load_config(TINY_CONFIG, [*BEST_RUN_SETS, "rounds=2"]), tmp_path / "r2", quiet=True)
+    for rounds, expected in ((cfg.rounds, summary), (2, shorter)):
+        replayed = replay_selection.replay(out, rounds)
+        assert replayed["validation_score"] == pytest.approx(validation_score(expected))
+        for key in ("accuracy", "accuracy_implicit", "accuracy_combined"):
+            assert replayed[key] == pytest.approx(sum(c[key] for c in expected["clients"]) / len(expected["clients"]))
+    replay_selection.main(["--run", str(out), "--json", str(tmp_path / "t.json")])
+    table = json.loads((tmp_path / "t.json").read_text())["table"]
+    assert [row["rounds"] for row in table] == [1, 2, 3, 4] and "| 4 | " in capsys.readouterr().out

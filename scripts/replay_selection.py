@@ -1,0 +1,104 @@
+"""What ``select_round = "best_val"`` would have kept had a finished run stopped after round R, for every R.
+
+Why: the learning rate is constant and training never reads the selection, so the first R rounds of a run with more
+rounds *are* the run with R rounds (same seed, same data order). One long run therefore answers "how many rounds?"
+for every shorter budget, on validation pairs only: for each R the script replays the selection rule
+(:func:`fedpdpo.client.selection.validation_accuracy`, ties to the later round) over rounds 1..R of the run's
+``metrics.jsonl`` and prints the validation score ``fedpdpo tune`` ranks variants by
+(:func:`fedpdpo.tune.validation_score`) beside the test accuracies the kept rounds give, which choose nothing.
+
+    python scripts/replay_selection.py --run runs/imdb-3c-full/fedpdpo/seed0 [--run ...] [--json OUT]
+
+Several ``--run`` directories (seeds of one variant) are averaged per R.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from fedpdpo.client.selection import validation_accuracy
+from fedpdpo.client.trainer import SCORES
+from fedpdpo.tune import TEST_KEYS, validation_score
+
+
+def evaluations(run: Path) -> dict[int, dict[int, dict[str, Any]]]:
+    """The run's evaluated rounds, ``{client: {round: metrics}}``, from ``metrics.jsonl`` (the last row wins when a
+    resumed run evaluated a round again)."""
+    rows: dict[int, dict[int, dict[str, Any]]] = {}
+    for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        if "accuracy" in row and "client" in row:
+            rows.setdefault(int(row["client"]), {})[int(row["round"])] = row
+    return rows
+
+
+def kept_rounds(rows: dict[int, dict[int, dict[str, Any]]], last_round: int) -> dict[int, int]:
+    """Per client, the round ``best_val`` keeps among rounds 1..last_round: the highest validation accuracy, ties
+    to the later round (as :func:`fedpdpo.client.selection.keep_if_best`)."""
+    kept = {}
+    for client, by_round in rows.items():
+        best_round, best = None, None
+        for rnd in sorted(r for r in by_round if 1 <= r <= last_round):
+            value = validation_accuracy(by_round[rnd])
+            if best_round is None or value is None or best is None or value >= best:
+                best_round, best = rnd, value
+        if best_round is not None:
+            kept[client] = best_round
+    return kept
+
+
+def replay(run: Path, last_round: int) -> dict[str, float]:
+    """The summary figures a run stopped after ``last_round`` would have reported: its validation score and the
+    mean over clients of each test accuracy at the kept rounds."""
+    rows = evaluations(run)
+    kept = kept_rounds(rows, last_round)
+    clients = [rows[c][r] for c, r in sorted(kept.items())]
+    score = validation_score({"clients": [_as_summary(m) for m in clients]})
+    result = {"validation_score": score if score is not None else float("nan")}
+    for key in TEST_KEYS:
+        if all(key in m for m in clients):
+            result[key] = statistics.fmean(float(m[key]) for m in clients)
+    return result
+
+
+def _as_summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A metrics row in the shape summary.json gives a client (its selected score by name)."""
+    row = dict(metrics)
+    if "selected_score" in row:
+        row["selected_score"] = SCORES[int(row["selected_score"])]
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", action="append", required=True, type=Path, help="a finished run directory")
+    parser.add_argument("--json", type=Path, help="also write the table as JSON here")
+    args = parser.parse_args(argv)
+    last = min(max((r for c in evaluations(run).values() for r in c), default=0) for run in args.run)
+    if last < 1:
+        raise SystemExit("replay_selection: no trained round evaluated yet in " + ", ".join(map(str, args.run)))
+    table = []
+    for rnd in range(1, last + 1):
+        per_run = [replay(run, rnd) for run in args.run]
+        row: dict[str, Any] = {"rounds": rnd}
+        for key in per_run[0]:
+            values = [p[key] for p in per_run if key in p]
+            row[key] = statistics.fmean(values)
+            row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        table.append(row)
+    keys = ["validation_score", *(k for k in TEST_KEYS if k in table[0])]
+    print("| rounds | " + " | ".join(k.replace("accuracy_", "") for k in keys) + " |")
+    print("|---:|" + "---:|" * len(keys))
+    for row in table:
+        cells = [f"{100 * row[k]:.1f} +- {100 * row[f'{k}_std']:.1f}" for k in keys]
+        print(f"| {row['rounds']} | " + " | ".join(cells) + " |")
+    if args.json:
+        args.json.write_text(json.dumps({"runs": [str(r) for r in args.run], "table": table}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
