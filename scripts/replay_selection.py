@@ -17,19 +17,29 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from fedpdpo.client.selection import validation_accuracy
 from fedpdpo.client.trainer import SCORES
 from fedpdpo.tune import TEST_KEYS, validation_score
 
 
+def _fail(message: str) -> NoReturn:
+    """Bad input: one line on stderr, exit code 2 (as the CLI)."""
+    print(f"replay_selection: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def evaluations(run: Path) -> dict[int, dict[int, dict[str, Any]]]:
     """The run's evaluated rounds, ``{client: {round: metrics}}``, from ``metrics.jsonl`` (the last row wins when a
     resumed run evaluated a round again)."""
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        _fail(f"{path}: no such file (not a run directory, or no round evaluated yet)")
     rows: dict[int, dict[int, dict[str, Any]]] = {}
-    for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
         if "accuracy" in row and "client" in row:
             rows.setdefault(int(row["client"]), {})[int(row["round"])] = row
@@ -80,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     last = min(max((r for c in evaluations(run).values() for r in c), default=0) for run in args.run)
     if last < 1:
-        raise SystemExit("replay_selection: no trained round evaluated yet in " + ", ".join(map(str, args.run)))
+        _fail("no trained round evaluated yet in " + ", ".join(map(str, args.run)))
     table = []
     for rnd in range(1, last + 1):
         per_run = [replay(run, rnd) for run in args.run]

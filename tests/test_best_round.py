@@ -193,3 +193,6 @@ def test_replaying_the_selection_over_fewer_rounds_is_the_shorter_run(best_run, 
     replay_selection.main(["--run", str(out), "--json", str(tmp_path / "t.json")])
     table = json.loads((tmp_path / "t.json").read_text())["table"]
     assert [row["rounds"] for row in table] == [1, 2, 3, 4] and "| 4 | " in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:  # not a run directory: one line, exit code 2
+        replay_selection.main(["--run", str(tmp_path / "missing")])
+    assert exit_info.value.code == 2 and "missing/metrics.jsonl: no such file" in capsys.readouterr().err
