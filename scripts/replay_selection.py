@@ -5,7 +5,8 @@ rounds *are* the run with R rounds (same seed, same data order). One long run th
 for every shorter budget, on validation pairs only: for each R the script replays the selection rule
 (:func:`fedpdpo.client.selection.validation_accuracy`, ties to the later round) over rounds 1..R of the run's
 ``metrics.jsonl`` and prints the validation score ``fedpdpo tune`` ranks variants by
-(:func:`fedpdpo.tune.validation_score`) beside the test accuracies the kept rounds give, which choose nothing.
+(:func:`fedpdpo.tune.validation_score`, from the same per-client values) beside the test accuracies the kept
+rounds give, which choose nothing.
 
     python scripts/replay_selection.py --run runs/imdb-3c-full/fedpdpo/seed0 [--run ...] [--json OUT]
 
@@ -21,9 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from fedpdpo.client.selection import validation_accuracy
-from fedpdpo.client.trainer import SCORES
-from fedpdpo.tune import TEST_KEYS, validation_score
+from fedpdpo.client.selection import below, validation_accuracy
+from fedpdpo.tune import TEST_KEYS
 
 
 def _fail(message: str) -> NoReturn:
@@ -54,33 +54,25 @@ def kept_rounds(rows: dict[int, dict[int, dict[str, Any]]], last_round: int) -> 
         best_round, best = None, None
         for rnd in sorted(r for r in by_round if 1 <= r <= last_round):
             value = validation_accuracy(by_round[rnd])
-            if best_round is None or value is None or best is None or value >= best:
+            if best_round is None or not below(value, best):
                 best_round, best = rnd, value
         if best_round is not None:
             kept[client] = best_round
     return kept
 
 
-def replay(run: Path, last_round: int) -> dict[str, float]:
-    """The summary figures a run stopped after ``last_round`` would have reported: its validation score and the
-    mean over clients of each test accuracy at the kept rounds."""
-    rows = evaluations(run)
-    kept = kept_rounds(rows, last_round)
-    clients = [rows[c][r] for c, r in sorted(kept.items())]
-    score = validation_score({"clients": [_as_summary(m) for m in clients]})
-    result = {"validation_score": score if score is not None else float("nan")}
+def replay(rows: dict[int, dict[int, dict[str, Any]]], last_round: int) -> dict[str, float]:
+    """The summary figures a run (its :func:`evaluations`) stopped after ``last_round`` would have reported: its
+    validation score (the mean over clients of the kept rounds' :func:`validation_accuracy`, which is what
+    :func:`fedpdpo.tune.validation_score` reads from a summary) and the mean over clients of each test accuracy at
+    the kept rounds."""
+    clients = [rows[c][r] for c, r in sorted(kept_rounds(rows, last_round).items())]
+    values = [v for v in (validation_accuracy(m) for m in clients) if v is not None]
+    result = {"validation_score": statistics.fmean(values) if values else float("nan")}
     for key in TEST_KEYS:
         if all(key in m for m in clients):
             result[key] = statistics.fmean(float(m[key]) for m in clients)
     return result
-
-
-def _as_summary(metrics: dict[str, Any]) -> dict[str, Any]:
-    """A metrics row in the shape summary.json gives a client (its selected score by name)."""
-    row = dict(metrics)
-    if "selected_score" in row:
-        row["selected_score"] = SCORES[int(row["selected_score"])]
-    return row
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -88,12 +80,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run", action="append", required=True, type=Path, help="a finished run directory")
     parser.add_argument("--json", type=Path, help="also write the table as JSON here")
     args = parser.parse_args(argv)
-    last = min(max((r for c in evaluations(run).values() for r in c), default=0) for run in args.run)
+    runs = [evaluations(run) for run in args.run]
+    last = min(max((r for c in rows.values() for r in c), default=0) for rows in runs)
     if last < 1:
         _fail("no trained round evaluated yet in " + ", ".join(map(str, args.run)))
     table = []
     for rnd in range(1, last + 1):
-        per_run = [replay(run, rnd) for run in args.run]
+        per_run = [replay(rows, rnd) for rows in runs]
         row: dict[str, Any] = {"rounds": rnd}
         for key in per_run[0]:
             values = [p[key] for p in per_run if key in p]

@@ -186,7 +186,7 @@ def test_replaying_the_selection_over_fewer_rounds_is_the_shorter_run(best_run, 
     cfg, out, summary = best_run
     shorter = run_inprocess(load_config(TINY_CONFIG, [*BEST_RUN_SETS, "rounds=2"]), tmp_path / "r2", quiet=True)
     for rounds, expected in ((cfg.rounds, summary), (2, shorter)):
-        replayed = replay_selection.replay(out, rounds)
+        replayed = replay_selection.replay(replay_selection.evaluations(out), rounds)
         assert replayed["validation_score"] == pytest.approx(validation_score(expected))
         for key in ("accuracy", "accuracy_implicit", "accuracy_combined"):
             assert replayed[key] == pytest.approx(sum(c[key] for c in expected["clients"]) / len(expected["clients"]))

@@ -104,13 +104,13 @@ def keep_if_best(
     model when it ranks the validation pairs at least as well as the kept one. Returns the round now kept."""
     value = validation_accuracy(metrics)
     kept = best_snapshot(store, client_id)
-    if kept is not None and kept.round != server_round and _below(value, kept.val_accuracy):
+    if kept is not None and kept.round != server_round and below(value, kept.val_accuracy):
         return kept.round
     _write(store, client_id, server_round, value, shared)
     return server_round
 
 
-def _below(value: float | None, best: float | None) -> bool:
+def below(value: float | None, best: float | None) -> bool:
     """Whether ``value`` is below ``best``; a round without a figure (no validation pairs) is no evidence either way."""
     return value is not None and best is not None and value < best
 
