@@ -39,8 +39,11 @@ def evaluations(run: Path) -> dict[int, dict[int, dict[str, Any]]]:
     if not path.is_file():
         _fail(f"{path}: no such file (not a run directory, or no round evaluated yet)")
     rows: dict[int, dict[int, dict[str, Any]]] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            _fail(f"{path}:{number}: not a JSON line ({err.msg})")
         if "accuracy" in row and "client" in row:
             rows.setdefault(int(row["client"]), {})[int(row["round"])] = row
     return rows

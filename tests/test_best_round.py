@@ -196,3 +196,8 @@ def test_replaying_the_selection_over_fewer_rounds_is_the_shorter_run(best_run, 
     with pytest.raises(SystemExit) as exit_info:  # not a run directory: one line, exit code 2
         replay_selection.main(["--run", str(tmp_path / "missing")])
     assert exit_info.value.code == 2 and "missing/metrics.jsonl: no such file" in capsys.readouterr().err
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "metrics.jsonl").write_text('{"round": 0}\n{"rou\n')
+    with pytest.raises(SystemExit) as exit_info:
+        replay_selection.main(["--run", str(tmp_path / "cut")])
+    assert exit_info.value.code == 2 and "cut/metrics.jsonl:2: not a JSON line" in capsys.readouterr().err
