@@ -1,5 +1,5 @@
-"""Personalization that cannot hurt: each client ranks pairs by the score that is most accurate on its own
-validation pairs, the global policy (shared tensors, no local modules) among the candidates."""
+"""Personalization that cannot hurt: each client ranks pairs by its own score unless another candidate, the global
+policy (shared tensors, no local modules) among them, is clearly more accurate on its own validation pairs."""
 
 from __future__ import annotations
 
@@ -15,16 +15,34 @@ from fedpdpo.engines.setup import build_setup
 from tests.conftest import TINY_CONFIG
 
 
-def test_choose_takes_the_most_accurate_on_validation_and_breaks_ties_by_order():
+def test_choose_keeps_the_own_score_unless_another_is_clearly_more_accurate():
     right, wrong = torch.tensor([1.0, 2.0, 0.5]), torch.tensor([-1.0, 2.0, -0.5])
     val = {"implicit": wrong, "combined": wrong, "explicit": right, "global": right}
-    assert _choose(val, "auto") == "explicit"  # explicit and global tie at 100 %: explicit comes first
-    assert _choose({"implicit": right, "global": right}, "auto") == "implicit"
-    assert _choose({"implicit": wrong, "global": right}, "auto") == "global"
+    # explicit and global both win 2 of the 3 pairs against combined: z = 2 / sqrt(2) = 1.41
+    assert _choose(val, "auto", 0.0) == "explicit"  # explicit and global tie at 100 %: explicit comes first
+    assert _choose(val, "auto", 1.4) == "explicit"
+    assert _choose(val, "auto", 1.5) == "combined"  # not clear enough: the method's own score
+    assert _choose({"implicit": right, "global": right}, "auto", 0.0) == "implicit"  # a tie keeps the own policy
+    assert _choose({"implicit": wrong, "global": right}, "auto", 0.0) == "global"
+    assert _choose({"implicit": wrong, "global": right}, "auto", 1.5) == "implicit"
     assert _choose(val, "combined") == "combined"  # a fixed score is kept whatever validation says
     empty = torch.zeros(0)
     assert _choose({"implicit": empty, "combined": empty}, "auto") == "combined"  # no validation pairs
     assert _choose({}, "auto") == "implicit"
+
+
+def test_choose_switch_statistic_is_mcnemars_and_counts_a_zero_margin_half():
+    # 20 pairs: explicit is right on 8 where combined is wrong, wrong on 2 where combined is right, the same on 10
+    combined = torch.tensor([-1.0] * 8 + [1.0] * 2 + [1.0] * 6 + [-1.0] * 4)
+    explicit = torch.tensor([1.0] * 8 + [-1.0] * 2 + [1.0] * 6 + [-1.0] * 4)
+    val = {"implicit": -torch.ones(20), "combined": combined, "explicit": explicit}
+    z = (8 - 2) / (8 + 2) ** 0.5  # 1.897
+    assert _choose(val, "auto", z - 0.01) == "explicit"
+    assert _choose(val, "auto", z + 0.01) == "combined"
+    # a margin of exactly 0 is half right: two pairs at 0 against two right differ by d = 0.5 each, z = 1 / sqrt(0.5)
+    half = {"implicit": torch.zeros(2), "combined": torch.zeros(2), "explicit": torch.ones(2)}
+    assert _choose(half, "auto", 1.41) == "explicit"
+    assert _choose(half, "auto", 1.42) == "combined"
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +61,19 @@ def test_validation_scores_and_the_selected_accuracy(trained):
         assert 0.0 <= metrics[f"accuracy_{name}"] <= 1.0 and 0.0 <= metrics[f"val/accuracy_{name}"] <= 1.0
     chosen = SCORES[int(metrics["selected_score"])]
     assert metrics["accuracy"] == metrics[f"accuracy_{chosen}"]
-    best = max(metrics[f"val/accuracy_{name}"] for name in SCORES)
-    assert metrics[f"val/accuracy_{chosen}"] == best
-    own_policy = metrics["val/accuracy_implicit"] >= metrics["val/accuracy_global"]
-    assert metrics["selected_policy"] == float(own_policy)
-    assert metrics["accuracy_policy"] == metrics["accuracy_implicit" if own_policy else "accuracy_global"]
+    # the default guard: the own score, or one more accurate on the validation pairs
+    assert chosen == "combined" or metrics[f"val/accuracy_{chosen}"] > metrics["val/accuracy_combined"]
+    assert (
+        metrics["accuracy_policy"] == metrics["accuracy_implicit" if metrics["selected_policy"] else "accuracy_global"]
+    )
+    # without the guard (switch_z = 0): the most accurate on the validation pairs, the own score and policy on a tie
+    cfg = dataclasses.replace(setup.cfg, method=dataclasses.replace(setup.cfg.method, switch_z=0.0))
+    plain = evaluate(setup.model, setup.tasks[0], result.state, result.shared, setup.initial, cfg)
+    chosen = SCORES[int(plain["selected_score"])]
+    assert plain[f"val/accuracy_{chosen}"] == max(plain[f"val/accuracy_{name}"] for name in SCORES)
+    own_policy = plain["val/accuracy_implicit"] >= plain["val/accuracy_global"]
+    assert plain["selected_policy"] == float(own_policy)
+    assert plain["accuracy_policy"] == plain["accuracy_implicit" if own_policy else "accuracy_global"]
 
 
 def test_global_score_is_the_global_policy_fedavg_would_rank_by(trained):

@@ -508,16 +508,31 @@ def _global_margins(
     return torch.cat(margins)
 
 
-def _choose(val: dict[str, torch.Tensor], eval_score: str) -> str:
-    """The score a client ranks by: ``eval_score`` when fixed; with ``auto`` the candidate most accurate on the
-    client's validation pairs (ties go to the earlier of :data:`SCORES`; without validation pairs, the method's
-    own score: combined with a reward head, else implicit)."""
+def _choose(val: dict[str, torch.Tensor], eval_score: str, switch_z: float = 1.0) -> str:
+    """The score a client ranks by: ``eval_score`` when fixed; with ``auto`` its own score (combined with a reward
+    head, else implicit) unless another candidate ranks the client's validation pairs better by more than
+    ``switch_z`` paired standard errors, and then the most accurate of those (ties go to the earlier of
+    :data:`SCORES`). Without validation pairs, its own score.
+
+    The paired statistic of candidate ``c`` against the own score ``o``: with ``d_i`` the difference of their
+    correctness on pair ``i`` (1, 0.5 for a margin of exactly 0, or 0 each), ``sum(d) / sqrt(sum(d^2))``, McNemar's
+    statistic over the pairs on which the two disagree. Why a guard: with a few dozen validation pairs the plain
+    most-accurate candidate is often a lucky one (docs/results.md, "Choosing the score on few validation pairs");
+    ``switch_z = 0`` switches on any strict gain."""
     if eval_score != "auto":
         return eval_score
     candidates = [name for name in SCORES if name in val]
+    own = "combined" if "combined" in candidates else "implicit"
     if not val or next(iter(val.values())).numel() == 0:
-        return "combined" if "combined" in candidates else "implicit"
-    return max(candidates, key=lambda name: (pairwise_accuracy(val[name]).item(), -SCORES.index(name)))
+        return own
+    correct = {name: (val[name] > 0).float() + 0.5 * (val[name] == 0).float() for name in candidates}
+    eligible = [own]
+    for name in candidates:
+        d = correct[name] - correct[own]
+        spread = d.pow(2).sum().sqrt()
+        if name != own and spread > 0 and (d.sum() / spread).item() > switch_z:
+            eligible.append(name)
+    return max(eligible, key=lambda name: (correct[name].mean().item(), name == own, -SCORES.index(name)))
 
 
 @torch.no_grad()
@@ -574,11 +589,11 @@ def evaluate(
         metrics["explicit_margin"] = test.margins["explicit"].mean().item()
     val = scores["val"].margins if "val" in scores else {}
     metrics |= {f"val/accuracy_{name}": pairwise_accuracy(margin).item() for name, margin in val.items()}
-    chosen = score or _choose(val, cfg.method.eval_score)
+    chosen = score or _choose(val, cfg.method.eval_score, cfg.method.switch_z)
     metrics["selected_score"] = float(SCORES.index(chosen))
     metrics["accuracy"] = metrics[f"accuracy_{chosen}"]
     # The policy the client would generate with: its own, unless the global one ranks its validation pairs better.
-    policy = _choose({k: v for k, v in val.items() if k in ("implicit", "global")}, "auto") if val else "implicit"
+    policy = _choose({k: v for k, v in val.items() if k in ("implicit", "global")}, "auto", cfg.method.switch_z)
     metrics["selected_policy"] = float(policy == "implicit")  # 1: the client's own policy, 0: the global one
     metrics["accuracy_policy"] = metrics[f"accuracy_{policy}"]
     return metrics

@@ -1,0 +1,248 @@
+"""Which rule should a client use to choose its score (and round) on its own validation pairs? Measured on the
+validation pairs alone, by cross-fitting (docs/results.md, "Choosing the score on few validation pairs").
+
+``record`` runs one federated job in process (exactly ``fedpdpo run``) and saves every client's per-pair margins,
+for each score and round, on its validation *and* test pairs (``margins.json`` next to the run). ``analyse`` then
+replays the selection (the score rule, then ``best_val``'s round rule with it) under several score rules:
+
+* cross-fitted on the validation pairs only: each client's validation pairs are split at random into a half that
+  chooses (score and round) and a half that scores the choice; averaged over many splits and all clients. This is
+  the figure a rule is chosen by: it never looks at a test pair.
+* on the test pairs (the whole validation split chooses), reported next to it, never used to choose.
+
+    python scripts/selection_cv.py record --config configs/demo.toml --out /tmp/sel/demo-s0 --set seed=0
+    python scripts/selection_cv.py analyse /tmp/sel/demo-s0 /tmp/sel/tqa-s0 --splits 400
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedpdpo.client.trainer import SCORES, _choose
+
+MARGINS_FILE = "margins.json"
+#: round -> split ("val", "test") -> score -> per-pair margins (chosen minus rejected), one client
+Rounds = dict[int, dict[str, dict[str, list[float]]]]
+
+
+def record(config: Path, out: Path, overrides: list[str]) -> None:
+    """Run the job and save each client's margins per round (a wrapper around the in-process engine's evaluation)."""
+    import fedpdpo.client.trainer as trainer
+    import fedpdpo.engines.inprocess as inprocess
+    from fedpdpo.config import load_config
+
+    captured: list[dict[str, list[float]]] = []
+    score_split = trainer._score_split
+
+    def capture(*args: Any, **kwargs: Any) -> Any:
+        result = score_split(*args, **kwargs)
+        captured.append({k: v.tolist() for k, v in result.margins.items()})
+        return result
+
+    trainer._score_split = capture  # evaluate() looks it up at call time
+    margins: dict[int, Rounds] = {}
+    engine_evaluate = inprocess.InProcessTransport.evaluate
+
+    def evaluate_round(self: Any, server_round: int, client_ids: list[int], shared: Any) -> Any:
+        original = inprocess.evaluate
+
+        def per_client(model: Any, task: Any, *args: Any, **kwargs: Any) -> Any:
+            captured.clear()
+            metrics = original(model, task, *args, **kwargs)
+            splits = ("test", "val") if task.val else ("test",)  # evaluate()'s order
+            margins.setdefault(task.client_id, {})[server_round] = dict(zip(splits, captured, strict=True))
+            return metrics
+
+        inprocess.evaluate = per_client
+        try:
+            return engine_evaluate(self, server_round, client_ids, shared)
+        finally:
+            inprocess.evaluate = original
+
+    inprocess.InProcessTransport.evaluate = evaluate_round
+    cfg = load_config(config, overrides)
+    inprocess.run_inprocess(cfg, out, quiet=True, overwrite=True)
+    (out / MARGINS_FILE).write_text(json.dumps({str(c): r for c, r in margins.items()}), encoding="utf-8")
+
+
+def correct(margin: float) -> float:
+    return 1.0 if margin > 0 else 0.5 if margin == 0 else 0.0
+
+
+def accuracy(margins: Sequence[float], idx: Sequence[int]) -> float:
+    """Pairwise accuracy of ``margins`` over the pairs ``idx`` (ties count half, as :func:`pairwise_accuracy`)."""
+    return sum(correct(margins[i]) for i in idx) / max(len(idx), 1)
+
+
+def argmax_rule(val: dict[str, list[float]], idx: Sequence[int]) -> str:
+    """Today's ``auto``: the most accurate candidate, ties to the earlier of SCORES."""
+    names = [s for s in SCORES if s in val]
+    return max(names, key=lambda s: (accuracy(val[s], idx), -SCORES.index(s)))
+
+
+def guarded_rule(z: float) -> Callable[[dict[str, list[float]], Sequence[int]], str]:
+    """The library's rule (``fedpdpo.client.trainer._choose``) with ``method.switch_z = z``: the client's own score
+    unless another beats it by more than ``z`` paired standard errors on these pairs."""
+
+    def rule(val: dict[str, list[float]], idx: Sequence[int]) -> str:
+        return _choose({name: torch.tensor([m[i] for i in idx]) for name, m in val.items()}, "auto", z)
+
+    return rule
+
+
+def fixed_rule(name: str) -> Callable[[dict[str, list[float]], Sequence[int]], str]:
+    return lambda val, idx: name if name in val else "implicit"
+
+
+RULES: dict[str, Callable[[dict[str, list[float]], Sequence[int]], str]] = {
+    "argmax (today)": argmax_rule,
+    "guarded z>0": guarded_rule(0.0),
+    "guarded z>1": guarded_rule(1.0),
+    "guarded z>1.645": guarded_rule(1.645),
+    "combined": fixed_rule("combined"),
+    "explicit": fixed_rule("explicit"),
+    "implicit": fixed_rule("implicit"),
+}
+
+
+def select(rounds: Rounds, rule: Callable[..., str], idx: Sequence[int]) -> tuple[int, str]:
+    """``best_val`` with ``rule``: per trained round the rule's score, judged by the mean of its accuracy and the
+    implicit one on ``idx``; the best round (ties: the later one)."""
+    best: tuple[float, int, str] | None = None
+    for r in sorted(rounds):
+        if r < 1:
+            continue
+        val = rounds[r]["val"]
+        score = rule(val, idx)
+        value = (accuracy(val[score], idx) + accuracy(val["implicit"], idx)) / 2
+        if best is None or value >= best[0]:
+            best = (value, r, score)
+    assert best is not None
+    return best[1], best[2]
+
+
+def analyse(runs: list[Path], splits: int, seed: int) -> dict[str, Any]:
+    """Every rule on every client of ``runs``: cross-fitted on its validation pairs (the same ``splits`` random
+    halvings for every rule) and on its test pairs; differences to today's rule with their standard error over
+    clients (the independent units)."""
+    clients = []
+    for run in runs:
+        for cid, rounds in json.loads((run / MARGINS_FILE).read_text(encoding="utf-8")).items():
+            clients.append((f"{run.name}/{cid}", {int(r): v for r, v in rounds.items()}))
+    rng = random.Random(seed)
+    halvings = []
+    for _, rounds in clients:
+        n = len(rounds[1]["val"]["implicit"])
+        orders = [rng.sample(range(n), n) for _ in range(splits)]
+        halvings.append([(o[: n // 2], o[n // 2 :]) for o in orders])
+    table: dict[str, dict[str, Any]] = {}
+    for name, rule in RULES.items():
+        cross, test, implicit, chosen = [], [], [], []
+        for (_, rounds), halves in zip(clients, halvings, strict=True):
+            per_split = []
+            for a, b in halves:
+                r, score = select(rounds, rule, a)
+                per_split.append(accuracy(rounds[r]["val"][score], b))
+            cross.append(sum(per_split) / len(per_split))
+            r, score = select(rounds, rule, range(len(rounds[1]["val"]["implicit"])))
+            test.append(accuracy(rounds[r]["test"][score], range(len(rounds[r]["test"][score]))))
+            implicit.append(accuracy(rounds[r]["test"]["implicit"], range(len(rounds[r]["test"]["implicit"]))))
+            chosen.append(f"{score}@{r}")
+        table[name] = {"cross_fit_val": cross, "test": test, "test_implicit": implicit, "chosen": chosen}
+    base = table["argmax (today)"]
+    for row in table.values():
+        for key in ("cross_fit_val", "test"):
+            diff = [x - y for x, y in zip(row[key], base[key], strict=True)]
+            row[f"{key}_mean"] = sum(row[key]) / len(row[key])
+            row[f"{key}_vs_today"] = (sum(diff) / len(diff), _se(diff))
+        row["test_implicit_mean"] = sum(row["test_implicit"]) / len(row["test_implicit"])
+    policy = {
+        f"z>{z:g}": _policy_row(clients, halvings, z)
+        for z in POLICY_Z
+        if any("global" in r[1]["val"] for _, r in clients)
+    }
+    return {"clients": [c for c, _ in clients], "splits": splits, "rules": table, "policy": policy}
+
+
+POLICY_Z = (0.0, 1.0, 1.645)
+
+
+def _policy_row(clients: list[tuple[str, Rounds]], halvings: list[Any], z: float) -> dict[str, float]:
+    """The policy a client generates with (its own or the global one, by their implicit accuracy; the library's
+    rule with ``switch_z = z``, at the round the same rule keeps): its implicit accuracy, cross-fitted and on test."""
+    rule = guarded_rule(z)
+    cross, test = [], []
+
+    def pick(rounds: Rounds, idx: Sequence[int]) -> tuple[int, str]:
+        r, _ = select(rounds, rule, idx)
+        val = {k: v for k, v in rounds[r]["val"].items() if k in ("implicit", "global")}
+        return r, _choose({k: torch.tensor([m[i] for i in idx]) for k, m in val.items()}, "auto", z)
+
+    for (_, rounds), halves in zip(clients, halvings, strict=True):
+        per_split = []
+        for a, b in halves:
+            r, name = pick(rounds, a)
+            per_split.append(accuracy(rounds[r]["val"][name], b))
+        cross.append(sum(per_split) / len(per_split))
+        r, name = pick(rounds, range(len(rounds[1]["val"]["implicit"])))
+        test.append(accuracy(rounds[r]["test"][name], range(len(rounds[r]["test"][name]))))
+    return {"cross_fit_val": sum(cross) / len(cross), "test": sum(test) / len(test)}
+
+
+def _se(values: list[float]) -> float:
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    rec = sub.add_parser("record")
+    rec.add_argument("--config", type=Path, required=True)
+    rec.add_argument("--out", type=Path, required=True)
+    rec.add_argument("--set", action="append", default=[], dest="overrides")
+    ana = sub.add_parser("analyse")
+    ana.add_argument("runs", type=Path, nargs="+")
+    ana.add_argument("--splits", type=int, default=400)
+    ana.add_argument("--seed", type=int, default=0)
+    ana.add_argument("--json", type=Path)
+    args = p.parse_args()
+    if args.command == "record":
+        record(args.config, args.out, args.overrides)
+        return
+    result = analyse(args.runs, args.splits, args.seed)
+    print(f"{len(result['clients'])} clients; cross-fit: half the validation pairs choose, the other half score")
+    print(
+        f"{'rule':<18} {'cross-fit val':>14} {'vs today':>16} {'test':>7} {'vs today':>16} {'implicit':>8}"
+        "  chosen (score@round)"
+    )
+    for name, row in result["rules"].items():
+        cv, cv_se = row["cross_fit_val_vs_today"]
+        t, t_se = row["test_vs_today"]
+        print(
+            f"{name:<18} {100 * row['cross_fit_val_mean']:>13.1f}% {100 * cv:>+8.1f} +- {100 * cv_se:<4.1f}"
+            f" {100 * row['test_mean']:>6.1f}% {100 * t:>+8.1f} +- {100 * t_se:<4.1f}"
+            f" {100 * row['test_implicit_mean']:>7.1f}%  {' '.join(row['chosen'])}"
+        )
+    for name, row in result["policy"].items():
+        print(
+            f"policy to generate with, {name}: cross-fit {100 * row['cross_fit_val']:.1f} %,"
+            f" test {100 * row['test']:.1f} %"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
