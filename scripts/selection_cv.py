@@ -68,8 +68,11 @@ def record(config: Path, out: Path, overrides: list[str]) -> None:
             inprocess.evaluate = original
 
     inprocess.InProcessTransport.evaluate = evaluate_round
-    cfg = load_config(config, overrides)
-    inprocess.run_inprocess(cfg, out, quiet=True, overwrite=True)
+    try:
+        inprocess.run_inprocess(load_config(config, overrides), out, quiet=True, overwrite=True)
+    finally:  # the library as it was, for whatever runs next in this process
+        inprocess.InProcessTransport.evaluate = engine_evaluate
+        trainer._score_split = score_split
     (out / MARGINS_FILE).write_text(json.dumps({str(c): r for c, r in margins.items()}), encoding="utf-8")
 
 

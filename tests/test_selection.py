@@ -99,3 +99,34 @@ def test_without_the_global_policy_the_own_model_metrics_are_unchanged(trained):
     for key, value in own.items():
         if key not in ("selected_policy", "accuracy_policy"):
             assert full[key] == value, key
+
+
+def test_selection_cv_replays_the_runs_own_choice_and_cross_fits_every_rule(tmp_path):
+    """scripts/selection_cv.py (docs/results.md, "Choosing the score on few validation pairs"): the recorded
+    per-pair margins, replayed with the library's rule at the run's ``switch_z``, give each client's kept round,
+    score and test accuracy from the run's summary; every rule is cross-fitted on validation pairs alone."""
+    import importlib.util
+    import json
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("selection_cv", ROOT / "scripts" / "selection_cv.py")
+    assert spec is not None and spec.loader is not None
+    selection_cv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(selection_cv)
+    out = tmp_path / "run"
+    selection_cv.record(TINY_CONFIG, out, ["data.validation_fraction=0.3", "rounds=3"])
+    summary = json.loads((out / "summary.json").read_text())
+    result = selection_cv.analyse([out], splits=20, seed=0)
+    row = result["rules"]["guarded z>1"]  # the default, method.switch_z = 1
+    for client, chosen, test in zip(summary["clients"], row["chosen"], row["test"], strict=True):
+        assert chosen == f"{client['selected_score']}@{client['selected_round']}"
+        assert test == pytest.approx(client["accuracy"])
+    for rule in result["rules"].values():
+        assert all(0.0 <= x <= 1.0 for x in rule["cross_fit_val"]) and rule["cross_fit_val_vs_today"][
+            0
+        ] == pytest.approx(rule["cross_fit_val_mean"] - result["rules"]["argmax (today)"]["cross_fit_val_mean"])
+    # the library is as it was: a plain run afterwards records nothing
+    from fedpdpo.client import trainer
+
+    assert trainer._score_split.__name__ == "_score_split"
