@@ -61,7 +61,7 @@ def test_validation_scores_and_the_selected_accuracy(trained):
         assert 0.0 <= metrics[f"accuracy_{name}"] <= 1.0 and 0.0 <= metrics[f"val/accuracy_{name}"] <= 1.0
     chosen = SCORES[int(metrics["selected_score"])]
     assert metrics["accuracy"] == metrics[f"accuracy_{chosen}"]
-    # the default guard: the own score, or one more accurate on the validation pairs
+    # the default guard (switch_z = 1.645): the own score, or one more accurate on the validation pairs
     assert chosen == "combined" or metrics[f"val/accuracy_{chosen}"] > metrics["val/accuracy_combined"]
     assert (
         metrics["accuracy_policy"] == metrics["accuracy_implicit" if metrics["selected_policy"] else "accuracy_global"]
@@ -118,7 +118,7 @@ def test_selection_cv_replays_the_runs_own_choice_and_cross_fits_every_rule(tmp_
     selection_cv.record(TINY_CONFIG, out, ["data.validation_fraction=0.3", "rounds=3"])
     summary = json.loads((out / "summary.json").read_text())
     result = selection_cv.analyse([out], splits=20, seed=0)
-    row = result["rules"]["guarded z>1"]  # the default, method.switch_z = 1
+    row = result["rules"]["guarded z>1.645"]  # the default, method.switch_z = 1.645
     for client, chosen, test in zip(summary["clients"], row["chosen"], row["test"], strict=True):
         assert chosen == f"{client['selected_score']}@{client['selected_round']}"
         assert test == pytest.approx(client["accuracy"])

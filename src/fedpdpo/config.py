@@ -78,10 +78,10 @@ class MethodConfig:
     # Which score ranks chosen vs rejected for the headline accuracy.
     eval_score: Literal["auto", "implicit", "explicit", "combined"] = "auto"
     # With eval_score = "auto": how many paired standard errors another score (or, for generating, the global policy)
-    # must beat the client's own on its validation pairs before the client switches to it (0: any strict gain; 1:
-    # the one-standard-error rule). With a few dozen validation pairs the plain most accurate candidate is often a
-    # lucky one; cross-fitted on validation pairs the guard ranks held-out pairs better (docs/method.md).
-    switch_z: float = 1.0
+    # must beat the client's own on its validation pairs before the client switches to it (0: any strict gain;
+    # 1.645: a one-sided paired test at 5 %). With a few dozen validation pairs the plain most accurate candidate is
+    # often a lucky one; cross-fitted on validation pairs the guard ranks held-out pairs better (docs/method.md).
+    switch_z: float = 1.645
     # Learning rate multiplier for the local modules (the adapter; the personal head too unless head_lr_scale > 0).
     local_lr_scale: float = 1.0
     # Learning rate multiplier for the explicit reward head (a linear probe: it needs a larger step).

@@ -508,7 +508,7 @@ def _global_margins(
     return torch.cat(margins)
 
 
-def _choose(val: dict[str, torch.Tensor], eval_score: str, switch_z: float = 1.0) -> str:
+def _choose(val: dict[str, torch.Tensor], eval_score: str, switch_z: float = 1.645) -> str:
     """The score a client ranks by: ``eval_score`` when fixed; with ``auto`` its own score (combined with a reward
     head, else implicit) unless another candidate ranks the client's validation pairs better by more than
     ``switch_z`` paired standard errors, and then the most accurate of those (ties go to the earlier of
