@@ -86,7 +86,7 @@ def accuracy(margins: Sequence[float], idx: Sequence[int]) -> float:
 
 
 def argmax_rule(val: dict[str, list[float]], idx: Sequence[int]) -> str:
-    """Today's ``auto``: the most accurate candidate, ties to the earlier of SCORES."""
+    """The rule before ``method.switch_z``: the most accurate candidate, ties to the earlier of SCORES."""
     names = [s for s in SCORES if s in val]
     return max(names, key=lambda s: (accuracy(val[s], idx), -SCORES.index(s)))
 
@@ -106,7 +106,7 @@ def fixed_rule(name: str) -> Callable[[dict[str, list[float]], Sequence[int]], s
 
 
 RULES: dict[str, Callable[[dict[str, list[float]], Sequence[int]], str]] = {
-    "argmax (today)": argmax_rule,
+    "old: most accurate": argmax_rule,
     "guarded z>0": guarded_rule(0.0),
     "guarded z>1": guarded_rule(1.0),
     "guarded z>1.645": guarded_rule(1.645),
@@ -114,18 +114,23 @@ RULES: dict[str, Callable[[dict[str, list[float]], Sequence[int]], str]] = {
     "explicit": fixed_rule("explicit"),
     "implicit": fixed_rule("implicit"),
 }
+#: Rules whose round is the one where the policy's implicit accuracy is best (not the mean with the chosen score's).
+BY_IMPLICIT = {"guarded z>1, round by implicit": guarded_rule(1.0)}
 
 
-def select(rounds: Rounds, rule: Callable[..., str], idx: Sequence[int]) -> tuple[int, str]:
+def select(rounds: Rounds, rule: Callable[..., str], idx: Sequence[int], by_implicit: bool = False) -> tuple[int, str]:
     """``best_val`` with ``rule``: per trained round the rule's score, judged by the mean of its accuracy and the
-    implicit one on ``idx``; the best round (ties: the later one)."""
+    implicit one on ``idx`` (``by_implicit``: the implicit one alone); the best round (ties: the later one)."""
     best: tuple[float, int, str] | None = None
     for r in sorted(rounds):
         if r < 1:
             continue
         val = rounds[r]["val"]
         score = rule(val, idx)
-        value = (accuracy(val[score], idx) + accuracy(val["implicit"], idx)) / 2
+        value = (
+            accuracy(val["implicit"], idx)
+            + (accuracy(val["implicit"], idx) if by_implicit else accuracy(val[score], idx))
+        ) / 2
         if best is None or value >= best[0]:
             best = (value, r, score)
     assert best is not None
@@ -134,7 +139,7 @@ def select(rounds: Rounds, rule: Callable[..., str], idx: Sequence[int]) -> tupl
 
 def analyse(runs: list[Path], splits: int, seed: int) -> dict[str, Any]:
     """Every rule on every client of ``runs``: cross-fitted on its validation pairs (the same ``splits`` random
-    halvings for every rule) and on its test pairs; differences to today's rule with their standard error over
+    halvings for every rule) and on its test pairs; differences to the old rule with their standard error over
     clients (the independent units)."""
     clients = []
     for run in runs:
@@ -147,25 +152,34 @@ def analyse(runs: list[Path], splits: int, seed: int) -> dict[str, Any]:
         orders = [rng.sample(range(n), n) for _ in range(splits)]
         halvings.append([(o[: n // 2], o[n // 2 :]) for o in orders])
     table: dict[str, dict[str, Any]] = {}
-    for name, rule in RULES.items():
-        cross, test, implicit, chosen = [], [], [], []
+    for name, rule in (RULES | BY_IMPLICIT).items():
+        by_implicit = name in BY_IMPLICIT
+        cross, cross_implicit, test, implicit, chosen = [], [], [], [], []
         for (_, rounds), halves in zip(clients, halvings, strict=True):
-            per_split = []
+            per_split, per_split_implicit = [], []
             for a, b in halves:
-                r, score = select(rounds, rule, a)
+                r, score = select(rounds, rule, a, by_implicit)
                 per_split.append(accuracy(rounds[r]["val"][score], b))
+                per_split_implicit.append(accuracy(rounds[r]["val"]["implicit"], b))
             cross.append(sum(per_split) / len(per_split))
-            r, score = select(rounds, rule, range(len(rounds[1]["val"]["implicit"])))
+            cross_implicit.append(sum(per_split_implicit) / len(per_split_implicit))
+            r, score = select(rounds, rule, range(len(rounds[1]["val"]["implicit"])), by_implicit)
             test.append(accuracy(rounds[r]["test"][score], range(len(rounds[r]["test"][score]))))
             implicit.append(accuracy(rounds[r]["test"]["implicit"], range(len(rounds[r]["test"]["implicit"]))))
             chosen.append(f"{score}@{r}")
-        table[name] = {"cross_fit_val": cross, "test": test, "test_implicit": implicit, "chosen": chosen}
-    base = table["argmax (today)"]
+        table[name] = {
+            "cross_fit_val": cross,
+            "cross_fit_implicit": cross_implicit,
+            "test": test,
+            "test_implicit": implicit,
+            "chosen": chosen,
+        }
+    base = table["old: most accurate"]
     for row in table.values():
-        for key in ("cross_fit_val", "test"):
+        for key in ("cross_fit_val", "cross_fit_implicit", "test"):
             diff = [x - y for x, y in zip(row[key], base[key], strict=True)]
             row[f"{key}_mean"] = sum(row[key]) / len(row[key])
-            row[f"{key}_vs_today"] = (sum(diff) / len(diff), _se(diff))
+            row[f"{key}_vs_old"] = (sum(diff) / len(diff), _se(diff))
         row["test_implicit_mean"] = sum(row["test_implicit"]) / len(row["test_implicit"])
     policy = {
         f"z>{z:g}": _policy_row(clients, halvings, z)
@@ -227,16 +241,17 @@ def main() -> None:
     result = analyse(args.runs, args.splits, args.seed)
     print(f"{len(result['clients'])} clients; cross-fit: half the validation pairs choose, the other half score")
     print(
-        f"{'rule':<18} {'cross-fit val':>14} {'vs today':>16} {'test':>7} {'vs today':>16} {'implicit':>8}"
-        "  chosen (score@round)"
+        f"{'rule':<30} {'cross-fit val':>14} {'vs old':>16} {'test':>7} {'vs old':>16} {'implicit':>8}"
+        f" {'cv impl.':>8}  chosen (score@round)"
     )
     for name, row in result["rules"].items():
-        cv, cv_se = row["cross_fit_val_vs_today"]
-        t, t_se = row["test_vs_today"]
+        cv, cv_se = row["cross_fit_val_vs_old"]
+        t, t_se = row["test_vs_old"]
         print(
-            f"{name:<18} {100 * row['cross_fit_val_mean']:>13.1f}% {100 * cv:>+8.1f} +- {100 * cv_se:<4.1f}"
+            f"{name:<30} {100 * row['cross_fit_val_mean']:>13.1f}% {100 * cv:>+8.1f} +- {100 * cv_se:<4.1f}"
             f" {100 * row['test_mean']:>6.1f}% {100 * t:>+8.1f} +- {100 * t_se:<4.1f}"
-            f" {100 * row['test_implicit_mean']:>7.1f}%  {' '.join(row['chosen'])}"
+            f" {100 * row['test_implicit_mean']:>7.1f}% {100 * row['cross_fit_implicit_mean']:>7.1f}%"
+            f"  {' '.join(row['chosen'])}"
         )
     for name, row in result["policy"].items():
         print(

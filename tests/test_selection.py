@@ -123,9 +123,9 @@ def test_selection_cv_replays_the_runs_own_choice_and_cross_fits_every_rule(tmp_
         assert chosen == f"{client['selected_score']}@{client['selected_round']}"
         assert test == pytest.approx(client["accuracy"])
     for rule in result["rules"].values():
-        assert all(0.0 <= x <= 1.0 for x in rule["cross_fit_val"]) and rule["cross_fit_val_vs_today"][
-            0
-        ] == pytest.approx(rule["cross_fit_val_mean"] - result["rules"]["argmax (today)"]["cross_fit_val_mean"])
+        assert all(0.0 <= x <= 1.0 for x in rule["cross_fit_val"]) and rule["cross_fit_val_vs_old"][0] == pytest.approx(
+            rule["cross_fit_val_mean"] - result["rules"]["old: most accurate"]["cross_fit_val_mean"]
+        )
     # the library is as it was: a plain run afterwards records nothing
     from fedpdpo.client import trainer
 
