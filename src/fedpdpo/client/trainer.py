@@ -511,8 +511,8 @@ def _global_margins(
 def _choose(val: dict[str, torch.Tensor], eval_score: str, switch_z: float = 1.645) -> str:
     """The score a client ranks by: ``eval_score`` when fixed; with ``auto`` its own score (combined with a reward
     head, else implicit) unless another candidate ranks the client's validation pairs better by more than
-    ``switch_z`` paired standard errors, and then the most accurate of those (ties go to the earlier of
-    :data:`SCORES`). Without validation pairs, its own score.
+    ``switch_z`` paired standard errors, and then the most accurate of those (ties go to the own score, then to the
+    earlier of :data:`SCORES`). Without validation pairs, its own score.
 
     The paired statistic of candidate ``c`` against the own score ``o``: with ``d_i`` the difference of their
     correctness on pair ``i`` (1, 0.5 for a margin of exactly 0, or 0 each), ``sum(d) / sqrt(sum(d^2))``, McNemar's
@@ -592,7 +592,8 @@ def evaluate(
     chosen = score or _choose(val, cfg.method.eval_score, cfg.method.switch_z)
     metrics["selected_score"] = float(SCORES.index(chosen))
     metrics["accuracy"] = metrics[f"accuracy_{chosen}"]
-    # The policy the client would generate with: its own, unless the global one ranks its validation pairs better.
+    # The policy the client would generate with: its own, unless the global one ranks its validation pairs clearly
+    # better (the same guard).
     policy = _choose({k: v for k, v in val.items() if k in ("implicit", "global")}, "auto", cfg.method.switch_z)
     metrics["selected_policy"] = float(policy == "implicit")  # 1: the client's own policy, 0: the global one
     metrics["accuracy_policy"] = metrics[f"accuracy_{policy}"]
