@@ -20,17 +20,22 @@ import argparse
 import json
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fedpdpo.client.selection import below, validation_accuracy
 from fedpdpo.client.trainer import SCORES, _choose
+from fedpdpo.losses import pairwise_accuracy
 
 MARGINS_FILE = "margins.json"
 #: round -> split ("val", "test") -> score -> per-pair margins (chosen minus rejected), one client
-Rounds = dict[int, dict[str, dict[str, list[float]]]]
+Rounds = dict[int, dict[str, dict[str, torch.Tensor]]]
+#: Which validation pairs a rule may look at (indices into a client's validation split).
+Pairs = torch.Tensor
+Rule = Callable[[dict[str, torch.Tensor]], str]
 
 
 def record(config: Path, out: Path, overrides: list[str]) -> None:
@@ -48,7 +53,7 @@ def record(config: Path, out: Path, overrides: list[str]) -> None:
         return result
 
     trainer._score_split = capture  # evaluate() looks it up at call time
-    margins: dict[int, Rounds] = {}
+    margins: dict[int, dict[int, dict[str, dict[str, list[float]]]]] = {}
     engine_evaluate = inprocess.InProcessTransport.evaluate
 
     def evaluate_round(self: Any, server_round: int, client_ids: list[int], shared: Any) -> Any:
@@ -76,36 +81,28 @@ def record(config: Path, out: Path, overrides: list[str]) -> None:
     (out / MARGINS_FILE).write_text(json.dumps({str(c): r for c, r in margins.items()}), encoding="utf-8")
 
 
-def correct(margin: float) -> float:
-    return 1.0 if margin > 0 else 0.5 if margin == 0 else 0.0
+def accuracy(margins: torch.Tensor, idx: Pairs | None = None) -> float:
+    """Pairwise accuracy of ``margins`` over the pairs ``idx`` (all without)."""
+    return pairwise_accuracy(margins if idx is None else margins[idx]).item()
 
 
-def accuracy(margins: Sequence[float], idx: Sequence[int]) -> float:
-    """Pairwise accuracy of ``margins`` over the pairs ``idx`` (ties count half, as :func:`pairwise_accuracy`)."""
-    return sum(correct(margins[i]) for i in idx) / max(len(idx), 1)
-
-
-def argmax_rule(val: dict[str, list[float]], idx: Sequence[int]) -> str:
+def argmax_rule(val: dict[str, torch.Tensor]) -> str:
     """The rule before ``method.switch_z``: the most accurate candidate, ties to the earlier of SCORES."""
     names = [s for s in SCORES if s in val]
-    return max(names, key=lambda s: (accuracy(val[s], idx), -SCORES.index(s)))
+    return max(names, key=lambda s: (accuracy(val[s]), -SCORES.index(s)))
 
 
-def guarded_rule(z: float) -> Callable[[dict[str, list[float]], Sequence[int]], str]:
+def guarded_rule(z: float) -> Rule:
     """The library's rule (``fedpdpo.client.trainer._choose``) with ``method.switch_z = z``: the client's own score
     unless another beats it by more than ``z`` paired standard errors on these pairs."""
-
-    def rule(val: dict[str, list[float]], idx: Sequence[int]) -> str:
-        return _choose({name: torch.tensor([m[i] for i in idx]) for name, m in val.items()}, "auto", z)
-
-    return rule
+    return lambda val: _choose(val, "auto", z)
 
 
-def fixed_rule(name: str) -> Callable[[dict[str, list[float]], Sequence[int]], str]:
-    return lambda val, idx: name if name in val else "implicit"
+def fixed_rule(name: str) -> Rule:
+    return lambda val: name if name in val else "implicit"
 
 
-RULES: dict[str, Callable[[dict[str, list[float]], Sequence[int]], str]] = {
+RULES: dict[str, Rule] = {
     "old: most accurate": argmax_rule,
     "guarded z>0": guarded_rule(0.0),
     "guarded z>1": guarded_rule(1.0),
@@ -118,38 +115,52 @@ RULES: dict[str, Callable[[dict[str, list[float]], Sequence[int]], str]] = {
 BY_IMPLICIT = {"guarded z>1, round by implicit": guarded_rule(1.0)}
 
 
-def select(rounds: Rounds, rule: Callable[..., str], idx: Sequence[int], by_implicit: bool = False) -> tuple[int, str]:
-    """``best_val`` with ``rule``: per trained round the rule's score, judged by the mean of its accuracy and the
-    implicit one on ``idx`` (``by_implicit``: the implicit one alone); the best round (ties: the later one)."""
+def select(rounds: Rounds, rule: Rule, idx: Pairs, by_implicit: bool = False) -> tuple[int, str]:
+    """``best_val`` with ``rule``, as the library keeps a round (:func:`validation_accuracy`, ties to the later
+    round) on the validation pairs ``idx``; ``by_implicit``: the round judged by the implicit accuracy alone."""
     best: tuple[float, int, str] | None = None
     for r in sorted(rounds):
         if r < 1:
             continue
-        val = rounds[r]["val"]
-        score = rule(val, idx)
-        value = (
-            accuracy(val["implicit"], idx)
-            + (accuracy(val["implicit"], idx) if by_implicit else accuracy(val[score], idx))
-        ) / 2
-        if best is None or value >= best[0]:
+        val = {name: m[idx] for name, m in rounds[r]["val"].items()}
+        score = rule(val)
+        judged = "implicit" if by_implicit else score
+        value = validation_accuracy(
+            {
+                "selected_score": SCORES.index(judged),
+                f"val/accuracy_{judged}": accuracy(val[judged]),
+                "val/accuracy_implicit": accuracy(val["implicit"]),
+            }
+        )
+        assert value is not None
+        if best is None or not below(value, best[0]):
             best = (value, r, score)
     assert best is not None
     return best[1], best[2]
+
+
+def load(run: Path) -> dict[str, Rounds]:
+    """A recorded run's margins, per client (``"<run>/<id>"``), as tensors."""
+    raw = json.loads((run / MARGINS_FILE).read_text(encoding="utf-8"))
+    return {
+        f"{run.name}/{cid}": {
+            int(r): {split: {name: torch.tensor(m) for name, m in scores.items()} for split, scores in splits.items()}
+            for r, splits in rounds.items()
+        }
+        for cid, rounds in raw.items()
+    }
 
 
 def analyse(runs: list[Path], splits: int, seed: int) -> dict[str, Any]:
     """Every rule on every client of ``runs``: cross-fitted on its validation pairs (the same ``splits`` random
     halvings for every rule) and on its test pairs; differences to the old rule with their standard error over
     clients (the independent units)."""
-    clients = []
-    for run in runs:
-        for cid, rounds in json.loads((run / MARGINS_FILE).read_text(encoding="utf-8")).items():
-            clients.append((f"{run.name}/{cid}", {int(r): v for r, v in rounds.items()}))
+    clients = [client for run in runs for client in load(run).items()]
     rng = random.Random(seed)
     halvings = []
     for _, rounds in clients:
         n = len(rounds[1]["val"]["implicit"])
-        orders = [rng.sample(range(n), n) for _ in range(splits)]
+        orders = [torch.tensor(rng.sample(range(n), n)) for _ in range(splits)]
         halvings.append([(o[: n // 2], o[n // 2 :]) for o in orders])
     table: dict[str, dict[str, Any]] = {}
     for name, rule in (RULES | BY_IMPLICIT).items():
@@ -163,9 +174,9 @@ def analyse(runs: list[Path], splits: int, seed: int) -> dict[str, Any]:
                 per_split_implicit.append(accuracy(rounds[r]["val"]["implicit"], b))
             cross.append(sum(per_split) / len(per_split))
             cross_implicit.append(sum(per_split_implicit) / len(per_split_implicit))
-            r, score = select(rounds, rule, range(len(rounds[1]["val"]["implicit"])), by_implicit)
-            test.append(accuracy(rounds[r]["test"][score], range(len(rounds[r]["test"][score]))))
-            implicit.append(accuracy(rounds[r]["test"]["implicit"], range(len(rounds[r]["test"]["implicit"]))))
+            r, score = select(rounds, rule, whole(rounds), by_implicit)
+            test.append(accuracy(rounds[r]["test"][score]))
+            implicit.append(accuracy(rounds[r]["test"]["implicit"]))
             chosen.append(f"{score}@{r}")
         table[name] = {
             "cross_fit_val": cross,
@@ -184,7 +195,7 @@ def analyse(runs: list[Path], splits: int, seed: int) -> dict[str, Any]:
     policy = {
         f"z>{z:g}": _policy_row(clients, halvings, z)
         for z in POLICY_Z
-        if any("global" in r[1]["val"] for _, r in clients)
+        if any("global" in rounds[1]["val"] for _, rounds in clients)
     }
     return {"clients": [c for c, _ in clients], "splits": splits, "rules": table, "policy": policy}
 
@@ -198,10 +209,9 @@ def _policy_row(clients: list[tuple[str, Rounds]], halvings: list[Any], z: float
     rule = guarded_rule(z)
     cross, test = [], []
 
-    def pick(rounds: Rounds, idx: Sequence[int]) -> tuple[int, str]:
+    def pick(rounds: Rounds, idx: Pairs) -> tuple[int, str]:
         r, _ = select(rounds, rule, idx)
-        val = {k: v for k, v in rounds[r]["val"].items() if k in ("implicit", "global")}
-        return r, _choose({k: torch.tensor([m[i] for i in idx]) for k, m in val.items()}, "auto", z)
+        return r, rule({k: v[idx] for k, v in rounds[r]["val"].items() if k in ("implicit", "global")})
 
     for (_, rounds), halves in zip(clients, halvings, strict=True):
         per_split = []
@@ -209,9 +219,14 @@ def _policy_row(clients: list[tuple[str, Rounds]], halvings: list[Any], z: float
             r, name = pick(rounds, a)
             per_split.append(accuracy(rounds[r]["val"][name], b))
         cross.append(sum(per_split) / len(per_split))
-        r, name = pick(rounds, range(len(rounds[1]["val"]["implicit"])))
-        test.append(accuracy(rounds[r]["test"][name], range(len(rounds[r]["test"][name]))))
+        r, name = pick(rounds, whole(rounds))
+        test.append(accuracy(rounds[r]["test"][name]))
     return {"cross_fit_val": sum(cross) / len(cross), "test": sum(test) / len(test)}
+
+
+def whole(rounds: Rounds) -> Pairs:
+    """All of a client's validation pairs."""
+    return torch.arange(len(rounds[1]["val"]["implicit"]))
 
 
 def _se(values: list[float]) -> float:

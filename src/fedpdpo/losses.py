@@ -81,9 +81,14 @@ def reward_bt_loss(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor) -
     return -F.logsigmoid(reward_chosen - reward_rejected)
 
 
+def pairwise_correct(margin: torch.Tensor) -> torch.Tensor:
+    """Per pair, 1 when ranked correctly, 0 when not, and 0.5 for a tie (margin exactly 0), like a coin flip."""
+    return (margin > 0).float() + 0.5 * (margin == 0).float()
+
+
 def pairwise_accuracy(margin: torch.Tensor) -> torch.Tensor:
-    """Fraction of pairs ranked correctly; a tie (margin exactly 0) counts as half, like a coin flip."""
-    return ((margin > 0).float() + 0.5 * (margin == 0).float()).mean()
+    """Fraction of pairs ranked correctly (:func:`pairwise_correct`'s mean)."""
+    return pairwise_correct(margin).mean()
 
 
 def fedpdpo_objective(

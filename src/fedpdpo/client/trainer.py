@@ -22,7 +22,7 @@ from fedpdpo.config import RunConfig
 from fedpdpo.data.task import ClientTask
 from fedpdpo.data.tokenize import PairBatch, TokenizedPair, collate, length_bucketed_batches
 from fedpdpo.instructions import FitPlan
-from fedpdpo.losses import LossOutput, fedpdpo_objective, pairwise_accuracy, read_scalars
+from fedpdpo.losses import LossOutput, fedpdpo_objective, pairwise_accuracy, pairwise_correct, read_scalars
 from fedpdpo.model.naming import PERSONAL, optimizer_groups, personal_copies
 from fedpdpo.model.policy import FedPDPOModel, PolicyOutput
 from fedpdpo.timing import phase
@@ -525,7 +525,7 @@ def _choose(val: dict[str, torch.Tensor], eval_score: str, switch_z: float = 1.6
     own = "combined" if "combined" in candidates else "implicit"
     if not val or next(iter(val.values())).numel() == 0:
         return own
-    correct = {name: (val[name] > 0).float() + 0.5 * (val[name] == 0).float() for name in candidates}
+    correct = {name: pairwise_correct(val[name]) for name in candidates}
     eligible = [own]
     for name in candidates:
         d = correct[name] - correct[own]
