@@ -20,14 +20,16 @@ import argparse
 import json
 import math
 import random
+import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
 from fedpdpo.client.selection import below, validation_accuracy
 from fedpdpo.client.trainer import SCORES, _choose
+from fedpdpo.errors import FedPDPOError
 from fedpdpo.losses import pairwise_accuracy
 
 MARGINS_FILE = "margins.json"
@@ -141,7 +143,13 @@ def select(rounds: Rounds, rule: Rule, idx: Pairs, by_implicit: bool = False) ->
 
 def load(run: Path) -> dict[str, Rounds]:
     """A recorded run's margins, per client (``"<run>/<id>"``), as tensors."""
-    raw = json.loads((run / MARGINS_FILE).read_text(encoding="utf-8"))
+    path = run / MARGINS_FILE
+    if not path.is_file():
+        _fail(f"{path}: no such file (not a run recorded with `selection_cv.py record`)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        _fail(f"{path}:{err.lineno}: not JSON ({err.msg})")
     return {
         f"{run.name}/{cid}": {
             int(r): {split: {name: torch.tensor(m) for name, m in scores.items()} for split, scores in splits.items()}
@@ -237,7 +245,13 @@ def _se(values: list[float]) -> float:
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
-def main() -> None:
+def _fail(message: str) -> NoReturn:
+    """Bad input: one line on stderr, exit code 2 (as the CLI)."""
+    print(f"selection_cv: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     rec = sub.add_parser("record")
@@ -249,9 +263,12 @@ def main() -> None:
     ana.add_argument("--splits", type=int, default=400)
     ana.add_argument("--seed", type=int, default=0)
     ana.add_argument("--json", type=Path)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.command == "record":
-        record(args.config, args.out, args.overrides)
+        try:
+            record(args.config, args.out, args.overrides)
+        except FedPDPOError as exc:  # a bad config or data file, as `fedpdpo run` reports it
+            _fail(str(exc))
         return
     result = analyse(args.runs, args.splits, args.seed)
     print(f"{len(result['clients'])} clients; cross-fit: half the validation pairs choose, the other half score")

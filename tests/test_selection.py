@@ -126,6 +126,12 @@ def test_selection_cv_replays_the_runs_own_choice_and_cross_fits_every_rule(tmp_
         assert all(0.0 <= x <= 1.0 for x in rule["cross_fit_val"]) and rule["cross_fit_val_vs_old"][0] == pytest.approx(
             rule["cross_fit_val_mean"] - result["rules"]["old: most accurate"]["cross_fit_val_mean"]
         )
+    with pytest.raises(SystemExit) as exit_info:  # not a recorded run: one line, exit code 2
+        selection_cv.main(["analyse", str(tmp_path / "missing")])
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit) as exit_info:  # a config that does not exist: the same
+        selection_cv.main(["record", "--config", str(tmp_path / "none.toml"), "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
     # the library is as it was: a plain run afterwards records nothing
     from fedpdpo.client import trainer
 
