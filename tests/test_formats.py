@@ -39,6 +39,10 @@ def test_implicit_prompt_from_hh_transcripts_splits_at_the_last_common_assistant
     assert (row["chosen"], row["rejected"]) == ("Knead it.", "Buy it.")
     assert hh_messages("Human: hi\n\nAssistant:") == (("user", "hi"),)  # the open turn is the generation prompt
     assert hh_messages("no markers here") is None
+    # markers alone are no conversation: the text stays plain (found by tests/test_records_hypothesis.py)
+    assert hh_messages("Human:") is None
+    assert hh_messages(" Human:\n\nAssistant: ") is None
+    assert normalize({"prompt": "Human:", "chosen": "a", "rejected": "b"})["prompt"] == "Human:"
 
 
 def test_implicit_prompt_from_conversations():

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fedpdpo.data.formats import hh_messages
 from fedpdpo.data.records import check_file, load_records, validate_record
 from fedpdpo.data.tokenize import PairTokenizer
 from fedpdpo.errors import DataError
@@ -65,8 +66,9 @@ def _line(obj) -> bytes:
 def test_valid_records_load_unchanged(workdir, records):
     loaded, report = load_records(_write(workdir, [_line(r) for r in records]))
     assert report.n_skipped == 0 and report.n_read == len(records)
+    # unchanged, except what data/formats.py documents: a text prompt in HH-RLHF form becomes its messages
     assert [(r.prompt, r.chosen, r.rejected) for r in loaded] == [
-        (r["prompt"], r["chosen"], r["rejected"]) for r in records
+        (hh_messages(r["prompt"]) or r["prompt"], r["chosen"], r["rejected"]) for r in records
     ]
     assert [r.domain for r in loaded] == [r.get("domain") or "" for r in records]
 

@@ -70,7 +70,10 @@ def _text(value: Any, key: str) -> Text:
 
 
 def hh_messages(text: str) -> tuple[Message, ...] | None:
-    """An HH-RLHF style transcript (``Human: ... Assistant: ...``) as messages; None for other text."""
+    """An HH-RLHF style transcript (``Human: ... Assistant: ...``) as messages; None for other text.
+
+    Markers with nothing between them (a prompt that is only ``"Human:"``) are not a conversation: parsed, they
+    would render as empty turns, so such text stays the plain text it is."""
     if not text.lstrip().startswith("Human:"):
         return None
     text = text.lstrip()
@@ -79,6 +82,8 @@ def hh_messages(text: str) -> tuple[Message, ...] | None:
     for mark, following in zip(marks, [*marks[1:], None], strict=True):
         content = text[mark.end() : following.start() if following else len(text)]
         messages.append((HH_ROLES[mark.group(1)], content.strip()))
+    if not any(content for _, content in messages):
+        return None
     if len(messages) > 1 and messages[-1] == ("assistant", ""):  # the open assistant turn: the generation prompt
         messages.pop()
     return tuple(messages)
