@@ -11,7 +11,8 @@ replays the selection (the score rule, then ``best_val``'s round rule with it) u
 * on the test pairs (the whole validation split chooses), reported next to it, never used to choose.
 
     python scripts/selection_cv.py record --config configs/demo.toml --out /tmp/sel/demo-s0 --set seed=0
-    python scripts/selection_cv.py analyse /tmp/sel/demo-s0 /tmp/sel/tqa-s0 --splits 400
+    python scripts/selection_cv.py analyse /tmp/sel/demo-s0 /tmp/sel/tqa-s0 --splits 400 --json s0.json
+    python scripts/selection_cv.py pool s0.json s1.json   # the clients of several analyses together
 """
 
 from __future__ import annotations
@@ -193,19 +194,65 @@ def analyse(runs: list[Path], splits: int, seed: int) -> dict[str, Any]:
             "test_implicit": implicit,
             "chosen": chosen,
         }
-    base = table["old: most accurate"]
-    for row in table.values():
-        for key in ("cross_fit_val", "cross_fit_implicit", "test"):
-            diff = [x - y for x, y in zip(row[key], base[key], strict=True)]
-            row[f"{key}_mean"] = sum(row[key]) / len(row[key])
-            row[f"{key}_vs_old"] = (sum(diff) / len(diff), _se(diff))
-        row["test_implicit_mean"] = sum(row["test_implicit"]) / len(row["test_implicit"])
     policy = {
         f"z>{z:g}": _policy_row(clients, halvings, z)
         for z in POLICY_Z
         if any("global" in rounds[1]["val"] for _, rounds in clients)
     }
-    return {"clients": [c for c, _ in clients], "splits": splits, "rules": table, "policy": policy}
+    return {"clients": [c for c, _ in clients], "splits": splits, "rules": _summarise(table), "policy": policy}
+
+
+#: Per-client lists of a rule's row; everything else in a row is computed from them by :func:`_summarise`.
+PER_CLIENT = ("cross_fit_val", "cross_fit_implicit", "test", "test_implicit", "chosen")
+#: Rule names of analyses written before the rule of 7 December 2026 was the library's.
+LEGACY_NAMES = {"argmax (today)": "old: most accurate"}
+
+
+def _summarise(table: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each rule's means over clients, and its paired differences to the old rule with their standard error over
+    clients (the independent units)."""
+    base = table["old: most accurate"]
+    out = {}
+    for name, row in table.items():
+        row = {key: row[key] for key in PER_CLIENT}
+        for key in ("cross_fit_val", "cross_fit_implicit", "test"):
+            diff = [x - y for x, y in zip(row[key], base[key], strict=True)]
+            row[f"{key}_mean"] = sum(row[key]) / len(row[key])
+            row[f"{key}_vs_old"] = (sum(diff) / len(diff), _se(diff))
+        row["test_implicit_mean"] = sum(row["test_implicit"]) / len(row["test_implicit"])
+        out[name] = row
+    return out
+
+
+def pool(paths: list[Path]) -> dict[str, Any]:
+    """Several ``analyse --json`` outputs as one analysis of all their clients: the per-client figures side by side
+    (each client cross-fitted with its own analysis's splits), means and differences over all of them; the policy
+    rows are the client-weighted means of each file's."""
+    parts = []
+    for path in paths:
+        try:
+            parts.append(json.loads(path.read_text(encoding="utf-8")))
+        except OSError as err:
+            _fail(f"{path}: cannot read ({err.strerror})")
+        except json.JSONDecodeError as err:
+            _fail(f"{path}:{err.lineno}: not JSON ({err.msg})")
+    try:
+        rules = [{LEGACY_NAMES.get(name, name): row for name, row in part["rules"].items()} for part in parts]
+        names = [name for name in rules[0] if all(name in r for r in rules)]
+        table = {name: {key: [x for r in rules for x in r[name][key]] for key in PER_CLIENT} for name in names}
+        sizes = [len(part["clients"]) for part in parts]
+        policy = {
+            z: {
+                key: sum(n * part["policy"][z][key] for n, part in zip(sizes, parts, strict=True)) / sum(sizes)
+                for key in ("cross_fit_val", "test")
+            }
+            for z in parts[0]["policy"]
+            if all(z in part["policy"] for part in parts)
+        }
+        clients = [c for part in parts for c in part["clients"]]
+    except (KeyError, TypeError) as err:
+        _fail(f"{', '.join(map(str, paths))}: not the output of `selection_cv.py analyse --json` (no {err})")
+    return {"clients": clients, "splits": parts[0]["splits"], "rules": _summarise(table), "policy": policy}
 
 
 POLICY_Z = (0.0, 1.0, 1.645)
@@ -263,6 +310,9 @@ def main(argv: list[str] | None = None) -> None:
     ana.add_argument("--splits", type=int, default=400)
     ana.add_argument("--seed", type=int, default=0)
     ana.add_argument("--json", type=Path)
+    poo = sub.add_parser("pool", help="several `analyse --json` outputs as one analysis of all their clients")
+    poo.add_argument("analyses", type=Path, nargs="+")
+    poo.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     if args.command == "record":
         try:
@@ -270,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
         except FedPDPOError as exc:  # a bad config or data file, as `fedpdpo run` reports it
             _fail(str(exc))
         return
-    result = analyse(args.runs, args.splits, args.seed)
+    result = analyse(args.runs, args.splits, args.seed) if args.command == "analyse" else pool(args.analyses)
     print(f"{len(result['clients'])} clients; cross-fit: half the validation pairs choose, the other half score")
     print(
         f"{'rule':<30} {'cross-fit val':>14} {'vs old':>16} {'test':>7} {'vs old':>16} {'implicit':>8}"

@@ -126,6 +126,24 @@ def test_selection_cv_replays_the_runs_own_choice_and_cross_fits_every_rule(tmp_
         assert all(0.0 <= x <= 1.0 for x in rule["cross_fit_val"]) and rule["cross_fit_val_vs_old"][0] == pytest.approx(
             rule["cross_fit_val_mean"] - result["rules"]["old: most accurate"]["cross_fit_val_mean"]
         )
+    # pool: two analyses as one (here the same one twice, the second under the rule's name before 7 December)
+    (tmp_path / "a.json").write_text(json.dumps(result))
+    legacy = result | {
+        "rules": {{"old: most accurate": "argmax (today)"}.get(k, k): v for k, v in result["rules"].items()}
+    }
+    (tmp_path / "b.json").write_text(json.dumps(legacy))
+    pooled = selection_cv.pool([tmp_path / "a.json", tmp_path / "b.json"])
+    assert pooled["clients"] == result["clients"] * 2 and pooled["rules"].keys() == result["rules"].keys()
+    for name, rule in pooled["rules"].items():
+        assert rule["test"] == result["rules"][name]["test"] * 2
+        assert rule["cross_fit_val_mean"] == pytest.approx(result["rules"][name]["cross_fit_val_mean"])
+        assert rule["test_vs_old"][0] == pytest.approx(result["rules"][name]["test_vs_old"][0])
+    assert pooled["policy"].keys() == result["policy"].keys() and result["policy"]
+    for z, row in pooled["policy"].items():
+        assert row == pytest.approx(result["policy"][z])
+    with pytest.raises(SystemExit) as exit_info:  # not an analysis: one line, exit code 2
+        selection_cv.main(["pool", str(tmp_path / "run" / "summary.json")])
+    assert exit_info.value.code == 2
     with pytest.raises(SystemExit) as exit_info:  # not a recorded run: one line, exit code 2
         selection_cv.main(["analyse", str(tmp_path / "missing")])
     assert exit_info.value.code == 2
