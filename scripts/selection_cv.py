@@ -147,10 +147,7 @@ def load(run: Path) -> dict[str, Rounds]:
     path = run / MARGINS_FILE
     if not path.is_file():
         _fail(f"{path}: no such file (not a run recorded with `selection_cv.py record`)")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        _fail(f"{path}:{err.lineno}: not JSON ({err.msg})")
+    raw = _read_json(path)
     return {
         f"{run.name}/{cid}": {
             int(r): {split: {name: torch.tensor(m) for name, m in scores.items()} for split, scores in splits.items()}
@@ -228,14 +225,7 @@ def pool(paths: list[Path]) -> dict[str, Any]:
     """Several ``analyse --json`` outputs as one analysis of all their clients: the per-client figures side by side
     (each client cross-fitted with its own analysis's splits), means and differences over all of them; the policy
     rows are the client-weighted means of each file's."""
-    parts = []
-    for path in paths:
-        try:
-            parts.append(json.loads(path.read_text(encoding="utf-8")))
-        except OSError as err:
-            _fail(f"{path}: cannot read ({err.strerror})")
-        except json.JSONDecodeError as err:
-            _fail(f"{path}:{err.lineno}: not JSON ({err.msg})")
+    parts = [_read_json(path) for path in paths]
     try:
         rules = [{LEGACY_NAMES.get(name, name): row for name, row in part["rules"].items()} for part in parts]
         names = [name for name in rules[0] if all(name in r for r in rules)]
@@ -250,9 +240,11 @@ def pool(paths: list[Path]) -> dict[str, Any]:
             if all(z in part["policy"] for part in parts)
         }
         clients = [c for part in parts for c in part["clients"]]
-    except (KeyError, TypeError) as err:
-        _fail(f"{', '.join(map(str, paths))}: not the output of `selection_cv.py analyse --json` (no {err})")
-    return {"clients": clients, "splits": parts[0]["splits"], "rules": _summarise(table), "policy": policy}
+        return {"clients": clients, "splits": parts[0]["splits"], "rules": _summarise(table), "policy": policy}
+    # a field missing, of another type, or lists that do not match: the file was not written by `analyse`
+    except (LookupError, TypeError, AttributeError, ValueError, ZeroDivisionError) as err:
+        what = f"no field {err}" if isinstance(err, KeyError) else f"{type(err).__name__}: {err}"
+        _fail(f"{', '.join(map(str, paths))}: not the output of `selection_cv.py analyse --json` ({what})")
 
 
 POLICY_Z = (0.0, 1.0, 1.645)
@@ -290,6 +282,16 @@ def _se(values: list[float]) -> float:
         return float("nan")
     mean = sum(values) / n
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file, or one line saying why it cannot be read (exit code 2)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        _fail(f"{path}: cannot read ({err.strerror})")
+    except json.JSONDecodeError as err:
+        _fail(f"{path}:{err.lineno}: not JSON ({err.msg})")
 
 
 def _fail(message: str) -> NoReturn:

@@ -141,9 +141,11 @@ def test_selection_cv_replays_the_runs_own_choice_and_cross_fits_every_rule(tmp_
     assert pooled["policy"].keys() == result["policy"].keys() and result["policy"]
     for z, row in pooled["policy"].items():
         assert row == pytest.approx(result["policy"][z])
-    with pytest.raises(SystemExit) as exit_info:  # not an analysis: one line, exit code 2
-        selection_cv.main(["pool", str(tmp_path / "run" / "summary.json")])
-    assert exit_info.value.code == 2
+    (tmp_path / "c.json").write_text(json.dumps(result | {"rules": 3}))
+    for bad in (tmp_path / "run" / "summary.json", tmp_path / "c.json"):  # not an analysis: one line, exit code 2
+        with pytest.raises(SystemExit) as exit_info:
+            selection_cv.main(["pool", str(bad)])
+        assert exit_info.value.code == 2
     with pytest.raises(SystemExit) as exit_info:  # not a recorded run: one line, exit code 2
         selection_cv.main(["analyse", str(tmp_path / "missing")])
     assert exit_info.value.code == 2
