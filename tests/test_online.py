@@ -124,3 +124,67 @@ def test_fit_with_online_pairs_is_seeded_and_counts_its_steps(tiny_cfg):
     assert not any(k.startswith("online/") for k in plain)
     assert online["steps"] == plain["steps"] + 3
     assert online == again
+
+
+def test_repeated_ngrams_counts_the_repeats_of_token_ids_as_of_words():
+    from fedpdpo.sampling import repeated_ngrams
+
+    assert repeated_ngrams((1, 2, 3, 1, 2, 3, 1, 2, 3)) == pytest.approx(4 / 7)  # 7 trigrams, 3 distinct
+    assert repeated_ngrams((1, 2, 3, 4, 5)) == 0.0 and repeated_ngrams((1, 2)) == 0.0
+    assert repeated_ngrams(["a", "b", "a", "b", "a"], n=2) == pytest.approx(2 / 4)
+
+
+LOOP, FLUENT_A, FLUENT_B = (7, 8, 9) * 4, (10, 11, 12, 13, 14), (15, 16, 17, 18, 19)
+
+
+def test_a_loop_is_never_the_chosen_side_and_is_rejected_first(online_setup, monkeypatch):
+    """online_max_repeat: of a prompt's N samples the chosen side is the best-scored fluent one and the rejected
+    side the worst-scored loop, whatever the reward head thinks of the loop; a prompt whose samples all loop gives
+    no pair; at the default 1 nothing is a loop and the pair is the best against the worst."""
+    import fedpdpo.client.online as online
+
+    setup, model, task = online_setup
+    cfg = copy.deepcopy(setup.cfg)
+    cfg.method.online_pairs, cfg.method.online_candidates = 1, 4
+    task.train = task.train[:1]  # one prompt, one slot
+    scores = {LOOP: 9.0, (7, 8, 9, 1) * 3: -5.0, FLUENT_A: 1.0, FLUENT_B: 0.5}
+    rows = list(scores)
+
+    def fake_sample(model, prompt, variant, count, sampling, stop_ids):
+        return [list(rows[i % len(rows)]) for i in range(count)]
+
+    monkeypatch.setattr(online, "sample_responses", fake_sample)
+    monkeypatch.setattr(online, "close", lambda row, budget, end_id: tuple(row))
+    monkeypatch.setattr(online, "_own_scores", lambda model, prompt, rs, pad, cfg: [scores[r] for r in rs])
+    cfg.method.online_max_repeat = 1.0
+    [pair] = sample_pairs(model, task, cfg, seed=0)
+    assert (pair.chosen_ids, pair.rejected_ids) == (LOOP, (7, 8, 9, 1) * 3)  # off: the head's best and worst
+    cfg.method.online_max_repeat = 0.1
+    [pair] = sample_pairs(model, task, cfg, seed=0)
+    assert (pair.chosen_ids, pair.rejected_ids) == (FLUENT_A, (7, 8, 9, 1) * 3)  # the worst-scored loop
+    rows = [FLUENT_A, FLUENT_B, FLUENT_B, FLUENT_A]
+    [pair] = sample_pairs(model, task, cfg, seed=0)
+    assert (pair.chosen_ids, pair.rejected_ids) == (FLUENT_A, FLUENT_B)  # no loop: the best against the worst
+    rows = [LOOP, (7, 8, 9, 1) * 3]
+    assert sample_pairs(model, task, cfg, seed=0) == []
+
+
+def test_own_pairs_order_a_fluent_side_over_a_loop_and_drop_two_loops(online_setup, monkeypatch):
+    import fedpdpo.client.online as online
+    from fedpdpo.data.tokenize import TokenizedPair
+
+    setup, model, task = online_setup
+    cfg = copy.deepcopy(setup.cfg)
+    cfg.method.online_max_repeat = 0.1
+    prompt = task.train[0].prompt_ids
+    drawn = [
+        TokenizedPair(0, prompt, LOOP, FLUENT_A),
+        TokenizedPair(1, prompt, FLUENT_B, LOOP),
+        TokenizedPair(2, prompt, LOOP, (7, 8, 9, 1) * 3),
+    ]
+    monkeypatch.setattr(online, "sample_pairs", lambda model, task, cfg, seed: drawn)
+    own = own_pairs(model, task, cfg, seed=0)
+    assert [(p.chosen_ids, p.rejected_ids) for p in own.pairs] == [(FLUENT_A, LOOP), (FLUENT_B, LOOP)]
+    assert own.metrics["online/rejected_loops"] == 1.0
+    cfg.method.online_max_repeat = 1.0  # off: the reward head alone orders all three
+    assert len(own_pairs(model, task, cfg, seed=0).pairs) == 3

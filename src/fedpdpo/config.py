@@ -110,6 +110,11 @@ class MethodConfig:
     # samples of the policy little better than chance (docs/results.md), while its best of N leans clearly to its
     # client's side (the judge's best_of row); the extremes of N give the pair that difference.
     online_candidates: int = 2
+    # A sampled response whose share of repeated token trigrams exceeds online_max_repeat is a loop: never the
+    # chosen side of an on-policy pair, and the rejected side first (the lowest-scored loop of the N). Why: a
+    # reward head trained on a hundred human reviews can rank loops above the policy's fluent samples, and DPO then
+    # teaches them (docs/results.md, "On-policy pairs from the best and the worst of 8"). 1 = off.
+    online_max_repeat: float = 1.0
     # Parameters of the strategies that use them (others ignore them); the strategy sends them to its clients
     # with each round's instructions. FedProx: proximal term weight mu on the shared parameters (0 = its default).
     proximal_mu: float = 0.0
@@ -402,6 +407,7 @@ RANGES: dict[str, Range] = {
     "method.online_steps": NON_NEGATIVE,
     "method.online_temperature": POSITIVE,
     "method.online_candidates": Range(2),
+    "method.online_max_repeat": FRACTION,
     "method.adapter_dim": POSITIVE,
     "method.reward_layer": NON_NEGATIVE,
     "method.local_lr_scale": POSITIVE,

@@ -44,7 +44,7 @@ from fedpdpo.engines.setup import RunSetup, build_setup
 from fedpdpo.errors import FedPDPOError
 from fedpdpo.generate import own_scores
 from fedpdpo.judge import Judge, load_judge
-from fedpdpo.sampling import SamplingConfig, Variant, sample_batch
+from fedpdpo.sampling import SamplingConfig, Variant, repeated_ngrams, sample_batch
 from fedpdpo.timing import phase
 
 log = logging.getLogger(__name__)
@@ -153,12 +153,10 @@ def direction(judge: Judge, setup: RunSetup, cid: int, n: int) -> tuple[float, f
 
 
 def repeated_trigrams(text: str) -> float:
-    """Share of the word trigrams of ``text`` that already occurred earlier in it: about 0 for fluent text, near 1
-    for a policy caught in a loop ("noir noir noir ..."). A judge scores such text as neutral, so a model whose
-    samples repeat can look as if it had no lean; the judge table reports this next to the scores."""
-    words = text.split()
-    grams = list(zip(words, words[1:], words[2:], strict=False))
-    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+    """Share of the word trigrams of ``text`` that already occurred earlier in it (:func:`repeated_ngrams`). A judge
+    scores a loop as neutral, so a model whose samples repeat can look as if it had no lean; the judge table
+    reports this next to the scores."""
+    return repeated_ngrams(text.split())
 
 
 def difference_to_base(oriented: np.ndarray, base: np.ndarray) -> tuple[float, float | None]:

@@ -8,7 +8,7 @@ Used by ``fedpdpo generate`` and the judge (through :mod:`fedpdpo.generate`) and
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Literal
@@ -39,6 +39,14 @@ class SamplingConfig:
 
 
 NUCLEUS_CANDIDATES = 256  # most probable tokens examined first for the nucleus; the whole vocabulary if they fall short
+
+
+def repeated_ngrams(items: Sequence[Hashable], n: int = 3) -> float:
+    """Share of the ``n``-grams of ``items`` (words or token ids) that already occurred earlier in them: about 0 for
+    fluent text, near 1 for a policy caught in a loop ("noir noir noir ..."). The judge reports it next to its
+    scores (a judge reads loops as neutral), and on-policy pairs keep loops off their chosen side with it."""
+    grams = list(zip(*(items[i:] for i in range(n)), strict=False))
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, gens: list[torch.Generator]) -> list[int]:

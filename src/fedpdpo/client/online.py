@@ -26,7 +26,7 @@ from fedpdpo.config import RunConfig
 from fedpdpo.data.task import ClientTask
 from fedpdpo.data.tokenize import TokenizedPair, collate, collate_responses
 from fedpdpo.model.policy import FedPDPOModel
-from fedpdpo.sampling import SamplingConfig, sample_responses
+from fedpdpo.sampling import SamplingConfig, repeated_ngrams, sample_responses
 
 
 @dataclass
@@ -50,8 +50,9 @@ def sample_pairs(model: FedPDPOModel, task: ClientTask, cfg: RunConfig, seed: in
     """``cfg.method.online_pairs`` pairs of personalized samples, to prompts drawn (with ``seed``) from the
     client's training pairs; prompts that recur are sampled in one batch. Each pair comes from
     ``method.online_candidates`` samples of its prompt: with two, the two as drawn (unlabelled: ``chosen`` is the
-    first); with more, the one the client's own score ranks first (``chosen``) and the one it ranks last. Pairs of
-    two identical responses are dropped (nothing to prefer)."""
+    first); with more, the one the client's own score ranks first (``chosen``) and the one it ranks last, where a
+    loop (:func:`loops`) is never ``chosen`` and is ``rejected`` first (a prompt whose N samples all loop gives no
+    pair). Pairs of two identical responses are dropped (nothing to prefer)."""
     k, n = cfg.method.online_pairs, cfg.method.online_candidates
     gen = torch.Generator().manual_seed(seed)
     picks = torch.randint(len(task.train), (k,), generator=gen).tolist()
@@ -74,12 +75,21 @@ def sample_pairs(model: FedPDPOModel, task: ClientTask, cfg: RunConfig, seed: in
         for j, slot in enumerate(slots):
             candidates = range(n * j, n * (j + 1))
             if scores is None:
-                first, last = candidates[0], candidates[1]
-            else:
-                first, last = max(candidates, key=scores.__getitem__), min(candidates, key=scores.__getitem__)
-            found[slot] = (prompt, closed[first], closed[last])
-    kept = [found[slot] for slot in range(k) if found[slot][1] != found[slot][2]]
+                found[slot] = (prompt, closed[candidates[0]], closed[candidates[1]])
+                continue
+            looping = {i for i in candidates if loops(closed[i], cfg)}
+            fluent = [i for i in candidates if i not in looping]
+            if fluent:
+                first = max(fluent, key=scores.__getitem__)
+                found[slot] = (prompt, closed[first], closed[min(looping or candidates, key=scores.__getitem__)])
+    kept = [found[s] for s in range(k) if s in found and found[s][1] != found[s][2]]
     return [TokenizedPair(i, p, a, b) for i, (p, a, b) in enumerate(kept)]
+
+
+def loops(response: tuple[int, ...], cfg: RunConfig) -> bool:
+    """Whether a sampled response is a loop: more than ``method.online_max_repeat`` of its token trigrams occurred
+    earlier in it (never, at the default 1)."""
+    return repeated_ngrams(response) > cfg.method.online_max_repeat
 
 
 def _own_scores(
@@ -99,13 +109,14 @@ def _own_scores(
 def own_pairs(model: FedPDPOModel, task: ClientTask, cfg: RunConfig, seed: int) -> OwnPairs:
     """:func:`sample_pairs`, each ordered so that the side the client's own score ranks higher is ``chosen``: its
     explicit reward ``r(x, y)``, or without a reward head the implicit reward (the same rule as best-of-N,
-    :func:`fedpdpo.generate.own_score`). Ties are dropped. Run under the caller's autocast, with the model's client
+    :func:`fedpdpo.generate.own_score`), except that a fluent side beats a loop (:func:`loops`) whatever their
+    scores; ties and pairs of two loops are dropped. Run under the caller's autocast, with the model's client
     modules loaded and in eval mode."""
     pairs = sample_pairs(model, task, cfg, seed)
     labelled: list[TokenizedPair] = []
     reference: list[torch.Tensor] = []
     gaps: list[float] = []
-    agree = 0
+    agree = over_loops = 0
     for start in range(0, len(pairs), cfg.eval_batch_size):
         chunk = pairs[start : start + cfg.eval_batch_size]
         batch = collate(chunk, task.pad_id).to(next(model.parameters()).device)
@@ -116,9 +127,11 @@ def own_pairs(model: FedPDPOModel, task: ClientTask, cfg: RunConfig, seed: int) 
         ref = out.ref_logps.float().cpu()
         for row, pair in enumerate(chunk):
             gap = float(own[row] - own[n + row])
-            if gap == 0:
+            looped = (loops(pair.chosen_ids, cfg), loops(pair.rejected_ids, cfg))
+            if gap == 0 or all(looped):
                 continue
-            first_wins = gap > 0
+            first_wins = gap > 0 if looped[0] == looped[1] else looped[1]
+            over_loops += int(any(looped))
             agree += int((implicit[row] > implicit[n + row]) == first_wins)
             gaps.append(abs(gap))
             chosen, rejected = (
@@ -132,5 +145,6 @@ def own_pairs(model: FedPDPOModel, task: ClientTask, cfg: RunConfig, seed: int) 
         metrics["online/score_gap"] = sum(gaps) / len(gaps)
         # how often the policy's implicit reward already orders its own samples as its reward head does
         metrics["online/implicit_agrees"] = agree / len(labelled)
+        metrics["online/rejected_loops"] = over_loops / len(labelled)  # pairs whose rejected side is a loop
     table = torch.stack(reference) if reference else torch.empty((0, 2))
     return OwnPairs(labelled, table, metrics)
