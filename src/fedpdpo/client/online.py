@@ -13,7 +13,9 @@ reference log-probs computed here (formula and choices in docs/method.md, "On-po
 16 pairs and 4 steps per round on the demo it did not make the policies lean beyond noise (docs/results.md, "DPOP
 and on-policy pairs"); from the best and worst of 8 samples one majority client's policy of two leaned fluently
 on each of three seeds, the conflict client's on none (docs/results.md, "On-policy pairs from the best and the
-worst of 8").
+worst of 8"); with loops also kept off the chosen side (``method.online_max_repeat``) both majority clients'
+policies leaned on one seed of two, the conflict client's on neither (docs/results.md, "On-policy pairs that keep
+loops off the chosen side").
 """
 
 from __future__ import annotations
