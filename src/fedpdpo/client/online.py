@@ -79,11 +79,11 @@ def sample_pairs(model: FedPDPOModel, task: ClientTask, cfg: RunConfig, seed: in
             if scores is None:
                 found[slot] = (prompt, closed[candidates[0]], closed[candidates[1]])
                 continue
-            looping = {i for i in candidates if loops(closed[i], cfg)}
-            fluent = [i for i in candidates if i not in looping]
-            if fluent:
-                first = max(fluent, key=scores.__getitem__)
-                found[slot] = (prompt, closed[first], closed[min(looping or candidates, key=scores.__getitem__)])
+            # fluent above loop, then by score: the best fluent sample against the worst loop (or the worst one)
+            rank = {i: (not loops(closed[i], cfg), scores[i]) for i in candidates}
+            first, last = max(candidates, key=rank.__getitem__), min(candidates, key=rank.__getitem__)
+            if rank[first][0]:  # else every sample of the prompt loops: no pair
+                found[slot] = (prompt, closed[first], closed[last])
     kept = [found[s] for s in range(k) if s in found and found[s][1] != found[s][2]]
     return [TokenizedPair(i, p, a, b) for i, (p, a, b) in enumerate(kept)]
 
