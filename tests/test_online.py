@@ -113,6 +113,23 @@ def test_online_steps_train_the_policy_and_leave_the_reward_head_alone(online_se
     assert any("lora" in n for n in moved) and any("head" in n and "reward" not in n for n in moved)
 
 
+def test_online_local_only_leaves_the_shared_lora_where_the_offline_steps_put_it(online_setup):
+    """With ``method.online_local_only`` the on-policy steps train the adapter and the personal head only: the shared
+    LoRA (what the client sends) is exactly what it was before them."""
+    setup, model, task = online_setup
+    setup.cfg.method.online_local_only = True
+    params = model.trainable()
+    shared = set(setup.initial_global())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    optimizer = torch.optim.AdamW(optimizer_groups(params, setup.cfg), lr=1e-2)
+    run = _Steps(optimizer, params, shared, seed=1, steps=0)
+    _, steps = _fit_online(model, task, setup.cfg, run, seed=3)
+    assert steps > 0
+    moved = {n for n, p in params.items() if not torch.equal(p.detach(), before[n])}
+    assert moved and not moved & shared and not any("reward" in n for n in moved)
+    assert any("adapter" in n for n in moved) and any("head" in n and "reward" not in n for n in moved)
+
+
 def test_fit_with_online_pairs_is_seeded_and_counts_its_steps(tiny_cfg):
     def run(online_pairs: int) -> dict[str, float]:
         cfg = copy.deepcopy(tiny_cfg)

@@ -115,6 +115,11 @@ class MethodConfig:
     # reward head trained on a hundred human reviews can rank loops above the policy's fluent samples, and DPO then
     # teaches them (docs/results.md, "On-policy pairs from the best and the worst of 8"). 1 = off.
     online_max_repeat: float = 1.0
+    # Whether the on-policy steps train only the client's local modules (the shared LoRA frozen, as in the
+    # personal-first steps). Why: the client is sampled and judged with the *aggregated* LoRA, so a shift its
+    # on-policy steps put into its local LoRA is averaged away with the other clients'; a client in the minority
+    # (a conflict client) keeps only what its adapter and head learned. False = every tensor the round trains.
+    online_local_only: bool = False
     # Parameters of the strategies that use them (others ignore them); the strategy sends them to its clients
     # with each round's instructions. FedProx: proximal term weight mu on the shared parameters (0 = its default).
     proximal_mu: float = 0.0

@@ -355,7 +355,8 @@ def fit(
 
 def _fit_online(model: FedPDPOModel, task: ClientTask, cfg: RunConfig, run: _Steps, seed: int) -> tuple[dict, int]:
     """DPO steps on pairs of the client's own samples labelled by its own score (:mod:`fedpdpo.client.online`),
-    with the round's optimizer, on every tensor the round trains. The explicit reward loss and the NLL are off for
+    with the round's optimizer, on every tensor the round trains (only the local ones with
+    ``method.online_local_only``). The explicit reward loss and the NLL are off for
     these pairs: the reward head would only learn its own labels back, and an NLL on the policy's own samples would
     reinforce whatever it writes, loops included. Returns the metrics (``online/...``) and the steps taken."""
     model.eval()
@@ -367,7 +368,10 @@ def _fit_online(model: FedPDPOModel, task: ClientTask, cfg: RunConfig, run: _Ste
     pairs_task = dataclasses.replace(task, train=own.pairs, val=[], test=[])
     pairs_state = ClientState(reference={"train": own.reference})
     method = dataclasses.replace(cfg.method, reward_weight=0.0, rpo_alpha=0.0)
-    steps_run = dataclasses.replace(run, seed=derive_seed(seed, 1), steps=steps, local_only_steps=0, anchor=None)
+    local_only = steps if cfg.method.online_local_only else 0
+    steps_run = dataclasses.replace(
+        run, seed=derive_seed(seed, 1), steps=steps, local_only_steps=local_only, anchor=None
+    )
     metrics = _run_steps(model, pairs_task, pairs_state, dataclasses.replace(cfg, method=method), steps_run, None)
     keep = ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected")
     return own.metrics | {f"online/{k}": v for k, v in metrics.items() if k in keep}, steps
