@@ -15,7 +15,8 @@ and on-policy pairs"); from the best and worst of 8 samples one majority client'
 on each of three seeds, the conflict client's on none (docs/results.md, "On-policy pairs from the best and the
 worst of 8"); with loops also kept off the chosen side (``method.online_max_repeat``) both majority clients'
 policies leaned on one seed of two, the conflict client's on neither (docs/results.md, "On-policy pairs that keep
-loops off the chosen side").
+loops off the chosen side"), nor with the steps on its local modules only (``method.online_local_only``;
+docs/results.md, "On-policy steps on the local modules only").
 """
 
 from __future__ import annotations
